@@ -1,0 +1,131 @@
+"""Plain result objects of the analysis, and their ``results.json`` form.
+
+The node encodes these into DICOM SEG / SR / overlay; researchers read the JSON.
+Schema of the JSON is versioned by :data:`RESULTS_SCHEMA_VERSION` and documented in
+``docs/results-schema.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+RESULTS_SCHEMA_VERSION = "1.0"
+
+SCHIZAS_GRADES: tuple[str, ...] = ("A", "B", "C", "D")
+DSCA_GRADES: tuple[str, ...] = ("normal", "relative", "absolute")
+SEVERITIES: tuple[str, ...] = ("normal/mild", "moderate", "severe")
+
+
+@dataclass
+class StructureMeasurement:
+    """Measurements of one structure at one level (averaged over the level's disc slices).
+
+    Areas in mm2, fat fraction in %, signal intensity in stored-value units.
+    """
+
+    csa_mm2: float
+    fcsa_mm2: float | None = None
+    fat_fraction_pct: float | None = None
+    mean_si: float | None = None
+    si_ratio_to_fat: float | None = None
+
+    def to_dict(self) -> dict[str, float]:
+        out: dict[str, float] = {"csa_mm2": round(self.csa_mm2, 2)}
+        for key in ("fcsa_mm2", "fat_fraction_pct", "mean_si", "si_ratio_to_fat"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = round(float(value), 3)
+        return out
+
+
+@dataclass
+class Stenosis:
+    """Central canal stenosis at one disc level (clinical spec section 0, grades)."""
+
+    schizas: str
+    schizas_probabilities: dict[str, float]
+    dsca_mm2: float
+    dsca_grade: str
+    severity: str
+    rootlets: str
+    rootlets_probability: float
+    confidence: float
+
+    def __post_init__(self) -> None:
+        if self.schizas not in SCHIZAS_GRADES:
+            raise ValueError(f"schizas must be one of {SCHIZAS_GRADES}, got {self.schizas!r}")
+        if self.dsca_grade not in DSCA_GRADES:
+            raise ValueError(f"dsca_grade must be one of {DSCA_GRADES}, got {self.dsca_grade!r}")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+        if self.rootlets not in ("rootlets", "cord"):
+            raise ValueError(f"rootlets must be 'rootlets' or 'cord', got {self.rootlets!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schizas": self.schizas,
+            "schizas_probabilities": {k: round(v, 4) for k, v in self.schizas_probabilities.items()},
+            "dsca_mm2": round(self.dsca_mm2, 2),
+            "dsca_grade": self.dsca_grade,
+            "severity": self.severity,
+            "rootlets": self.rootlets,
+            "rootlets_probability": round(self.rootlets_probability, 4),
+            "confidence": round(self.confidence, 4),
+        }
+
+
+@dataclass
+class LevelResult:
+    """One disc level: where it is, what it measures, how narrow the canal is."""
+
+    level: str | None
+    position: int
+    slice_indices: list[int]
+    level_confidence: float
+    measurements: dict[str, StructureMeasurement] = field(default_factory=dict)
+    asymmetry_pct: dict[str, float] = field(default_factory=dict)
+    kjaer_grade: dict[str, int] = field(default_factory=dict)
+    stenosis: Stenosis | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "level": self.level,
+            "position": self.position,
+            "slice_indices": list(self.slice_indices),
+            "level_confidence": round(self.level_confidence, 4),
+            "measurements": {k: v.to_dict() for k, v in self.measurements.items()},
+            "asymmetry_pct": {k: round(v, 2) for k, v in self.asymmetry_pct.items()},
+            "kjaer_grade": dict(self.kjaer_grade),
+            "stenosis": self.stenosis.to_dict() if self.stenosis else None,
+        }
+
+
+@dataclass
+class SeriesResult:
+    """Everything the analysis says about one series.
+
+    ``labels`` is the label map on the native grid of the input volume,
+    ``(n_slices, rows, columns)`` uint8 with values of :class:`ai.labels.Label`, in the
+    volume's slice order. ``flags`` are plausibility warnings that must be shown, not hidden.
+    """
+
+    series_instance_uid: str
+    model_name: str
+    model_version: str
+    labels: np.ndarray
+    levels: list[LevelResult] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": RESULTS_SCHEMA_VERSION,
+            "series_instance_uid": self.series_instance_uid,
+            "model": {"name": self.model_name, "version": self.model_version},
+            "levels": [lv.to_dict() for lv in self.levels],
+            "flags": list(self.flags),
+            "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},
+        }

@@ -1,0 +1,67 @@
+"""``lumbar-node`` command line: parse, build one config object, hand over.
+
+Each sub-command lives in ``node/commands/<name>.py`` and exposes
+``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported lazily so that
+``lumbar-node echo`` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from node import __version__
+
+#: sub-command -> (module under node.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("serve", "run the DICOM node (receiver, scheduler, analysis, export)"),
+    "echo": ("echo", "C-ECHO a peer: AE@host:port"),
+    "push": ("push", "C-STORE files or folders to a peer: PATH --to AE@host:port"),
+    "status": ("status", "queue, recent series, failures and deliveries, from the index"),
+    "retry": ("jobs", "re-queue failed jobs or dead-lettered deliveries"),
+    "purge": ("jobs", "remove finished jobs (and optionally their files) from the index"),
+    "analyze": ("analyze", "run the analysis offline on files or folders: PATH --out DIR"),
+    "phantom": ("phantom", "write synthetic lumbar MR studies with exact ground truth"),
+    "contact-sheet": ("phantom", "render slices of a phantom study with label overlays to PNG"),
+    "train": ("train", "train the segmentation (and grading) model"),
+    "evaluate": ("evaluate", "compare the pipeline's output with ground truth"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lumbar-node",
+        description="DICOM node for lumbar spine MR: segmentation, measurements and stenosis grades.",
+    )
+    parser.add_argument("--version", action="version", version=f"lumbar-node {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module = _load(module_name)
+        adder = getattr(module, f"add_{name.replace('-', '_')}_arguments", None)
+        if adder is None:
+            adder = module.add_arguments
+        adder(p)
+        p.set_defaults(_module=module_name, _command=name)
+    return parser
+
+
+def _load(module_name: str):  # type: ignore[no-untyped-def]
+    return importlib.import_module(f"node.commands.{module_name}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = _load(args._module)
+    runner = getattr(module, f"run_{args._command.replace('-', '_')}", None)
+    if runner is None:
+        runner = module.run
+    return int(runner(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
