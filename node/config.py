@@ -106,6 +106,7 @@ class NodeSection:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    drain_timeout_s: float = 30.0
 
     def validate(self) -> None:
         _check_ae_title("ae_title", self.ae_title)
@@ -116,7 +117,7 @@ class NodeSection:
         for name in ("max_associations", "max_instances_per_series", "max_pixels_per_frame"):
             _check_positive(name, getattr(self, name))
         _check_positive("free_disk_floor_mb", self.free_disk_floor_mb, allow_zero=True)
-        for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+        for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "drain_timeout_s"):
             _check_positive(name, getattr(self, name))
 
 

@@ -29,6 +29,8 @@ import socket
 import ssl
 import threading
 import time
+import weakref
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -215,6 +217,8 @@ class Receiver:
         self._servers: list[NodeAssociationServer] = []
         self._threads: list[threading.Thread] = []
         self._accepting = False
+        self._tallies: weakref.WeakKeyDictionary[Association, Counter[str]] = weakref.WeakKeyDictionary()
+        self._tallies_lock = threading.Lock()
         self.ae = self._make_ae()
 
     # -- set-up ------------------------------------------------------------------------
@@ -242,6 +246,7 @@ class Receiver:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_RELEASED, self._on_released),
         ]
 
     def start(self) -> None:
@@ -356,7 +361,22 @@ class Receiver:
 
     def _on_aborted(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        logger.warning("association from %s@%s aborted", requestor.ae_title, requestor.address)
+        logger.warning(
+            "association from %s@%s aborted after %s", requestor.ae_title, requestor.address, self._tally_text(event.assoc)
+        )
+
+    def _on_released(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        logger.info("association from %s@%s released: %s", requestor.ae_title, requestor.address, self._tally_text(event.assoc))
+
+    def _tally(self, assoc: Association, outcome: str) -> None:
+        with self._tallies_lock:
+            self._tallies.setdefault(assoc, Counter())[outcome] += 1
+
+    def _tally_text(self, assoc: Association) -> str:
+        with self._tallies_lock:
+            tally = self._tallies.pop(assoc, Counter())
+        return ", ".join(f"{n} {k}" for k, n in sorted(tally.items())) or "no instances"
 
     def _on_echo(self, event: evt.Event) -> int:
         return int(Status.SUCCESS)
@@ -378,6 +398,7 @@ class Receiver:
             outcome = StoreOutcome(Status.PROCESSING_FAILURE, "internal_error")
         finally:
             metrics.STORE_SECONDS.observe(time.perf_counter() - started)
+        self._tally(event.assoc, outcome.reason)
         if outcome.status is Status.SUCCESS:
             metrics.INSTANCES_RECEIVED.labels(outcome=outcome.reason).inc()
         else:
@@ -450,7 +471,7 @@ class Receiver:
             if not insert_instance(self.db, record):
                 return StoreOutcome(Status.SUCCESS, "duplicate")
         metrics.RECEIVED_BYTES.inc(stored.size_bytes)
-        logger.info(
+        logger.debug(
             "stored %s (series %s, %d bytes) from %s", sop_instance_uid, series_uid, stored.size_bytes, calling_ae
         )
         if self.on_stored is not None:
