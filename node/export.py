@@ -37,7 +37,7 @@ import pydicom
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
+from prometheus_client.registry import Collector, CollectorRegistry
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
@@ -629,7 +629,7 @@ class DeliveryCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         gauge = GaugeMetricFamily(
-            "lumbar_node_deliveries",
+            "lumbar_deliveries",
             "Result deliveries per destination and state (pending, sending, done, failed, dead, held)",
             labels=["destination", "state"],
         )
@@ -638,7 +638,7 @@ class DeliveryCollector(Collector):
                 gauge.add_metric([dest, state], n)
         yield gauge
         counter = CounterMetricFamily(
-            "lumbar_node_delivery_attempts",
+            "lumbar_delivery_attempts",
             "Delivery attempts by destination and outcome (done, retry, dead) since start",
             labels=["destination", "outcome"],
         )
@@ -649,10 +649,13 @@ class DeliveryCollector(Collector):
 
 
 def register_metrics(
-    db: Database, exporter: Exporter | None = None, registry: CollectorRegistry = REGISTRY
+    db: Database, exporter: Exporter | None = None, registry: CollectorRegistry | None = None
 ) -> DeliveryCollector:
-    """Register the delivery metrics on ``registry`` (the default one unless given)."""
+    """Register the delivery metrics on ``registry`` (default: :data:`node.metrics.REGISTRY`,
+    served at ``/metrics``); call once per process."""
+    from node import metrics
+
     collector = DeliveryCollector(db, exporter)
-    registry.register(collector)
+    (registry if registry is not None else metrics.REGISTRY).register(collector)
     return collector
 

@@ -218,7 +218,7 @@ def test_metrics_report_states_per_destination(tmp_path: Path) -> None:
     registry = CollectorRegistry()
     register_metrics(db, exporter, registry=registry)
     value = registry.get_sample_value
-    assert value("lumbar_node_deliveries", {"destination": "pacs", "state": "done"}) == 1
-    assert value("lumbar_node_deliveries", {"destination": "pacs", "state": "failed"}) == 1
-    assert value("lumbar_node_deliveries", {"destination": "pacs", "state": "pending"}) == 0
-    assert value("lumbar_node_delivery_attempts_total", {"destination": "pacs", "outcome": "retry"}) == 1
+    assert value("lumbar_deliveries", {"destination": "pacs", "state": "done"}) == 1
+    assert value("lumbar_deliveries", {"destination": "pacs", "state": "failed"}) == 1
+    assert value("lumbar_deliveries", {"destination": "pacs", "state": "pending"}) == 0
+    assert value("lumbar_delivery_attempts_total", {"destination": "pacs", "outcome": "retry"}) == 1
