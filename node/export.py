@@ -648,14 +648,23 @@ class DeliveryCollector(Collector):
         yield counter
 
 
+#: collector registered per registry (by id), so that re-registering replaces it
+_REGISTERED: dict[int, DeliveryCollector] = {}
+
+
 def register_metrics(
     db: Database, exporter: Exporter | None = None, registry: CollectorRegistry | None = None
 ) -> DeliveryCollector:
     """Register the delivery metrics on ``registry`` (default: :data:`node.metrics.REGISTRY`,
-    served at ``/metrics``); call once per process."""
+    served at ``/metrics``), replacing one registered before."""
     from node import metrics
 
+    target = registry if registry is not None else metrics.REGISTRY
+    previous = _REGISTERED.pop(id(target), None)
+    if previous is not None:  # a second server in the same process (tests) replaces the first
+        target.unregister(previous)
     collector = DeliveryCollector(db, exporter)
-    (registry if registry is not None else metrics.REGISTRY).register(collector)
+    target.register(collector)
+    _REGISTERED[id(target)] = collector
     return collector
 
