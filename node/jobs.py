@@ -1,0 +1,616 @@
+"""The persisted job state machine, its stages, and the worker process that runs them.
+
+One job per (series, echo group). States::
+
+    received -> complete -> queued -> analysing -> encoding -> exporting -> done
+                               \\-> skipped (routing)         any stage -> failed(reason)
+    (superseded: an echo group that disappeared when a re-opened series was re-assembled)
+
+Every transition is one SQLite transaction that also stamps ``<state>_at``. A transition
+made by the worker only applies while the job is still in the state, ``generation`` and
+``attempts`` the worker claimed it with: when a late instance re-opens and re-completes the
+series (``generation`` + 1) or a restart re-queues the job (``attempts`` + 1 at the next
+claim), the stale run stops at its next step instead of overwriting newer state.
+
+Crash recovery (:func:`recover_interrupted`, at start-up and when the worker process dies):
+jobs left in ``analysing``/``encoding``/``exporting`` go back to ``queued``; a job already
+claimed :data:`MAX_ATTEMPTS` times is ``failed`` instead, so a series that kills the worker
+cannot loop forever. A stage that raises fails its job with the reason and the worker takes
+the next job: a failing job never blocks the queue.
+
+The three stages are reached through one seam, :class:`Stages` (``analyse``, ``encode``,
+``export``). :class:`DefaultStages` imports the real modules inside each stage, so a
+missing or broken module fails that job with a clear reason, never the node; tests pass
+fast fakes. The worker runs in a separate process (multiprocessing *spawn*): it builds its
+stages once (the AI model is loaded on first use, then kept) and takes queued jobs one by
+one from the index, so the receiver keeps receiving during inference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from node.db import Database
+
+if TYPE_CHECKING:
+    import sqlite3
+
+    from node.config import NodeConfig
+    from node.series import EchoGroup
+
+logger = logging.getLogger(__name__)
+
+RECEIVED, COMPLETE, QUEUED = "received", "complete", "queued"
+ANALYSING, ENCODING, EXPORTING = "analysing", "encoding", "exporting"
+DONE, FAILED, SKIPPED, SUPERSEDED = "done", "failed", "skipped", "superseded"
+STATES: tuple[str, ...] = (
+    RECEIVED, COMPLETE, QUEUED, ANALYSING, ENCODING, EXPORTING, DONE, FAILED, SKIPPED, SUPERSEDED,
+)
+#: states in which a worker is (or was, before a crash) working on the job
+ACTIVE_STATES: tuple[str, ...] = (ANALYSING, ENCODING, EXPORTING)
+#: states a job never leaves by itself
+TERMINAL_STATES: tuple[str, ...] = (DONE, FAILED, SKIPPED, SUPERSEDED)
+#: a job claimed this many times (each crash or restart mid-job counts) fails instead
+MAX_ATTEMPTS = 3
+#: how long the idle worker waits for a wake-up before looking at the queue again (s)
+WORKER_POLL_S = 1.0
+#: how often the idle worker checks its stop and wake flags (s)
+WORKER_TICK_S = 0.05
+#: the wake counter shared with the worker wraps at this value
+WAKE_MODULUS = 2**31
+#: Linux prctl option: signal sent to this process when its parent dies
+_PR_SET_PDEATHSIG = 1
+
+_STATE_COLUMNS = ",\n    ".join(f"{s}_at REAL" for s in STATES)
+JOBS_DDL = f"""
+CREATE TABLE IF NOT EXISTS jobs (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_instance_uid TEXT NOT NULL,
+    study_instance_uid  TEXT NOT NULL,
+    echo                INTEGER NOT NULL DEFAULT 0,
+    state               TEXT NOT NULL,
+    reason              TEXT,
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    generation          INTEGER NOT NULL DEFAULT 1,
+    slices              INTEGER NOT NULL DEFAULT 0,
+    results_dir         TEXT,
+    worker_pid          INTEGER,
+    analyse_s           REAL,
+    encode_s            REAL,
+    export_s            REAL,
+    created_at          REAL NOT NULL,
+    updated_at          REAL NOT NULL,
+    {_STATE_COLUMNS},
+    UNIQUE (series_instance_uid, echo)
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, queued_at);
+"""
+
+
+def ensure_schema(db: Database) -> None:
+    """Create the ``jobs`` table if needed."""
+    db.ensure_schema(JOBS_DDL)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of ``jobs`` (times in Unix seconds)."""
+
+    id: int
+    series_instance_uid: str
+    study_instance_uid: str
+    echo: int
+    state: str
+    reason: str | None
+    attempts: int
+    generation: int
+    slices: int
+    results_dir: str | None
+    times: dict[str, float | None] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        return cls(
+            id=int(row["id"]),
+            series_instance_uid=row["series_instance_uid"],
+            study_instance_uid=row["study_instance_uid"],
+            echo=int(row["echo"]),
+            state=row["state"],
+            reason=row["reason"],
+            attempts=int(row["attempts"]),
+            generation=int(row["generation"]),
+            slices=int(row["slices"]),
+            results_dir=row["results_dir"],
+            times={s: row[f"{s}_at"] for s in STATES},
+        )
+
+    @property
+    def key(self) -> str:
+        """``<series uid>`` or ``<series uid>_e<echo>``: names the results folder."""
+        return self.series_instance_uid if self.echo == 0 else f"{self.series_instance_uid}_e{self.echo}"
+
+
+def results_dir_name(series_uid: str, echo: int) -> str:
+    """Folder name of a job's results under ``config.results_dir``."""
+    return series_uid if echo == 0 else f"{series_uid}_e{echo}"
+
+
+# -- transitions -----------------------------------------------------------------------
+
+
+def get_job(db: Database, job_id: int) -> Job | None:
+    row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return Job.from_row(row) if row is not None else None
+
+
+def jobs_of_series(db: Database, series_uid: str) -> list[Job]:
+    rows = db.execute(
+        "SELECT * FROM jobs WHERE series_instance_uid = ? ORDER BY echo", (series_uid,)
+    ).fetchall()
+    return [Job.from_row(r) for r in rows]
+
+
+def upsert_for_completion(
+    conn: sqlite3.Connection,
+    *,
+    series_uid: str,
+    study_uid: str,
+    groups: Sequence[EchoGroup],
+    received_at: float,
+    now: float,
+) -> list[int]:
+    """Create or renew one job per echo group of a just-completed series.
+
+    Runs inside the caller's transaction (with the series verdict). A group routed to
+    analysis is ``queued`` (a re-run after a late instance gets ``generation`` + 1 and
+    fresh attempts; its results are replaced); other groups are ``skipped`` with the
+    reason. Jobs of echo groups that no longer exist are ``superseded``.
+
+    Returns
+    -------
+    list of int
+        Ids of the queued jobs.
+    """
+    queued: list[int] = []
+    echoes = [g.echo for g in groups]
+    for g in groups:
+        state = QUEUED if g.analyse else SKIPPED
+        if g.analyse:
+            reason = None
+        elif not g.coherent:
+            reason = f"incoherent geometry: {g.reason}"
+        else:
+            reason = g.decision.reason if g.decision is not None else "not routed"
+        results = results_dir_name(series_uid, g.echo)
+        row = conn.execute(
+            "SELECT id FROM jobs WHERE series_instance_uid = ? AND echo = ?", (series_uid, g.echo)
+        ).fetchone()
+        if row is None:
+            cur = conn.execute(
+                f"INSERT INTO jobs (series_instance_uid, study_instance_uid, echo, state, reason,"
+                f" slices, results_dir, created_at, updated_at, received_at, complete_at, {state}_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (series_uid, study_uid, g.echo, state, reason, len(g.slices), results, now, now,
+                 received_at, now, now),
+            )
+            job_id = int(cur.lastrowid or 0)
+        else:
+            job_id = int(row["id"])
+            conn.execute(
+                f"UPDATE jobs SET state = ?, reason = ?, attempts = 0, generation = generation + 1,"
+                f" slices = ?, results_dir = ?, worker_pid = NULL, updated_at = ?, complete_at = ?,"
+                f" {state}_at = ? WHERE id = ?",
+                (state, reason, len(g.slices), results, now, now, now, job_id),
+            )
+        if state == QUEUED:
+            queued.append(job_id)
+    placeholders = ",".join("?" for _ in echoes)
+    conn.execute(
+        f"UPDATE jobs SET state = ?, reason = ?, generation = generation + 1, updated_at = ?,"
+        f" superseded_at = ? WHERE series_instance_uid = ? AND echo NOT IN ({placeholders})"
+        " AND state != ?",
+        (SUPERSEDED, "echo group no longer present after re-assembly", now, now, series_uid,
+         *echoes, SUPERSEDED),
+    )
+    return queued
+
+
+def hold_for_reopen(conn: sqlite3.Connection, series_uid: str, now: float) -> int:
+    """A late instance re-opened the series: queued jobs wait (``received``) for completion."""
+    cur = conn.execute(
+        "UPDATE jobs SET state = ?, received_at = ?, updated_at = ? WHERE series_instance_uid = ?"
+        " AND state = ?",
+        (RECEIVED, now, now, series_uid, QUEUED),
+    )
+    return int(cur.rowcount)
+
+
+def recover_interrupted(db: Database, max_attempts: int = MAX_ATTEMPTS) -> tuple[int, int]:
+    """Re-queue jobs interrupted mid-stage (by a crash or a killed worker).
+
+    Call only when no worker is running. Returns ``(requeued, failed)``.
+    """
+    now = time.time()
+    marks = ",".join("?" for _ in ACTIVE_STATES)
+    with db.transaction() as conn:
+        failed = conn.execute(
+            f"UPDATE jobs SET state = ?, reason = ?, failed_at = ?, updated_at = ?, worker_pid = NULL"
+            f" WHERE state IN ({marks}) AND attempts >= ?",
+            (FAILED, f"interrupted {max_attempts} times (crash or restart during the job)",
+             now, now, *ACTIVE_STATES, max_attempts),
+        ).rowcount
+        # queued_at is kept: an interrupted job resumes ahead of jobs queued after it
+        requeued = conn.execute(
+            f"UPDATE jobs SET state = ?, reason = ?, updated_at = ?, worker_pid = NULL"
+            f" WHERE state IN ({marks})",
+            (QUEUED, "resumed after an interruption", now, *ACTIVE_STATES),
+        ).rowcount
+    if requeued or failed:
+        logger.warning("recovered interrupted jobs: %d re-queued, %d failed (max attempts)",
+                       requeued, failed)
+    return int(requeued), int(failed)
+
+
+def claim_next(db: Database, worker_pid: int | None = None) -> Job | None:
+    """Take the oldest queued job: ``queued -> analysing``, attempts + 1; None when idle."""
+    now = time.time()
+    with db.transaction() as conn:
+        row = conn.execute(
+            "SELECT id FROM jobs WHERE state = ? ORDER BY queued_at, id LIMIT 1", (QUEUED,)
+        ).fetchone()
+        if row is None:
+            return None
+        conn.execute(
+            "UPDATE jobs SET state = ?, reason = NULL, attempts = attempts + 1, analysing_at = ?,"
+            " updated_at = ?, worker_pid = ? WHERE id = ?",
+            (ANALYSING, now, now, worker_pid, row["id"]),
+        )
+        return Job.from_row(conn.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+
+
+def advance(
+    db: Database, job: Job, from_state: str, to_state: str, *, duration: tuple[str, float] | None = None,
+    reason: str | None = None,
+) -> bool:
+    """Move a claimed job on; False (nothing changed) when the claim is stale."""
+    now = time.time()
+    extra, params = "", []
+    if duration is not None:
+        column, seconds = duration
+        if column not in ("analyse_s", "encode_s", "export_s"):
+            raise ValueError(f"unknown duration column {column!r}")
+        extra = f", {column} = ?"
+        params.append(seconds)
+    with db.transaction() as conn:
+        cur = conn.execute(
+            f"UPDATE jobs SET state = ?, reason = ?, {to_state}_at = ?, updated_at = ?{extra}"
+            " WHERE id = ? AND state = ? AND generation = ? AND attempts = ?",
+            (to_state, reason, now, now, *params, job.id, from_state, job.generation, job.attempts),
+        )
+        return bool(cur.rowcount == 1)
+
+
+def retry_jobs(db: Database, job_ids: Iterable[int] = (), *, all_failed: bool = False) -> list[int]:
+    """Re-queue failed jobs (by id, or every failed job); attempts start again from 0.
+
+    Returns the ids re-queued. Jobs that are not ``failed`` are left alone.
+    """
+    now = time.time()
+    with db.transaction() as conn:
+        if all_failed:
+            ids = [int(r[0]) for r in conn.execute("SELECT id FROM jobs WHERE state = ?", (FAILED,))]
+        else:
+            ids = [
+                int(r[0]) for i in job_ids
+                for r in conn.execute("SELECT id FROM jobs WHERE id = ? AND state = ?", (int(i), FAILED))
+            ]
+        for job_id in ids:
+            conn.execute(
+                "UPDATE jobs SET state = ?, reason = ?, attempts = 0, queued_at = ?, updated_at = ?"
+                " WHERE id = ?",
+                (QUEUED, "re-queued by retry", now, now, job_id),
+            )
+    return ids
+
+
+def purge_jobs(db: Database, older_than_s: float, states: Sequence[str] = (DONE,)) -> list[Job]:
+    """Delete jobs in ``states`` last updated more than ``older_than_s`` ago; return them."""
+    bad = sorted(set(states) - set(TERMINAL_STATES))
+    if bad:
+        raise ValueError(f"only finished jobs can be purged, not {bad}")
+    cutoff = time.time() - older_than_s
+    marks = ",".join("?" for _ in states)
+    with db.transaction() as conn:
+        rows = conn.execute(
+            f"SELECT * FROM jobs WHERE state IN ({marks}) AND updated_at < ?", (*states, cutoff)
+        ).fetchall()
+        jobs = [Job.from_row(r) for r in rows]
+        for job in jobs:
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
+    return jobs
+
+
+def job_counts(db: Database) -> dict[str, int]:
+    """Jobs per state, every state present (for ``/metrics`` and ``lumbar-node status``)."""
+    counts = dict.fromkeys(STATES, 0)
+    for row in db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall():
+        counts[row[0]] = int(row[1])
+    return counts
+
+
+def stage_durations(db: Database, limit: int = 100) -> dict[str, list[float]]:
+    """Durations (s) of the last ``limit`` finished jobs per stage (for ``/metrics``)."""
+    out: dict[str, list[float]] = {}
+    for column in ("analyse_s", "encode_s", "export_s"):
+        rows = db.execute(
+            f"SELECT {column} FROM jobs WHERE {column} IS NOT NULL ORDER BY updated_at DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        out[column.removesuffix("_s")] = [float(r[0]) for r in rows]
+    return out
+
+
+# -- stages ----------------------------------------------------------------------------
+
+
+@dataclass
+class JobContext:
+    """What a stage gets: the claimed job, the configuration and the index."""
+
+    job: Job
+    config: NodeConfig
+    db: Database
+
+    @property
+    def results_dir(self) -> Path:
+        return self.config.results_dir / (self.job.results_dir or self.job.key)
+
+    def echo_group(self) -> tuple[EchoGroup, list[Any]]:
+        """The job's echo group, re-assembled from the index, and the series' records."""
+        from node.instances import instances_of_series
+        from node.series import assemble
+
+        records = instances_of_series(self.db, self.job.series_instance_uid)
+        assembly = assemble(records, self.config.routing)
+        for group in assembly.groups:
+            if group.echo == self.job.echo:
+                return group, records
+        raise LookupError(
+            f"echo group {self.job.echo} of series {self.job.series_instance_uid} not found "
+            f"(groups: {[g.echo for g in assembly.groups]})"
+        )
+
+    def source_paths(self) -> list[Path]:
+        """Files of the instances in the job's echo group (absolute paths)."""
+        group, records = self.echo_group()
+        uids = set(group.sop_instance_uids)
+        return [self.config.state_dir / r.path for r in records if r.sop_instance_uid in uids]
+
+
+@dataclass
+class Analysis:
+    """What ``analyse`` hands to ``encode``: the volume, its source headers, the result."""
+
+    volume: Any
+    sources: list[Any]
+    result: Any
+
+
+class Stages(Protocol):
+    """The seam between the job machinery and the work itself (tests substitute fakes)."""
+
+    def analyse(self, ctx: JobContext) -> Analysis: ...
+    def encode(self, ctx: JobContext, analysis: Analysis) -> Sequence[Any]: ...
+    def export(self, ctx: JobContext, datasets: Sequence[Any]) -> None: ...
+
+
+def _subset_volume(volume: Any, sources: list[Any], group: EchoGroup) -> tuple[Any, list[Any]]:
+    """Keep only the slices (instance, frame) of one echo group (enhanced multi-echo)."""
+    import numpy as np
+
+    from ai.volume import Volume
+
+    wanted = {(s.sop_instance_uid, s.frame) for s in group.slices}
+    keep = [i for i, key in enumerate(zip(volume.slice_uids, volume.frame_numbers, strict=True))
+            if key in wanted]
+    if len(keep) == volume.n_slices:
+        return volume, sources
+    idx = np.asarray(keep, dtype=int)
+    sub = Volume(
+        pixels=volume.pixels[idx],
+        pixel_spacing=volume.pixel_spacing,
+        positions=volume.positions[idx],
+        orientations=volume.orientations[idx],
+        slice_uids=tuple(volume.slice_uids[i] for i in keep),
+        series_instance_uid=volume.series_instance_uid,
+        slice_thickness=volume.slice_thickness,
+        frame_numbers=tuple(volume.frame_numbers[i] for i in keep),
+    )
+    uids = set(group.sop_instance_uids)
+    return sub, [s for s in sources if str(getattr(s, "SOPInstanceUID", "")) in uids] or sources
+
+
+class DefaultStages:
+    """The real stages: volume_io + ai.pipeline + results_io, encode, outbox.
+
+    The analyser is built on first use and kept for the life of the worker process.
+    """
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self._analyzer: Any = None
+
+    def _get_analyzer(self) -> Any:
+        if self._analyzer is None:
+            if self.config.ai.threads > 0:
+                import torch
+
+                torch.set_num_threads(self.config.ai.threads)
+            from ai.pipeline import Analyzer
+
+            started = time.monotonic()
+            self._analyzer = Analyzer(
+                device=self.config.ai.device,
+                batch_size=self.config.ai.batch_size,
+                weights_dir=self.config.ai.weights_dir,
+            )
+            logger.info("analyser loaded in %.1f s", time.monotonic() - started)
+        return self._analyzer
+
+    def analyse(self, ctx: JobContext) -> Analysis:
+        from node.results_io import write_results
+        from node.volume_io import load_volume
+
+        group, records = ctx.echo_group()
+        uids = set(group.sop_instance_uids)
+        paths = [ctx.config.state_dir / r.path for r in records if r.sop_instance_uid in uids]
+        volume, sources = load_volume(paths)
+        volume, sources = _subset_volume(volume, list(sources), group)
+        result = self._get_analyzer().analyze(volume)
+        out = ctx.results_dir
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        write_results(result, partial)
+        # results of an earlier run (before a late instance) are replaced, never mixed
+        shutil.rmtree(out, ignore_errors=True)
+        partial.rename(out)
+        return Analysis(volume=volume, sources=sources, result=result)
+
+    def encode(self, ctx: JobContext, analysis: Analysis) -> Sequence[Any]:
+        from node.encode import encode_series  # type: ignore[attr-defined,unused-ignore]
+
+        return list(encode_series(analysis.sources, analysis.volume, analysis.result,
+                                  include_overlay=ctx.config.export.overlay))
+
+    def export(self, ctx: JobContext, datasets: Sequence[Any]) -> None:
+        from node.outbox import Outbox
+
+        Outbox(ctx.db, ctx.config).add(ctx.job.series_instance_uid, datasets)
+
+
+#: the stages the worker uses unless told otherwise ("module:callable(config) -> Stages")
+DEFAULT_STAGES = "node.jobs:DefaultStages"
+
+
+def load_stages(spec: str, config: NodeConfig) -> Stages:
+    """Build stages from ``"module:callable"`` (picklable, so a spawned worker can use it)."""
+    module_name, _, attr = spec.partition(":")
+    factory: Callable[[NodeConfig], Stages] = getattr(importlib.import_module(module_name), attr)
+    return factory(config)
+
+
+def _failure_reason(stage: str, exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    return f"{stage}: {type(exc).__name__}: {text}"[:1000]
+
+
+def process_one(db: Database, config: NodeConfig, stages: Stages) -> Job | None:
+    """Claim and run one queued job through every stage; None when the queue is empty.
+
+    Returns the job as it ended (``done``, ``failed``, or unchanged if superseded).
+    """
+    job = claim_next(db, os.getpid())
+    if job is None:
+        return None
+    ctx = JobContext(job=job, config=config, db=db)
+    logger.info("job %d: analysing series %s echo %d (attempt %d)",
+                job.id, job.series_instance_uid, job.echo, job.attempts)
+    analysis: Any = None
+    datasets: Any = None
+    steps: tuple[tuple[str, str, str, str], ...] = (
+        ("analyse", ANALYSING, ENCODING, "analyse_s"),
+        ("encode", ENCODING, EXPORTING, "encode_s"),
+        ("export", EXPORTING, DONE, "export_s"),
+    )
+    for stage, current, following, column in steps:
+        started = time.monotonic()
+        try:
+            if stage == "analyse":
+                analysis = stages.analyse(ctx)
+            elif stage == "encode":
+                datasets = stages.encode(ctx, analysis)
+            else:
+                stages.export(ctx, datasets)
+        except Exception as exc:  # noqa: BLE001 - any stage error fails this job, not the worker
+            reason = _failure_reason(stage, exc)
+            logger.error("job %d (series %s echo %d) failed: %s\n%s", job.id,
+                         job.series_instance_uid, job.echo, reason, traceback.format_exc())
+            now = time.time()
+            with db.transaction() as conn:
+                conn.execute(
+                    "UPDATE jobs SET state = ?, reason = ?, failed_at = ?, updated_at = ?"
+                    " WHERE id = ? AND state = ? AND generation = ? AND attempts = ?",
+                    (FAILED, reason, now, now, job.id, current, job.generation, job.attempts),
+                )
+            return get_job(db, job.id)
+        elapsed = time.monotonic() - started
+        if not advance(db, job, current, following, duration=(column, elapsed)):
+            logger.info("job %d: superseded during %s (series re-opened or re-queued)", job.id, stage)
+            return get_job(db, job.id)
+        logger.info("job %d: %s done in %.2f s", job.id, stage, elapsed)
+    return get_job(db, job.id)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no orphaned worker)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError as exc:
+        logger.warning("cannot set parent-death signal: %s", exc)
+
+
+def _idle(stop: Any, wake: Any, seen: int) -> None:
+    """Sleep up to :data:`WORKER_POLL_S`, returning early on a wake-up or a stop."""
+    deadline = time.monotonic() + WORKER_POLL_S
+    while time.monotonic() < deadline and not stop.value and wake.value == seen:
+        time.sleep(WORKER_TICK_S)
+
+
+def worker_main(config: NodeConfig, stages_spec: str, stop: Any, wake: Any,
+                log_level: str = "INFO") -> None:
+    """Entry point of the worker process: run queued jobs until ``stop.value`` is set.
+
+    ``stop`` and ``wake`` are shared ``multiprocessing.RawValue`` flags (no locks, so a
+    killed process never leaves them locked): ``wake.value`` changes when work is queued.
+    """
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        return
+    # SIGTERM/SIGINT from the service manager or a terminal reach the whole process
+    # group; the parent decides when the worker stops (and kills it after its timeout).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=log_level, stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s [worker] %(message)s",
+        )
+    db = Database(config.index_path)
+    stages = load_stages(stages_spec, config)
+    logger.info("worker %d ready (stages %s)", os.getpid(), stages_spec)
+    try:
+        while not stop.value:
+            seen = wake.value
+            job = process_one(db, config, stages)
+            if job is None:
+                _idle(stop, wake, seen)
+    finally:
+        db.close()
+        logger.info("worker %d stopped", os.getpid())
