@@ -144,6 +144,59 @@ class Canvas:
             py = py - t * np.float32(vy)
         return win, px * px + py * py <= radius * radius
 
+    def body_ellipse_rows(
+        self, cx: float, cy: float, a: float, b: float, angle_deg: float, v_max: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row column spans ``[lo, hi]`` of an undeformed ellipse cut at ``v <= v_max``.
+
+        ``v`` is the coordinate along the ellipse's rotated y axis, relative to its centre.
+        Used for the large body layers, where per-pixel evaluation would dominate the cost.
+        """
+        rows = np.arange(self.shape[0], dtype=np.float64)
+        ct, st, cs, rs = self.ct, self.st, self.cs, self.rs
+        # spine-frame coordinates as affine functions of the column index c, per row
+        dxs = ct * cs
+        dys = -st * cs
+        xs0 = -ct * cs * self.c0 + st * rs * (rows - self.r0)
+        ys0 = st * cs * self.c0 + ct * rs * (rows - self.r0)
+        ph = math.radians(angle_deg)
+        cp, sp = math.cos(ph), math.sin(ph)
+        au = cp * dxs + sp * dys
+        av = -sp * dxs + cp * dys
+        bu = cp * (xs0 - cx) + sp * (ys0 - cy)
+        bv = -sp * (xs0 - cx) + cp * (ys0 - cy)
+        ia2, ib2 = 1.0 / (a * a), 1.0 / (b * b)
+        pq = au * au * ia2 + av * av * ib2
+        qq = 2.0 * (au * bu * ia2 + av * bv * ib2)
+        rr = bu * bu * ia2 + bv * bv * ib2 - 1.0
+        disc = qq * qq - 4.0 * pq * rr
+        root = np.sqrt(np.clip(disc, 0.0, None))
+        lo = (-qq - root) / (2.0 * pq)
+        hi = (-qq + root) / (2.0 * pq)
+        empty = disc < 0
+        if abs(av) > 1e-12:
+            lim = (v_max - bv) / av
+            if av > 0:
+                hi = np.minimum(hi, lim)
+            else:
+                lo = np.maximum(lo, lim)
+        else:
+            empty |= bv > v_max
+        lo = np.where(empty, np.inf, lo)
+        return lo, hi
+
+    def paint_rows(self, tissue: Tissue, spans: tuple[np.ndarray, np.ndarray],
+                   only: tuple[Tissue, ...] | None = None) -> None:
+        """Paint the pixels whose column index lies in each row's ``[lo, hi]``."""
+        lo, hi = spans
+        cols = np.arange(self.shape[1], dtype=np.float64)[None, :]
+        mask = (cols >= lo[:, None]) & (cols <= hi[:, None])
+        if only is not None:
+            allowed = np.zeros(NUM_TISSUES, dtype=bool)
+            allowed[list(only)] = True
+            mask &= allowed[self.tissue]
+        self.tissue[mask] = tissue
+
     # -- painting ---------------------------------------------------------------------------
     def paint(
         self,
@@ -218,28 +271,29 @@ def _draw_body(cv: Canvas, s: Subject, lv: LevelAnatomy, rng: np.random.Generato
     ant = -s.body_anterior_mm
     w = s.body_half_width_mm * (1.08 if lv.iliac else 1.0)
     bx = -s.lateral_shift_mm
-    ph = math.radians(phi)
-    yb = (math.sin(ph) * -1.0) * (cv.x - np.float32(bx)) + math.cos(ph) * cv.y  # body-frame y
     over = 14.0  # the ellipse runs past the flat back; the cut at `post` rounds the corners
 
-    def body(inset_lat: float, inset_ant: float, inset_post: float) -> tuple[Window, np.ndarray] | None:
+    def body(inset_lat: float, inset_ant: float, inset_post: float) -> tuple[np.ndarray, np.ndarray]:
         top = post + over - inset_post
         bottom = ant + inset_ant
-        sh = cv.ellipse(bx, (top + bottom) / 2.0, w - inset_lat, (top - bottom) / 2.0, phi)
-        if sh is None:
-            return None
-        win, mask = sh
-        return win, mask & (yb[win] <= post - inset_post)
+        cy = (top + bottom) / 2.0
+        # the cut yb <= post - inset_post, in the ellipse's own v (relative to its centre)
+        return cv.body_ellipse_rows(bx, cy, w - inset_lat, (top - bottom) / 2.0, phi,
+                                    post - inset_post - cy)
 
     skin = 2.0
-    cv.paint(Tissue.SKIN, body(0.0, 0.0, 0.0))
-    cv.paint(Tissue.SUBCUT_FAT, body(skin, skin, skin))
-    cv.paint(Tissue.MUSCLE_OTHER, body(s.subcut_lat_mm, s.subcut_ant_mm, s.subcut_post_mm))
-    wall = 9.0 + 4.0 * (1.0 - s.atrophy)
-    cv.paint(Tissue.VISCERAL_FAT, body(s.subcut_lat_mm + wall, s.subcut_ant_mm + wall, s.subcut_post_mm))
+    cv.paint_rows(Tissue.SKIN, body(0.0, 0.0, 0.0))
+    cv.paint_rows(Tissue.SUBCUT_FAT, body(skin, skin, skin))
     # Posterior subcutaneous fat (label 12): behind the coronal plane of the canal centre.
-    sub = (cv.tissue == Tissue.SUBCUT_FAT) & (yb > 0.0)
-    cv.tissue[sub] = Tissue.SUBCUT_FAT_POST
+    # (a huge circle tangent to that plane stands in for the half-plane)
+    big = 1.0e6
+    ph = math.radians(phi)
+    cv.paint_rows(Tissue.SUBCUT_FAT_POST,
+                  cv.body_ellipse_rows(bx - math.sin(ph) * big, math.cos(ph) * big, big, big, phi, big),
+                  only=(Tissue.SUBCUT_FAT,))
+    cv.paint_rows(Tissue.MUSCLE_OTHER, body(s.subcut_lat_mm, s.subcut_ant_mm, s.subcut_post_mm))
+    wall = 9.0 + 4.0 * (1.0 - s.atrophy)
+    cv.paint_rows(Tissue.VISCERAL_FAT, body(s.subcut_lat_mm + wall, s.subcut_ant_mm + wall, s.subcut_post_mm))
     # Bowel: thresholded smooth noise in the visceral fat anterior to the spine.
     front = lv.disc_cy - lv.disc_ry - 6.0
     win = cv.window(-w, w, ant, front)
@@ -452,7 +506,7 @@ def _infiltrate_fat(cv: Canvas, lv: LevelAnatomy, rng: np.random.Generator) -> N
         k = int(round(ff * n))
         if k <= 0:
             continue
-        order = np.argsort(-vals, kind="stable")[:k]
+        order = np.argpartition(-vals, k - 1)[:k] if k < n else np.arange(n)
         idx = np.flatnonzero(mask)[order]
         flat = view.reshape(-1) if view.flags.c_contiguous else None
         if flat is not None:

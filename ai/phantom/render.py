@@ -100,6 +100,7 @@ def render_slice(
     rotation_deg: float | None = None,
     offset_mm: float = 0.0,
     fov_shift_mm: tuple[float, float] | None = None,
+    contrast_seed: int | None = None,
 ) -> PhantomSlice:
     """Render one axial slice of ``subject`` at ``level``.
 
@@ -122,6 +123,9 @@ def render_slice(
     fov_shift_mm
         Position ``(x, y)`` of the field-of-view centre relative to the canal centre in image
         axes; default ``(0, 8)``, random around it in randomised mode.
+    contrast_seed
+        Randomised mode: draw the contrast and artefact parameters from this seed (so the
+        slices of one series share them) and only the noise from ``rng``.
     """
     if level not in subject.levels:
         raise ValueError(f"level {level!r} not in subject levels {subject.level_names}")
@@ -163,7 +167,8 @@ def render_slice(
     labels = TISSUE_TO_LABEL[tissue]
     synth_params: dict[str, float] = {}
     if randomised:
-        image, synth_params = synth_randomised(tissue, spacing, rng)
+        crng = np.random.default_rng(contrast_seed) if contrast_seed is not None else None
+        image, synth_params = synth_randomised(tissue, spacing, rng, crng)
     else:
         image = synth_realistic(tissue, cv.y, 57.0 + subject.subcut_post_mm, spacing, rng,
                                 {Tissue.NUCLEUS: lv.nucleus_signal})

@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import fft as sp_fft
 from scipy import ndimage
 
-from ai.phantom.fastnoise import smooth_noise
+from ai.phantom.fastnoise import smooth_noise, upsample
 from ai.phantom.tissues import NUM_TISSUES, T2_SIGNAL, T2_TEXTURE, Tissue
 
 #: stored value of signal 1.0 in the realistic mode (scanner-like)
@@ -31,6 +32,22 @@ COIL_LENGTH_MM = 120.0
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
     """Zero-mean, unit-ish smooth noise with about ``cells`` blobs across the image."""
     return smooth_noise(rng, shape, cells + 1)
+
+
+def _blur3(img: np.ndarray, w: float) -> np.ndarray:
+    """Separable 3-tap blur ``[w, 1-2w, w]`` (partial volume of about half a pixel)."""
+    out = img * np.float32(1.0 - 2.0 * w)
+    out[1:, :] += np.float32(w) * img[:-1, :]
+    out[:-1, :] += np.float32(w) * img[1:, :]
+    out[0, :] += np.float32(w) * img[0, :]
+    out[-1, :] += np.float32(w) * img[-1, :]
+    tmp = out
+    out = tmp * np.float32(1.0 - 2.0 * w)
+    out[:, 1:] += np.float32(w) * tmp[:, :-1]
+    out[:, :-1] += np.float32(w) * tmp[:, 1:]
+    out[:, 0] += np.float32(w) * tmp[:, 0]
+    out[:, -1] += np.float32(w) * tmp[:, -1]
+    return out
 
 
 def _rician(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -57,55 +74,68 @@ def synth_realistic(
     base = lut[tissue]
     tex = T2_TEXTURE[tissue] * _smooth_noise(rng, tissue.shape, 24)
     img = base * (1.0 + tex)
-    sigma_px = (0.45 / spacing[0] * 0.75, 0.45 / spacing[1] * 0.75)
-    img = ndimage.gaussian_filter(img, sigma_px, mode="nearest")
-    depth = np.clip(np.float32(posterior_skin_mm) - y_mm, 0.0, None)
+    img = _blur3(img, 0.18)
+    depth = np.clip(np.float32(posterior_skin_mm) - y_mm[::8, ::8], 0.0, None)
     coil = 0.35 + 0.65 * np.exp(-depth * np.float32(1.0 / COIL_LENGTH_MM))
-    img = img * coil.astype(np.float32)
+    img = img * upsample(coil.astype(np.float32), img.shape)
     img = _rician(img.astype(np.float32), REALISTIC_NOISE, rng)
     return np.rint(np.clip(img * np.float32(REALISTIC_SCALE), 0, 65535)).astype(np.float32)
 
 
-def synth_randomised(tissue: np.ndarray, spacing: tuple[float, float],
-                     rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float]]:
-    """Domain-randomised image; returns the image and the parameters drawn (for the truth)."""
+def synth_randomised(
+    tissue: np.ndarray,
+    spacing: tuple[float, float],
+    rng: np.random.Generator,
+    contrast_rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Domain-randomised image; returns the image and the parameters drawn (for the truth).
+
+    ``contrast_rng`` (default ``rng``) draws the contrast and artefact parameters, ``rng`` the
+    noise: a series can share one contrast across its slices.
+    """
     shape = tissue.shape
-    means = rng.uniform(0.0, 1.0, NUM_TISSUES).astype(np.float32)
+    crng = contrast_rng if contrast_rng is not None else rng
+    means = crng.uniform(0.0, 1.0, NUM_TISSUES).astype(np.float32)
     # Keep T2-like ordering some of the time so realistic contrast is in the distribution.
-    if rng.random() < 0.3:
-        means = np.clip(T2_SIGNAL + rng.normal(0, 0.12, NUM_TISSUES), 0, 1).astype(np.float32)
-    means[int(Tissue.AIR)] = float(rng.uniform(0.0, 0.05))
-    stds = rng.uniform(0.0, 0.06, NUM_TISSUES).astype(np.float32)
+    if crng.random() < 0.3:
+        means = np.clip(T2_SIGNAL + crng.normal(0, 0.12, NUM_TISSUES), 0, 1).astype(np.float32)
+    means[int(Tissue.AIR)] = float(crng.uniform(0.0, 0.05))
+    stds = crng.uniform(0.0, 0.06, NUM_TISSUES).astype(np.float32)
     img = means[tissue] + stds[tissue] * rng.standard_normal(shape, dtype=np.float32)
     # Acquisition resolution coarser than the output grid -> partial-volume blur.
-    acq = rng.uniform(0.3, 1.2, 2)
+    acq = crng.uniform(0.3, 1.2, 2)
     sig = [max(float(acq[i]) / spacing[i], 0.3) * 0.6 for i in range(2)]
     img = ndimage.gaussian_filter(img, sig, mode="nearest")
-    bias_strength = float(rng.uniform(0.0, 0.5))
-    bias = np.exp(bias_strength * _smooth_noise(rng, shape, int(rng.integers(2, 5))))
+    bias_strength = float(crng.uniform(0.0, 0.5))
+    bias = np.exp(bias_strength * _smooth_noise(crng, shape, int(crng.integers(2, 5))))
     img = np.clip(img, 0, None) * bias.astype(np.float32)
-    gamma = float(np.exp(rng.normal(0, 0.25)))
-    peak = float(np.percentile(img, 99.5)) or 1.0
+    gamma = float(np.exp(crng.normal(0, 0.25)))
+    peak = float(np.percentile(img[::3, ::3], 99.5)) or 1.0
     img = (np.clip(img / peak, 0, None) ** gamma).astype(np.float32)
     ghost = 0.0
-    if rng.random() < 0.3:
-        ghost = float(rng.uniform(0.03, 0.15))
-        axis = int(rng.integers(0, 2))
+    if crng.random() < 0.3:
+        ghost = float(crng.uniform(0.03, 0.15))
+        axis = int(crng.integers(0, 2))
         img = img + np.float32(ghost) * np.roll(img, shape[axis] // 2, axis=axis)
     motion = 0.0
-    if rng.random() < 0.25:
-        motion = float(rng.uniform(0.05, 0.5))
-        k = np.fft.fft2(img)
-        axis = int(rng.integers(0, 2))
-        n_lines = shape[axis]
+    if crng.random() < 0.25:
+        motion = float(crng.uniform(0.05, 0.5))
+        axis = int(crng.integers(0, 2))
+        # Phase errors on random phase-encode lines (the rfft keeps the full first axis, so
+        # the corrupted lines run along axis 0 of k-space; transpose for the other axis).
+        if axis == 1:
+            img = np.ascontiguousarray(img.T)
+        k = sp_fft.rfft2(img, workers=1)
+        n_lines = k.shape[0]
         corrupt = rng.random(n_lines) < 0.15
         phase = np.where(corrupt, rng.normal(0, motion * math.pi, n_lines), 0.0)
-        ramp = np.exp(1j * phase)
-        k = k * (ramp[:, None] if axis == 0 else ramp[None, :])
-        img = np.abs(np.fft.ifft2(k)).astype(np.float32)
-    noise = float(rng.uniform(0.0, 0.06))
+        k = k * np.exp(1j * phase).astype(np.complex64)[:, None]
+        img = np.abs(sp_fft.irfft2(k, s=img.shape, workers=1)).astype(np.float32)
+        if axis == 1:
+            img = np.ascontiguousarray(img.T)
+    noise = float(crng.uniform(0.0, 0.06))
     img = _rician(img, noise, rng)
-    scale = float(np.exp(rng.uniform(math.log(300.0), math.log(4000.0))))
+    scale = float(np.exp(crng.uniform(math.log(300.0), math.log(4000.0))))
     out = np.rint(np.clip(img * np.float32(scale), 0, 65535)).astype(np.float32)
     params = {"gamma": gamma, "bias": bias_strength, "noise": noise, "ghost": ghost,
               "motion": motion, "scale": scale, "acq_row_mm": float(acq[0]),
