@@ -175,6 +175,8 @@ def _muscles(
             # Keep the medial border roughly in place when a muscle shrinks (atrophy).
             ccx = cx - (a - sa) * (0.6 if key != "psoas" else 0.8) + jitter[0]
             ccy = cy + jitter[1] - (b - sb) * (0.3 if key != "psoas" else 0.0)
+            if key == "multifidus":
+                ccx = sa + 2.5 + float(jitter[0]) * 0.3  # medial border against the spinous process
             e = Ellipse(ccx, ccy, sa, sb, ang + float(rng.normal(0, 4)))
             out[f"{key}_{side}"] = e if side == "left" else e.mirrored()
     return out

