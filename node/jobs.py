@@ -583,7 +583,7 @@ def _idle(stop: Any, wake: Any, seen: int) -> None:
 
 
 def worker_main(config: NodeConfig, stages_spec: str, stop: Any, wake: Any,
-                log_level: str = "INFO") -> None:
+                log_level: str = "INFO", log_format: str = "text") -> None:
     """Entry point of the worker process: run queued jobs until ``stop.value`` is set.
 
     ``stop`` and ``wake`` are shared ``multiprocessing.RawValue`` flags (no locks, so a
@@ -597,11 +597,9 @@ def worker_main(config: NodeConfig, stages_spec: str, stop: Any, wake: Any,
     # group; the parent decides when the worker stops (and kills it after its timeout).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=log_level, stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(name)s [worker] %(message)s",
-        )
+    from node.logs import configure_logging
+
+    configure_logging(log_format, log_level)
     db = Database(config.index_path)
     stages = load_stages(stages_spec, config)
     logger.info("worker %d ready (stages %s)", os.getpid(), stages_spec)

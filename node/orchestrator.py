@@ -348,7 +348,8 @@ class Orchestrator:
         self._stop.value = 0
         worker = self._ctx.Process(
             target=jobs.worker_main,
-            args=(self.config, self.stages, self._stop, self._wake, self.config.logging.level.upper()),
+            args=(self.config, self.stages, self._stop, self._wake,
+                  self.config.logging.level.upper(), self.config.logging.format),
             name="lumbar-node-worker",
             daemon=True,
         )

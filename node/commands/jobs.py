@@ -1,0 +1,113 @@
+"""``lumbar-node retry`` and ``lumbar-node purge``: job maintenance on the index.
+
+Both work whether the node runs or not: they change rows in the index (in one write
+transaction each) and a running node's worker picks re-queued jobs up at its next poll
+(about a second).
+
+* ``retry JOB_ID...`` / ``retry --all-failed`` re-queues failed jobs with fresh attempts;
+  ``--dead-letters`` also re-queues dead-lettered deliveries (``node.outbox``).
+* ``purge`` deletes finished jobs older than ``--done-older-than`` days (``done`` and
+  ``superseded``; ``--include-failed``/``--include-skipped`` add those), and with ``--files``
+  their results folders under ``results_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+
+from node.commands.status import EXIT_CONFIG, add_config_arguments, load_cli_config
+
+#: exit status when nothing matched or the request is inconsistent
+EXIT_USAGE = 1
+#: default age (days) of finished jobs that purge removes
+DEFAULT_PURGE_DAYS = 30.0
+SECONDS_PER_DAY = 86400.0
+
+
+def add_retry_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("job_ids", nargs="*", type=int, metavar="JOB_ID", help="failed job ids (see status)")
+    parser.add_argument("--all-failed", action="store_true", help="re-queue every failed job")
+    parser.add_argument("--dead-letters", action="store_true",
+                        help="also re-queue dead-lettered deliveries of the results")
+
+
+def run_retry(args: argparse.Namespace) -> int:
+    if not args.job_ids and not args.all_failed and not args.dead_letters:
+        print("retry: give JOB_ID..., --all-failed or --dead-letters", file=sys.stderr)
+        return EXIT_USAGE
+    config = load_cli_config(args)
+    if config is None:
+        return EXIT_CONFIG
+    if not config.index_path.exists():
+        print(f"retry: no index at {config.index_path}", file=sys.stderr)
+        return EXIT_USAGE
+    from node import jobs
+    from node.db import Database
+
+    db = Database(config.index_path)
+    try:
+        jobs.ensure_schema(db)
+        status = 0
+        if args.job_ids or args.all_failed:
+            ids = jobs.retry_jobs(db, args.job_ids, all_failed=args.all_failed)
+            print(f"re-queued {len(ids)} job(s){': ' + ', '.join(map(str, ids)) if ids else ''}")
+            missing = sorted(set(args.job_ids) - set(ids))
+            if missing:
+                print(f"not failed or unknown, left alone: {', '.join(map(str, missing))}", file=sys.stderr)
+                status = EXIT_USAGE
+        if args.dead_letters:
+            from node.outbox import requeue_dead_letters
+
+            count = requeue_dead_letters(db)
+            print(f"re-queued {count} dead-lettered deliveries")
+        return status
+    finally:
+        db.close()
+
+
+def add_purge_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--done-older-than", type=float, default=DEFAULT_PURGE_DAYS, metavar="DAYS",
+                        help=f"purge finished jobs older than DAYS (default {DEFAULT_PURGE_DAYS:g})")
+    parser.add_argument("--files", action="store_true", help="also delete their results folders")
+    parser.add_argument("--include-failed", action="store_true", help="also purge failed jobs")
+    parser.add_argument("--include-skipped", action="store_true", help="also purge skipped jobs")
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    if args.done_older_than < 0:
+        print("purge: --done-older-than must be >= 0", file=sys.stderr)
+        return EXIT_USAGE
+    config = load_cli_config(args)
+    if config is None:
+        return EXIT_CONFIG
+    if not config.index_path.exists():
+        print(f"purge: no index at {config.index_path}: nothing to purge")
+        return 0
+    from node import jobs
+    from node.db import Database
+
+    states = [jobs.DONE, jobs.SUPERSEDED]
+    if args.include_failed:
+        states.append(jobs.FAILED)
+    if args.include_skipped:
+        states.append(jobs.SKIPPED)
+    db = Database(config.index_path)
+    try:
+        jobs.ensure_schema(db)
+        purged = jobs.purge_jobs(db, args.done_older_than * SECONDS_PER_DAY, states)
+    finally:
+        db.close()
+    removed = 0
+    if args.files:
+        root = config.results_dir.resolve()
+        for job in purged:
+            folder = (root / (job.results_dir or job.key)).resolve()
+            if folder != root and folder.is_relative_to(root) and folder.is_dir():
+                shutil.rmtree(folder)
+                removed += 1
+    print(f"purged {len(purged)} job(s)" + (f", removed {removed} results folder(s)" if args.files else ""))
+    return 0
