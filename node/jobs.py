@@ -454,10 +454,6 @@ class DefaultStages:
 
     def _get_analyzer(self) -> Any:
         if self._analyzer is None:
-            if self.config.ai.threads > 0:
-                import torch
-
-                torch.set_num_threads(self.config.ai.threads)
             from ai.pipeline import Analyzer
 
             started = time.monotonic()
@@ -465,6 +461,7 @@ class DefaultStages:
                 device=self.config.ai.device,
                 batch_size=self.config.ai.batch_size,
                 weights_dir=self.config.ai.weights_dir,
+                threads=self.config.ai.threads,
             )
             logger.info("analyser loaded in %.1f s", time.monotonic() - started)
         return self._analyzer
@@ -483,7 +480,11 @@ class DefaultStages:
         partial = out.with_name(out.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        write_results(result, partial)
+        write_results(
+            result, partial,
+            slice_uids=tuple(volume.slice_uids), frame_numbers=tuple(volume.frame_numbers),
+            extra={"echo": ctx.job.echo, "job": {"id": ctx.job.id, "generation": ctx.job.generation}},
+        )
         # results of an earlier run (before a late instance) are replaced, never mixed
         shutil.rmtree(out, ignore_errors=True)
         partial.rename(out)

@@ -236,7 +236,7 @@ def render_text(data: dict[str, Any]) -> str:
                          f" at {_when(job['updated_at'])}: {job['reason']}")
     deliveries = data.get("deliveries")
     if deliveries:
-        lines.append("deliveries:")
+        lines.append("deliveries:" + ("" if deliveries.get("destinations") else " none"))
         for name, per in sorted(deliveries.get("destinations", {}).items()):
             lines.append(f"  {name}: {_counts(per)}")
         for dead in deliveries.get("dead_letters", []):
