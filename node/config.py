@@ -469,6 +469,9 @@ def _build(cls: type[Any], raw: Mapping[str, Any], prefix: str, base_dir: Path) 
             raise ConfigError(f"{_join(prefix, name)}: required key missing")
         elif hints[name] is Path:
             kwargs[name] = _coerce(str(fields[name].default), Path, _join(prefix, name), base_dir)
+        elif dataclasses.is_dataclass(hints[name]):
+            # a missing section: its defaults still need path resolution and checks
+            kwargs[name] = _build(hints[name], {}, _join(prefix, name), base_dir)
     obj = cls(**kwargs)
     try:
         obj.validate()

@@ -353,6 +353,9 @@ class Receiver:
         metrics.ASSOCIATIONS.labels(result="rejected").inc()
         rsd = REJECT_CALLED_AE if self.policy.is_called_ae_failure(reason) else REJECT_CALLING_AE
         assoc.acse.send_reject(*rsd)
+        # as pynetdicom does after its own rejections: wait until the DUL has sent the
+        # A-ASSOCIATE-RJ, else the socket closes first and the peer only sees an abort
+        assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor

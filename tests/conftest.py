@@ -3,7 +3,7 @@
 Starting the real node
 ----------------------
 ``node_factory(**sections)`` starts ``lumbar-node serve --config <tmp toml>`` as a real
-process on free loopback ports and returns a :class:`NodeProcess` once it answers C-ECHO.
+process on free loopback ports and returns a :class:`NodeProcess` once its listener answers an association request.
 Keyword arguments are config sections merged over test defaults, e.g.
 ``node_factory(series={"quiet_seconds": 1.0}, node={"max_instances_per_series": 5})``.
 Every node still running at the end of the test is stopped with SIGTERM (then SIGKILL).
@@ -68,6 +68,21 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
         time.sleep(POLL_S)
 
 
+def listener_answers(port: int, called_ae: str = "LUMBARNODE", host: str = "127.0.0.1", timeout_s: float = 2.0) -> bool:
+    """True when a DICOM listener answers an association request (accepted or rejected)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="TESTPROBE")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if assoc.is_established:
+        assoc.release()
+        return True
+    return bool(assoc.is_rejected)
+
+
 def c_echo(port: int, called_ae: str = "LUMBARNODE", calling_ae: str = "TESTECHO", host: str = "127.0.0.1", timeout_s: float = 5.0) -> int | None:
     """C-ECHO a peer with pynetdicom; the status, or None when no association."""
     from pynetdicom import AE
@@ -122,7 +137,7 @@ def make_mr_dataset(
     ds.SOPInstanceUID = sop_uid or generate_uid()
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
-    ds.FrameOfReferenceUID = study_uid + ".1"
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study_uid, "frame-of-reference"])
     ds.Modality = "MR"
     ds.PatientName = "Test^Lumbar"
     ds.PatientID = "TEST0001"
@@ -167,6 +182,10 @@ def make_mr_dataset(
     ds.PixelRepresentation = 0
     rng = np.random.default_rng(seed + index)
     ds.PixelData = rng.integers(0, 4096, size=(rows, columns), dtype=np.uint16).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
 
 
@@ -280,7 +299,7 @@ class NodeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = NODE_START_TIMEOUT_S) -> NodeProcess:
-        """Start the process and wait until it answers C-ECHO."""
+        """Start the process and wait until its listener answers (C-ECHO, or a policy rejection)."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [*node_command(), "serve", "--config", str(self.config_path)],
@@ -290,7 +309,7 @@ class NodeProcess:
         )
         log.close()
         deadline = time.monotonic() + timeout_s
-        while c_echo(self.port, self.ae_title, timeout_s=2.0) != 0:
+        while not listener_answers(self.port, self.ae_title):
             if self.proc.poll() is not None:
                 pytest.fail(f"node exited with {self.proc.returncode} at start-up:\n{self.log_tail()}")
             if time.monotonic() > deadline:
