@@ -1,0 +1,225 @@
+"""Segmentation and measurement metrics against ground truth.
+
+Per structure key of :data:`ai.labels.STRUCTURES`:
+
+* **Dice** and **IoU**: mean over the slices where the structure is in the truth
+  (per-slice overlap), plus the Dice pooled over all pixels of all slices;
+  ``fp_slices`` counts slices where it is predicted but absent from the truth.
+* **CSA agreement** over those slices: ICC(2,1) (two-way random effects, absolute
+  agreement, single measurement; Shrout & Fleiss 1979 / McGraw & Wong 1996) and
+  Bland-Altman bias and 95 % limits of agreement (prediction - truth, mm2).
+* **Fat fraction** of the muscles, when the truth carries ``fat_fraction_pct`` per slice:
+  mean absolute error (percentage points).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ai.labels import MUSCLES, STRUCTURES
+from ai.measure import measure_slice
+from ai.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalCase:
+    """One series with its ground truth.
+
+    Attributes
+    ----------
+    name
+        Case identifier for the report.
+    volume
+        The series as the node would read it.
+    truth_labels
+        ``(n_slices, rows, cols)`` label map in the volume's slice order.
+    truth
+        Optional truth dict (phantom ``truth.json`` of the series): per-slice entries under
+        ``slices`` (with ``fat_fraction_pct``) and per-level entries under ``levels`` (grades).
+    mode
+        Image mode for the per-mode breakdown (``realistic`` / ``randomised`` / ``real``).
+    """
+
+    name: str
+    volume: Volume
+    truth_labels: np.ndarray
+    truth: dict[str, Any] = field(default_factory=dict)
+    mode: str = "unknown"
+
+    def __post_init__(self) -> None:
+        if self.truth_labels.shape != self.volume.pixels.shape:
+            raise ValueError(
+                f"{self.name}: truth labels {self.truth_labels.shape} differ from the volume "
+                f"{self.volume.pixels.shape}"
+            )
+
+
+def icc_2_1(a: np.ndarray, b: np.ndarray) -> float:
+    """ICC(2,1) of two raters (absolute agreement, single measures); NaN below 2 subjects."""
+    y = np.stack([np.asarray(a, float), np.asarray(b, float)], axis=1)
+    n, k = y.shape
+    if n < 2:
+        return float("nan")
+    gm = y.mean()
+    ssr = k * float(((y.mean(axis=1) - gm) ** 2).sum())
+    ssc = n * float(((y.mean(axis=0) - gm) ** 2).sum())
+    sst = float(((y - gm) ** 2).sum())
+    sse = sst - ssr - ssc
+    msr = ssr / (n - 1)
+    msc = ssc / (k - 1)
+    mse = sse / ((n - 1) * (k - 1))
+    denom = msr + (k - 1) * mse + k * (msc - mse) / n
+    if denom <= 0:
+        return float("nan")
+    return float((msr - mse) / denom)
+
+
+def bland_altman(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Bias and 95 % limits of agreement of ``pred - truth``."""
+    d = np.asarray(pred, float) - np.asarray(truth, float)
+    if d.size == 0:
+        return {"bias": float("nan"), "loa_low": float("nan"), "loa_high": float("nan")}
+    bias = float(d.mean())
+    sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
+    return {"bias": bias, "loa_low": bias - 1.96 * sd, "loa_high": bias + 1.96 * sd}
+
+
+@dataclass
+class _Acc:
+    dice: list[float] = field(default_factory=list)
+    iou: list[float] = field(default_factory=list)
+    inter: int = 0
+    total: int = 0
+    fp_slices: int = 0
+    csa_truth: list[float] = field(default_factory=list)
+    csa_pred: list[float] = field(default_factory=list)
+    ff_err: list[float] = field(default_factory=list)
+
+
+def _slice_truth(truth: Mapping[str, Any], k: int) -> Mapping[str, Any]:
+    slices = truth.get("slices")
+    if isinstance(slices, Sequence) and 0 <= k < len(slices) and isinstance(slices[k], Mapping):
+        return slices[k]
+    return {}
+
+
+class SegmentationMetrics:
+    """Accumulates per-structure metrics over cases (optionally split by mode)."""
+
+    def __init__(self) -> None:
+        self._acc: dict[str, dict[str, _Acc]] = {}
+
+    def _get(self, group: str, key: str) -> _Acc:
+        return self._acc.setdefault(group, {}).setdefault(key, _Acc())
+
+    def add(
+        self,
+        pred: np.ndarray,
+        truth: np.ndarray,
+        image: np.ndarray,
+        pixel_spacing: tuple[float, float],
+        *,
+        mode: str = "unknown",
+        slice_truth: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Add one slice (predicted and true label maps on the same grid)."""
+        px = float(pixel_spacing[0] * pixel_spacing[1])
+        ff_truth = (slice_truth or {}).get("fat_fraction_pct") or {}
+        pred_ff: dict[str, float | None] = {}
+        if ff_truth:
+            meas = measure_slice(image, pred, pixel_spacing).values
+            pred_ff = {k: meas[k].fat_fraction_pct for k in MUSCLES}
+        for group in ("all", mode):
+            for key, labs in STRUCTURES.items():
+                p = np.isin(pred, labs)
+                t = np.isin(truth, labs)
+                acc = self._get(group, key)
+                np_, nt = int(p.sum()), int(t.sum())
+                inter = int((p & t).sum())
+                acc.inter += inter
+                acc.total += np_ + nt
+                if nt == 0:
+                    if np_ > 0:
+                        acc.fp_slices += 1
+                    continue
+                acc.dice.append(2 * inter / (np_ + nt))
+                acc.iou.append(inter / (np_ + nt - inter))
+                acc.csa_truth.append(nt * px)
+                acc.csa_pred.append(np_ * px)
+                if key in ff_truth and pred_ff.get(key) is not None:
+                    acc.ff_err.append(abs(float(pred_ff[key]) - float(ff_truth[key])))  # type: ignore[arg-type]
+
+    def add_case(self, case: EvalCase, pred_labels: np.ndarray) -> None:
+        for k in range(case.volume.n_slices):
+            self.add(
+                pred_labels[k], case.truth_labels[k], case.volume.pixels[k],
+                case.volume.pixel_spacing, mode=case.mode, slice_truth=_slice_truth(case.truth, k),
+            )
+
+    def report(self) -> dict[str, dict[str, dict[str, float | int | None]]]:
+        """``{group: {structure: {dice, iou, dice_pooled, icc, bias, loa_low, loa_high, ...}}}``."""
+        out: dict[str, dict[str, dict[str, float | int | None]]] = {}
+        for group, per in self._acc.items():
+            out[group] = {}
+            for key, a in per.items():
+                ba = bland_altman(np.array(a.csa_pred), np.array(a.csa_truth))
+                out[group][key] = {
+                    "n_slices": len(a.dice),
+                    "dice": _mean(a.dice),
+                    "iou": _mean(a.iou),
+                    "dice_pooled": 2 * a.inter / a.total if a.total else None,
+                    "fp_slices": a.fp_slices,
+                    "csa_icc": _nan_to_none(icc_2_1(np.array(a.csa_pred), np.array(a.csa_truth))),
+                    "csa_bias_mm2": _nan_to_none(ba["bias"]),
+                    "csa_loa_low_mm2": _nan_to_none(ba["loa_low"]),
+                    "csa_loa_high_mm2": _nan_to_none(ba["loa_high"]),
+                    "fat_fraction_mae_pct": _mean(a.ff_err),
+                }
+        return out
+
+
+def _mean(xs: Iterable[float]) -> float | None:
+    v = list(xs)
+    return float(np.mean(v)) if v else None
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if not np.isfinite(x) else float(x)
+
+
+#: Targets of the issue (held-out phantoms).
+DICE_TARGETS: dict[str, float] = {
+    "psoas_left": 0.90, "psoas_right": 0.90, "erector_spinae_left": 0.90,
+    "erector_spinae_right": 0.90, "multifidus_left": 0.90, "multifidus_right": 0.90,
+    "disc": 0.93, "dural_sac": 0.90,
+}
+ICC_TARGET = 0.95
+
+
+def markdown_table(report: Mapping[str, Mapping[str, Mapping[str, Any]]], group: str = "all") -> str:
+    """The per-structure table of one group as Markdown."""
+
+    def f(x: Any, nd: int = 3) -> str:
+        return "-" if x is None else f"{x:.{nd}f}"
+
+    lines = [
+        "| structure | slices | Dice | IoU | pooled Dice | FP slices | CSA ICC(2,1) | BA bias mm2 | BA 95 % LoA mm2 | FF MAE % | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, m in report.get(group, {}).items():
+        target = DICE_TARGETS.get(key)
+        lines.append(
+            f"| {key} | {m['n_slices']} | {f(m['dice'])} | {f(m['iou'])} | {f(m['dice_pooled'])} | "
+            f"{m['fp_slices']} | {f(m['csa_icc'])} | {f(m['csa_bias_mm2'], 1)} | "
+            f"{f(m['csa_loa_low_mm2'], 1)} .. {f(m['csa_loa_high_mm2'], 1)} | "
+            f"{f(m['fat_fraction_mae_pct'], 1)} | "
+            f"{'Dice >= ' + format(target, '.2f') + ', ICC >= 0.95' if target else '-'} |"
+        )
+    return "\n".join(lines)

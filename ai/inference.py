@@ -1,0 +1,417 @@
+"""Segmentation inference in three steps: pre_process / predict / post_process.
+
+* :func:`pre_process` resamples every slice onto the model's grid: a canonical in-plane
+  frame (model columns run to the patient's left, model rows to posterior, whatever the
+  acquisition's orientation), the card's pixel spacing, a fixed size centred on the
+  slice centre (crop or zero-pad), then a robust percentile normalisation.
+* :func:`predict` runs the network in batches (CUDA + AMP when present, CPU otherwise).
+* :func:`to_native` maps the logits back onto each slice's native pixel grid
+  (bilinear on logits, then arg-max), and :func:`post_process` cleans the label map and
+  flags (never hides) implausible results.
+
+The geometry is one 2x2 affine per slice (:class:`SliceGrid`), so the forward and
+backward resampling are exact inverses of each other.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.nn import functional as F
+
+from ai.card import ModelCard, Normalisation
+from ai.labels import PAIRS, STRUCTURES, Label
+from ai.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+#: Native pixels per model pixel above which the slice is low-pass filtered first.
+ANTIALIAS_FACTOR = 1.5
+#: Gaussian sigma (native pixels) per unit of down-sampling factor.
+ANTIALIAS_SIGMA_PER_FACTOR = 0.4
+#: Components smaller than this (mm2) are dropped for multi-part structures.
+MIN_COMPONENT_MM2 = 4.0
+#: Labels kept as the largest connected component only.
+SINGLE_COMPONENT_LABELS: tuple[Label, ...] = (
+    Label.VERTEBRAL_BODY,
+    Label.DISC,
+    Label.DURAL_SAC,
+    Label.PSOAS_LEFT,
+    Label.PSOAS_RIGHT,
+    Label.ERECTOR_SPINAE_LEFT,
+    Label.ERECTOR_SPINAE_RIGHT,
+    Label.MULTIFIDUS_LEFT,
+    Label.MULTIFIDUS_RIGHT,
+)
+#: Labels that can be in several pieces (lamina + spinous process, fat rim, epidural fat);
+#: only components below :data:`MIN_COMPONENT_MM2` are dropped.
+MULTI_COMPONENT_LABELS: tuple[Label, ...] = (
+    Label.POSTERIOR_ELEMENTS,
+    Label.EPIDURAL_SPACE,
+    Label.SUBCUTANEOUS_FAT,
+)
+#: Lateral distance (mm) from the midline below which a centroid counts as "on the midline".
+MIDLINE_TOLERANCE_MM = 2.0
+
+
+@dataclass(frozen=True)
+class SliceGrid:
+    """Affine map between one slice's native pixel grid and the model grid.
+
+    ``native_rc - native_centre = matrix @ (model_ij - model_centre)`` with ``(row, col)``
+    ordering on both sides.
+    """
+
+    matrix: np.ndarray
+    native_shape: tuple[int, int]
+    model_shape: tuple[int, int]
+
+    @property
+    def native_centre(self) -> np.ndarray:
+        return (np.asarray(self.native_shape, dtype=np.float64) - 1.0) / 2.0
+
+    @property
+    def model_centre(self) -> np.ndarray:
+        return (np.asarray(self.model_shape, dtype=np.float64) - 1.0) / 2.0
+
+    def model_to_native(self, ij: np.ndarray) -> np.ndarray:
+        """``(..., 2)`` model (row, col) -> native (row, col)."""
+        return (ij - self.model_centre) @ self.matrix.T + self.native_centre
+
+    def native_to_model(self, rc: np.ndarray) -> np.ndarray:
+        """``(..., 2)`` native (row, col) -> model (row, col)."""
+        inv = np.linalg.inv(self.matrix)
+        return (rc - self.native_centre) @ inv.T + self.model_centre
+
+    @property
+    def downsampling(self) -> tuple[float, float]:
+        """Native pixels per model pixel along native rows and columns."""
+        return (float(np.linalg.norm(self.matrix[0])), float(np.linalg.norm(self.matrix[1])))
+
+
+def canonical_axes(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane unit vectors (patient LPS) of the model's column and row directions.
+
+    Model columns run toward the patient's left (+x projected into the plane), model rows
+    toward posterior (the plane normal, taken pointing superior, crossed with that).
+    Falls back to the native axes when the plane is (near) sagittal.
+    """
+    row_dir = np.asarray(orientation[:3], dtype=np.float64)
+    col_dir = np.asarray(orientation[3:], dtype=np.float64)
+    normal = np.cross(row_dir, col_dir)
+    normal /= np.linalg.norm(normal)
+    if normal[2] < 0:
+        normal = -normal
+    x = np.array([1.0, 0.0, 0.0])
+    u = x - normal * float(np.dot(x, normal))
+    if np.linalg.norm(u) < 0.1:  # plane nearly perpendicular to patient x: keep native axes
+        return row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
+    u /= np.linalg.norm(u)
+    v = np.cross(normal, u)
+    return u, v
+
+
+def slice_grid(
+    orientation: np.ndarray,
+    pixel_spacing: tuple[float, float],
+    native_shape: tuple[int, int],
+    card: ModelCard,
+) -> SliceGrid:
+    """The :class:`SliceGrid` of one slice for the card's spacing and size."""
+    row_dir = np.asarray(orientation[:3], dtype=np.float64)
+    col_dir = np.asarray(orientation[3:], dtype=np.float64)
+    row_dir /= np.linalg.norm(row_dir)
+    col_dir /= np.linalg.norm(col_dir)
+    u, v = canonical_axes(orientation)
+    rs, cs = pixel_spacing
+    s = card.input_spacing_mm
+    # one model step along rows moves s mm along v; along columns s mm along u.
+    matrix = s * np.array(
+        [
+            [np.dot(v, col_dir) / rs, np.dot(u, col_dir) / rs],
+            [np.dot(v, row_dir) / cs, np.dot(u, row_dir) / cs],
+        ]
+    )
+    return SliceGrid(matrix=matrix, native_shape=native_shape, model_shape=card.input_size)
+
+
+def _normalised_grid(points_rc: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    """Pixel (row, col) -> grid_sample (x, y) in [-1, 1] (align_corners=True)."""
+    rows, cols = shape
+    x = points_rc[..., 1] / max(cols - 1, 1) * 2.0 - 1.0
+    y = points_rc[..., 0] / max(rows - 1, 1) * 2.0 - 1.0
+    return torch.from_numpy(np.stack([x, y], axis=-1).astype(np.float32))
+
+
+def resample_to_model(
+    image: np.ndarray, grid: SliceGrid, *, mode: str = "bilinear"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample a native 2D array on the model grid.
+
+    Returns the sampled array (float32) and a boolean mask of model pixels that fall
+    inside the native field of view (the rest is zero padding).
+    """
+    img = np.asarray(image, dtype=np.float32)
+    if mode == "bilinear":
+        f_r, f_c = grid.downsampling
+        if max(f_r, f_c) > ANTIALIAS_FACTOR:
+            sigma = (
+                ANTIALIAS_SIGMA_PER_FACTOR * f_r if f_r > ANTIALIAS_FACTOR else 0.0,
+                ANTIALIAS_SIGMA_PER_FACTOR * f_c if f_c > ANTIALIAS_FACTOR else 0.0,
+            )
+            img = ndimage.gaussian_filter(img, sigma=sigma, mode="nearest")
+    mr, mc = grid.model_shape
+    ii, jj = np.meshgrid(np.arange(mr, dtype=np.float64), np.arange(mc, dtype=np.float64), indexing="ij")
+    rc = grid.model_to_native(np.stack([ii, jj], axis=-1))
+    nr, nc = grid.native_shape
+    inside = (rc[..., 0] >= -0.5) & (rc[..., 0] <= nr - 0.5) & (rc[..., 1] >= -0.5) & (rc[..., 1] <= nc - 0.5)
+    g = _normalised_grid(rc, grid.native_shape)[None]
+    t = torch.from_numpy(img)[None, None]
+    out = F.grid_sample(t, g, mode=mode, padding_mode="zeros", align_corners=True)
+    return out[0, 0].numpy(), inside
+
+
+def normalise(image: np.ndarray, valid: np.ndarray, norm: Normalisation) -> np.ndarray:
+    """Robust percentile normalisation (see :class:`ai.card.Normalisation`)."""
+    values = image[valid] if valid.any() else image.ravel()
+    lo, hi = np.percentile(values, [norm.low_pct, norm.high_pct])
+    scale = float(hi - lo) if hi > lo else 1.0
+    out = (image - lo) / scale
+    out = np.clip(out, norm.clip_low, norm.clip_high)
+    out[~valid] = 0.0
+    return out.astype(np.float32)
+
+
+@dataclass
+class PreProcessed:
+    """Model-grid input of a whole volume: ``images`` ``(n, 1, H, W)`` float32."""
+
+    images: torch.Tensor
+    grids: list[SliceGrid]
+    valid: np.ndarray
+
+
+def pre_process_slice(
+    image: np.ndarray,
+    orientation: np.ndarray,
+    pixel_spacing: tuple[float, float],
+    card: ModelCard,
+) -> tuple[np.ndarray, np.ndarray, SliceGrid]:
+    """One native slice -> (normalised model-grid image, valid mask, grid)."""
+    grid = slice_grid(orientation, pixel_spacing, image.shape[:2], card)  # type: ignore[arg-type]
+    sampled, valid = resample_to_model(image, grid)
+    return normalise(sampled, valid, card.normalisation), valid, grid
+
+
+def pre_process(volume: Volume, card: ModelCard) -> PreProcessed:
+    """Resample and normalise every slice of ``volume`` onto the model grid."""
+    images = []
+    grids = []
+    valids = []
+    for k in range(volume.n_slices):
+        img, valid, grid = pre_process_slice(
+            volume.pixels[k], volume.orientations[k], volume.pixel_spacing, card
+        )
+        images.append(img)
+        valids.append(valid)
+        grids.append(grid)
+    stacked = torch.from_numpy(np.stack(images)[:, None])
+    return PreProcessed(images=stacked, grids=grids, valid=np.stack(valids))
+
+
+def predict(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Logits ``(n, classes, H, W)`` float32 on the CPU, computed in batches.
+
+    CUDA runs under float16 autocast; the CPU in float32 with channels-last tensors.
+    """
+    outputs: list[torch.Tensor] = []
+    use_amp = device.type == "cuda"
+    with torch.inference_mode():
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start : start + batch_size].to(device, non_blocking=True)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                logits = model(batch)
+            outputs.append(logits.float().cpu())
+    if not outputs:
+        return torch.zeros((0, 1, *images.shape[-2:]))
+    return torch.cat(outputs)
+
+
+def to_native(logits: torch.Tensor, grid: SliceGrid) -> np.ndarray:
+    """Model-grid logits ``(classes, H, W)`` of one slice -> native label map (uint8).
+
+    Native pixels outside the model's field of view are background.
+    """
+    nr, nc = grid.native_shape
+    rr, cc = np.meshgrid(np.arange(nr, dtype=np.float64), np.arange(nc, dtype=np.float64), indexing="ij")
+    ij = grid.native_to_model(np.stack([rr, cc], axis=-1))
+    mr, mc = grid.model_shape
+    inside = (ij[..., 0] >= 0) & (ij[..., 0] <= mr - 1) & (ij[..., 1] >= 0) & (ij[..., 1] <= mc - 1)
+    out = np.zeros((nr, nc), dtype=np.uint8)
+    if not inside.any():
+        return out
+    rows = np.flatnonzero(inside.any(axis=1))
+    cols = np.flatnonzero(inside.any(axis=0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    g = _normalised_grid(ij[r0:r1, c0:c1], grid.model_shape)[None]
+    sampled = F.grid_sample(logits[None].float(), g, mode="bilinear", align_corners=True)
+    labels = sampled[0].argmax(dim=0).numpy().astype(np.uint8)
+    labels[~inside[r0:r1, c0:c1]] = 0
+    out[r0:r1, c0:c1] = labels
+    return out
+
+
+def labels_to_model(labels: np.ndarray, grid: SliceGrid) -> np.ndarray:
+    """A native label map sampled (nearest) on the model grid (training targets)."""
+    sampled, _ = resample_to_model(labels.astype(np.float32), grid, mode="nearest")
+    return np.rint(sampled).astype(np.uint8)
+
+
+# --------------------------------------------------------------------- post-processing
+
+
+def _keep_largest(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum_labels(mask, lab, index=np.arange(1, n + 1))
+    return lab == (int(np.argmax(sizes)) + 1)
+
+
+def _drop_small(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = ndimage.sum_labels(mask, lab, index=np.arange(1, n + 1))
+    keep = np.flatnonzero(sizes >= min_pixels) + 1
+    return np.isin(lab, keep)
+
+
+def clean_components(labels: np.ndarray, pixel_area_mm2: float) -> np.ndarray:
+    """Largest connected component per single-part structure; tiny specks dropped for others.
+
+    Removed pixels become background (the union of the kept structures is never grown).
+    """
+    out = labels.copy()
+    min_px = max(1, int(round(MIN_COMPONENT_MM2 / pixel_area_mm2)))
+    for lab in SINGLE_COMPONENT_LABELS:
+        mask = labels == lab
+        if mask.any():
+            out[mask & ~_keep_largest(mask)] = Label.BACKGROUND
+    for lab in MULTI_COMPONENT_LABELS:
+        mask = labels == lab
+        if mask.any():
+            out[mask & ~_drop_small(mask, min_px)] = Label.BACKGROUND
+    return out
+
+
+def _centroid(mask: np.ndarray) -> np.ndarray | None:
+    if not mask.any():
+        return None
+    r, c = np.nonzero(mask)
+    return np.array([r.mean(), c.mean()])
+
+
+def patient_left_direction(
+    labels: np.ndarray, orientation: np.ndarray, pixel_spacing: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Unit in-plane direction toward the patient's left, in native (row, col) mm.
+
+    Anatomy first: posterior is from the disc / vertebral body centroid to the canal
+    centroid, and left = posterior x superior (DICOM LPS). Without both structures the
+    slice orientation's projection of patient +x is used. Also returns the midline point
+    (canal centroid, native pixels) or ``None``.
+    """
+    rs, cs = pixel_spacing
+    row_dir = np.asarray(orientation[:3], dtype=np.float64)
+    col_dir = np.asarray(orientation[3:], dtype=np.float64)
+    normal = np.cross(row_dir, col_dir)
+    normal /= np.linalg.norm(normal)
+    if normal[2] < 0:
+        normal = -normal
+    canal = _centroid(np.isin(labels, [Label.DURAL_SAC, Label.EPIDURAL_SPACE]))
+    front = _centroid(np.isin(labels, [Label.DISC, Label.VERTEBRAL_BODY]))
+    if canal is not None and front is not None and np.linalg.norm(canal - front) > 0:
+        d = canal - front
+        posterior = d[0] * rs * col_dir + d[1] * cs * row_dir
+        left = np.cross(posterior, normal)
+    else:
+        left = np.array([1.0, 0.0, 0.0])
+    vec = np.array([np.dot(left, col_dir), np.dot(left, row_dir)])  # (row, col) in mm
+    norm = float(np.linalg.norm(vec))
+    if norm < 1e-6:
+        vec = np.array([0.0, 1.0])
+        norm = 1.0
+    return vec / norm, canal
+
+
+def fix_laterality(
+    labels: np.ndarray,
+    orientation: np.ndarray,
+    pixel_spacing: tuple[float, float],
+) -> tuple[np.ndarray, list[str]]:
+    """Swap a left/right pair whose centroids lie on the wrong sides of the midline.
+
+    Returns the corrected labels and one message per swapped or inconsistent pair (both
+    structures on one side is flagged, not changed).
+    """
+    left_dir, midline = patient_left_direction(labels, orientation, pixel_spacing)
+    if midline is None:
+        return labels, []
+    rs, cs = pixel_spacing
+    out = labels.copy()
+    notes: list[str] = []
+    for pair, (left_key, right_key) in PAIRS.items():
+        left_lab = STRUCTURES[left_key][0]
+        right_lab = STRUCTURES[right_key][0]
+        offsets: dict[Label, float] = {}
+        for lab in (left_lab, right_lab):
+            c = _centroid(labels == lab)
+            if c is not None:
+                d = (c - midline) * np.array([rs, cs])
+                offsets[lab] = float(np.dot(d, left_dir))
+        lo = offsets.get(left_lab)
+        ro = offsets.get(right_lab)
+        if lo is not None and ro is not None:
+            if lo < -MIDLINE_TOLERANCE_MM and ro > MIDLINE_TOLERANCE_MM:
+                out[labels == left_lab] = right_lab
+                out[labels == right_lab] = left_lab
+                notes.append(f"{pair}: left and right swapped (corrected)")
+            elif (lo < -MIDLINE_TOLERANCE_MM and ro < -MIDLINE_TOLERANCE_MM) or (
+                lo > MIDLINE_TOLERANCE_MM and ro > MIDLINE_TOLERANCE_MM
+            ):
+                notes.append(f"{pair}: both sides on the same side of the midline")
+        elif lo is not None and lo < -MIDLINE_TOLERANCE_MM:
+            out[labels == left_lab] = right_lab
+            notes.append(f"{pair}: only a 'left' structure, on the right (relabelled)")
+        elif ro is not None and ro > MIDLINE_TOLERANCE_MM:
+            out[labels == right_lab] = left_lab
+            notes.append(f"{pair}: only a 'right' structure, on the left (relabelled)")
+    return out, notes
+
+
+def post_process(
+    labels: np.ndarray, volume: Volume
+) -> tuple[np.ndarray, list[str]]:
+    """Clean a native-grid label volume ``(n, rows, cols)``; returns labels and flags.
+
+    Per slice: connected-component cleaning, then left/right consistency.
+    """
+    out = np.empty_like(labels)
+    flags: list[str] = []
+    for k in range(labels.shape[0]):
+        cleaned = clean_components(labels[k], volume.pixel_area_mm2)
+        fixed, notes = fix_laterality(cleaned, volume.orientations[k], volume.pixel_spacing)
+        out[k] = fixed
+        flags.extend(f"slice {k}: {note}" for note in notes)
+    return out, flags

@@ -1,0 +1,220 @@
+"""Measurements of the clinical spec (sections 0 and 2): CSA, FCSA, fat fraction, SI, asymmetry.
+
+Per slice, :func:`measure_slice` gives every structure's cross-sectional area (mm2) and,
+for the muscles, the functional (lean) area, fat fraction and mean signal. Per disc level,
+:func:`measure_level` averages the slice values over the level's disc slices and adds the
+asymmetry and the multifidus Kjaer grade.
+
+Fat fraction method (documented in docs/segmentation.md and in the SR): inside each
+muscle ROI, the Otsu threshold of the ROI's histogram separates lean from fat pixels. The
+threshold is bounded by references on the same slice: it is never lower than half-way
+between the lean level (median of the ROI's lower Otsu class) and the subcutaneous-fat
+reference (median SI of the subcutaneous fat), and never higher than the fat reference.
+The lower bound keeps a purely lean muscle (unimodal histogram, where plain Otsu would
+split the noise) from being called half fat. FCSA = area of ROI pixels below the threshold;
+fat fraction % = (CSA - FCSA) / CSA * 100.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from ai.labels import MUSCLES, PAIRS, STRUCTURES, Label
+from ai.results import StructureMeasurement
+
+logger = logging.getLogger(__name__)
+
+#: Kjaer grade upper bounds on the fat fraction (%): grade 0 below 10, 1 up to 50, 2 above.
+KJAER_BOUNDS_PCT: tuple[float, float] = (10.0, 50.0)
+#: Histogram bins for Otsu.
+OTSU_BINS = 128
+#: Fraction of the way from the lean level to the fat reference below which a pixel is
+#: never called fat.
+FAT_THRESHOLD_MIN_FRACTION = 0.5
+#: Fewest ROI pixels for an intensity analysis.
+MIN_ROI_PIXELS = 10
+
+
+def otsu_threshold(values: np.ndarray, bins: int = OTSU_BINS) -> float:
+    """Otsu's threshold of a 1-D sample (maximises the between-class variance)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return lo
+    hist, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    centres = (edges[:-1] + edges[1:]) / 2.0
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m = np.cumsum(hist * centres)
+    mu0 = np.divide(m, w0, out=np.zeros_like(m), where=w0 > 0)
+    mu1 = np.divide(m[-1] - m, w1, out=np.zeros_like(m), where=w1 > 0)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    k = int(np.argmax(between[:-1]))
+    return float(edges[k + 1])
+
+
+def fat_reference(image: np.ndarray, labels: np.ndarray) -> float | None:
+    """Median SI of the subcutaneous fat on one slice, or None when there is none."""
+    fat = labels == Label.SUBCUTANEOUS_FAT
+    if int(fat.sum()) < MIN_ROI_PIXELS:
+        return None
+    return float(np.median(image[fat]))
+
+
+def fat_threshold(roi_values: np.ndarray, fat_ref: float | None) -> float:
+    """The lean/fat threshold of one muscle ROI (see the module docstring)."""
+    t = otsu_threshold(roi_values)
+    if fat_ref is None:
+        return t
+    lower = roi_values[roi_values <= t]
+    lean = float(np.median(lower)) if lower.size else float(np.median(roi_values))
+    if fat_ref <= lean:
+        return t
+    lo = lean + FAT_THRESHOLD_MIN_FRACTION * (fat_ref - lean)
+    return float(np.clip(t, lo, fat_ref))
+
+
+def kjaer_grade(fat_fraction_pct: float) -> int:
+    """Kjaer grade of a multifidus from its fat fraction: 0 (<10 %), 1 (10-50 %), 2 (>50 %)."""
+    if fat_fraction_pct < KJAER_BOUNDS_PCT[0]:
+        return 0
+    if fat_fraction_pct <= KJAER_BOUNDS_PCT[1]:
+        return 1
+    return 2
+
+
+def asymmetry_pct(a: float, b: float) -> float:
+    """(largest - smallest) / largest * 100; 0 when both are zero."""
+    big, small = max(a, b), min(a, b)
+    if big <= 0:
+        return 0.0
+    return (big - small) / big * 100.0
+
+
+@dataclass(frozen=True)
+class SliceMeasurements:
+    """All structure measurements of one slice (areas mm2, fractions %, SI stored units)."""
+
+    values: dict[str, StructureMeasurement]
+
+
+def measure_slice(
+    image: np.ndarray, labels: np.ndarray, pixel_spacing: tuple[float, float]
+) -> SliceMeasurements:
+    """Measure every structure of ``ai.labels.STRUCTURES`` on one slice."""
+    if image.shape != labels.shape:
+        raise ValueError(f"image {image.shape} and labels {labels.shape} differ in shape")
+    px = float(pixel_spacing[0] * pixel_spacing[1])
+    fat_ref = fat_reference(image, labels)
+    out: dict[str, StructureMeasurement] = {}
+    for key, labs in STRUCTURES.items():
+        mask = np.isin(labels, labs)
+        n = int(mask.sum())
+        csa = n * px
+        if key in MUSCLES:
+            if n >= MIN_ROI_PIXELS:
+                vals = image[mask].astype(np.float64)
+                t = fat_threshold(vals, fat_ref)
+                lean = int((vals <= t).sum())
+                fcsa = lean * px
+                ff = (n - lean) / n * 100.0
+                mean_si = float(vals.mean())
+                ratio = mean_si / fat_ref if fat_ref else None
+                out[key] = StructureMeasurement(csa, fcsa, ff, mean_si, ratio)
+            else:
+                out[key] = StructureMeasurement(csa, csa, None, None, None)
+        elif key == "subcutaneous_fat" and n:
+            out[key] = StructureMeasurement(csa, mean_si=float(image[mask].mean()))
+        else:
+            out[key] = StructureMeasurement(csa)
+    return SliceMeasurements(out)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    xs = [v for v in values if v is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def average(slices: list[SliceMeasurements]) -> dict[str, StructureMeasurement]:
+    """Average per-slice measurements (None values are left out of each mean)."""
+    if not slices:
+        return {}
+    out: dict[str, StructureMeasurement] = {}
+    for key in STRUCTURES:
+        ms = [s.values[key] for s in slices if key in s.values]
+        out[key] = StructureMeasurement(
+            csa_mm2=float(np.mean([m.csa_mm2 for m in ms])),
+            fcsa_mm2=_mean([m.fcsa_mm2 for m in ms]),
+            fat_fraction_pct=_mean([m.fat_fraction_pct for m in ms]),
+            mean_si=_mean([m.mean_si for m in ms]),
+            si_ratio_to_fat=_mean([m.si_ratio_to_fat for m in ms]),
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class LevelMeasurements:
+    """A disc level's averaged measurements, asymmetry per pair and Kjaer grades."""
+
+    measurements: dict[str, StructureMeasurement]
+    asymmetry_pct: dict[str, float]
+    kjaer_grade: dict[str, int]
+
+
+def measure_level(
+    images: np.ndarray, labels: np.ndarray, slice_indices: list[int], pixel_spacing: tuple[float, float]
+) -> LevelMeasurements:
+    """Measurements of one level averaged over ``slice_indices`` of a volume."""
+    per_slice = [measure_slice(images[k], labels[k], pixel_spacing) for k in slice_indices]
+    m = average(per_slice)
+    asym: dict[str, float] = {}
+    for pair, (left, right) in PAIRS.items():
+        lm, rm = m.get(left), m.get(right)
+        if lm is None or rm is None:
+            continue
+        lf = lm.fcsa_mm2 if lm.fcsa_mm2 is not None else lm.csa_mm2
+        rf = rm.fcsa_mm2 if rm.fcsa_mm2 is not None else rm.csa_mm2
+        if lf > 0 or rf > 0:
+            asym[pair] = asymmetry_pct(lf, rf)
+    kjaer: dict[str, int] = {}
+    for key in ("multifidus_left", "multifidus_right"):
+        ff = m[key].fat_fraction_pct if key in m else None
+        if ff is not None:
+            kjaer[key] = kjaer_grade(ff)
+    return LevelMeasurements(m, asym, kjaer)
+
+
+#: Plausible CSA ranges (mm2) at a disc level; values outside are flagged, not hidden.
+PLAUSIBLE_CSA_MM2: dict[str, tuple[float, float]] = {
+    "disc": (400.0, 4000.0),
+    "dural_sac": (10.0, 450.0),
+    "spinal_canal": (30.0, 700.0),
+    "psoas_left": (100.0, 4000.0),
+    "psoas_right": (100.0, 4000.0),
+    "erector_spinae_left": (300.0, 5000.0),
+    "erector_spinae_right": (300.0, 5000.0),
+    "multifidus_left": (100.0, 2500.0),
+    "multifidus_right": (100.0, 2500.0),
+}
+#: Asymmetry above this (%) is flagged.
+ASYMMETRY_FLAG_PCT = 50.0
+
+
+def plausibility_flags(level_name: str, lm: LevelMeasurements) -> list[str]:
+    """Human-readable warnings for implausible measurements at one level."""
+    flags: list[str] = []
+    for key, (lo, hi) in PLAUSIBLE_CSA_MM2.items():
+        m = lm.measurements.get(key)
+        if m is None:
+            continue
+        if m.csa_mm2 == 0:
+            flags.append(f"{level_name}: {key} not found")
+        elif not lo <= m.csa_mm2 <= hi:
+            flags.append(f"{level_name}: {key} CSA {m.csa_mm2:.0f} mm2 outside plausible {lo:.0f}-{hi:.0f}")
+    for pair, pct in lm.asymmetry_pct.items():
+        if pct > ASYMMETRY_FLAG_PCT:
+            flags.append(f"{level_name}: {pair} asymmetry {pct:.0f} % above {ASYMMETRY_FLAG_PCT:.0f} %")
+    return flags

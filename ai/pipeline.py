@@ -1,0 +1,197 @@
+"""The analysis of one series: segmentation, measurements, levels and grades.
+
+:class:`Analyzer` chooses the model and the device once, at construction (the node builds
+one per worker); :meth:`Analyzer.analyze` then turns a :class:`ai.volume.Volume` into a
+:class:`ai.results.SeriesResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ai.card import ModelCard, load_model
+from ai.inference import post_process, pre_process, predict, to_native
+from ai.labels import Label
+from ai.measure import measure_level, plausibility_flags
+from ai.results import LevelResult, SeriesResult, Stenosis
+from ai.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+#: Disc area (mm2) above which a slice counts as a disc slice in the fallback grouping.
+FALLBACK_DISC_MIN_MM2 = 200.0
+
+
+def choose_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; an explicit ``cuda`` must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return dev
+
+
+class Analyzer:
+    """Segments, measures, finds levels and grades stenosis for whole series.
+
+    Parameters
+    ----------
+    device
+        ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+    batch_size
+        Slices per forward pass.
+    weights_dir
+        Folder with ``seg.safetensors`` + ``seg-card.json`` (default: shipped weights).
+    threads
+        torch CPU threads (0: leave torch's default).
+    """
+
+    def __init__(
+        self,
+        device: str = "auto",
+        batch_size: int = 8,
+        weights_dir: Path | None = None,
+        threads: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, got {threads}")
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = choose_device(device)
+        self.batch_size = batch_size
+        model, card = load_model(weights_dir)
+        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+        self.card: ModelCard = card
+        self.grader: Any = None
+        self._setup_flags: list[str] = []
+        try:
+            from ai.grading import StenosisGrader
+
+            self.grader = StenosisGrader.load(self.device)
+        except ImportError:
+            self._setup_flags.append("stenosis grading module unavailable: no grades")
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            logger.warning("stenosis grader not loaded: %s", exc)
+            self._setup_flags.append(f"stenosis grader not loaded: {exc}")
+        logger.info(
+            "analyzer ready: model %s %s on %s (batch %d)",
+            card.name, card.version, self.device, batch_size,
+        )
+
+    def segment(self, volume: Volume) -> tuple[np.ndarray, list[str], dict[str, float]]:
+        """Native-grid label volume, post-processing flags and timings (s)."""
+        t0 = time.perf_counter()
+        pre = pre_process(volume, self.card)
+        t1 = time.perf_counter()
+        logits = predict(self.model, pre.images, self.device, self.batch_size)
+        t2 = time.perf_counter()
+        raw = np.stack([to_native(logits[k], pre.grids[k]) for k in range(volume.n_slices)])
+        labels, flags = post_process(raw, volume)
+        t3 = time.perf_counter()
+        return labels, flags, {"pre_process": t1 - t0, "predict": t2 - t1, "post_process": t3 - t2}
+
+    def analyze(self, volume: Volume) -> SeriesResult:
+        """Everything the analysis says about one series."""
+        if volume.n_slices == 0:
+            raise ValueError("volume has no slices")
+        labels, flags, timings = self.segment(volume)
+        flags = list(self._setup_flags) + flags
+        t0 = time.perf_counter()
+        assignments = self._levels(labels, volume, flags)
+        t1 = time.perf_counter()
+        levels: list[LevelResult] = []
+        t_grade = 0.0
+        for a in assignments:
+            name = a.level if a.level is not None else f"level {a.position} from caudal"
+            lm = measure_level(volume.pixels, labels, list(a.slice_indices), volume.pixel_spacing)
+            flags.extend(plausibility_flags(name, lm))
+            tg = time.perf_counter()
+            stenosis = self._grade(volume, labels, a, flags, name)
+            t_grade += time.perf_counter() - tg
+            levels.append(
+                LevelResult(
+                    level=a.level,
+                    position=a.position,
+                    slice_indices=[int(i) for i in a.slice_indices],
+                    level_confidence=float(a.confidence),
+                    measurements=lm.measurements,
+                    asymmetry_pct=lm.asymmetry_pct,
+                    kjaer_grade=lm.kjaer_grade,
+                    stenosis=stenosis,
+                )
+            )
+        t2 = time.perf_counter()
+        if not levels:
+            flags.append("no disc level found in the series")
+        timings.update({"levels": t1 - t0, "measure": t2 - t1 - t_grade, "grading": t_grade})
+        logger.info(
+            "series %s: %d slices, %d levels, %d flags", volume.series_instance_uid,
+            volume.n_slices, len(levels), len(flags),
+        )
+        return SeriesResult(
+            series_instance_uid=volume.series_instance_uid,
+            model_name=self.card.name,
+            model_version=self.card.version,
+            labels=labels,
+            levels=levels,
+            flags=flags,
+            timings_s=timings,
+        )
+
+    def _levels(self, labels: np.ndarray, volume: Volume, flags: list[str]) -> list[Any]:
+        try:
+            from ai.levels import find_levels
+        except ImportError:
+            flags.append("level detection module unavailable: levels grouped by disc only, unnamed")
+            return fallback_levels(labels, volume)
+        return list(find_levels(labels, volume))
+
+    def _grade(
+        self, volume: Volume, labels: np.ndarray, assignment: Any, flags: list[str], name: str
+    ) -> Stenosis | None:
+        if self.grader is None:
+            return None
+        try:
+            result: Stenosis = self.grader.grade(volume, labels, assignment)
+        except ValueError as exc:
+            flags.append(f"{name}: stenosis not graded ({exc})")
+            return None
+        return result
+
+
+class _Group:
+    """Minimal level assignment of :func:`fallback_levels` (same fields as ai.levels')."""
+
+    def __init__(self, position: int, slice_indices: list[int], mid_slice: int) -> None:
+        self.level: str | None = None
+        self.position = position
+        self.slice_indices = slice_indices
+        self.mid_slice = mid_slice
+        self.confidence = 0.0
+
+
+def fallback_levels(labels: np.ndarray, volume: Volume) -> list[Any]:
+    """Consecutive runs of disc slices, caudal first, unnamed (used without ai.levels)."""
+    areas = (labels == Label.DISC).sum(axis=(1, 2)) * volume.pixel_area_mm2
+    groups: list[list[int]] = []
+    for k, area in enumerate(areas):
+        if area < FALLBACK_DISC_MIN_MM2:
+            continue
+        if groups and groups[-1][-1] == k - 1:
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    out: list[Any] = []
+    for pos, g in enumerate(groups, start=1):
+        mid = int(g[int(np.argmax(areas[g]))])
+        out.append(_Group(pos, g, mid))
+    return out

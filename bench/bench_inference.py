@@ -1,0 +1,101 @@
+"""Segmentation speed: ms per 512 x 512 slice on the CPU (and the GPU when present).
+
+``run()`` is called by the benchmark suite; ``python -m bench.bench_inference`` prints it.
+Pre-processing (resample + normalise), prediction (batched network) and post-processing
+(back to the native grid + connected components + laterality) are timed separately, in
+wall time and in process CPU time (the latter is less sensitive to other load on a shared
+machine; with 2 threads it can exceed wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+N_SLICES = 16
+MATRIX = (512, 512)
+SPACING_MM = 0.5
+REPEATS = 2
+
+
+def _volume() -> Any:
+    from ai.phantom import render_slice, sample_subject
+    from ai.volume import Volume
+
+    rng = np.random.default_rng(7)
+    subject = sample_subject(rng, levels=("L3-L4", "L4-L5", "L5-S1"))
+    images = []
+    for k in range(N_SLICES):
+        level = subject.level_names[k % 3]
+        s = render_slice(subject, level, "disc" if k % 4 else "mid", "realistic", rng,
+                         pixel_spacing=SPACING_MM, matrix=MATRIX)
+        images.append(s.image)
+    n = len(images)
+    positions = np.array([[0.0, 0.0, 4.0 * k] for k in range(n)])
+    return Volume(
+        pixels=np.stack(images).astype(np.float32),
+        pixel_spacing=(SPACING_MM, SPACING_MM),
+        positions=positions,
+        orientations=np.tile([1.0, 0, 0, 0, 1.0, 0], (n, 1)),
+        slice_uids=tuple(f"1.2.3.{k}" for k in range(n)),
+        series_instance_uid="1.2.3",
+    )
+
+
+def _time_stages(device: str, threads: int) -> dict[str, float]:
+    import torch
+
+    from ai.inference import post_process, pre_process, predict, to_native
+    from ai.pipeline import Analyzer
+
+    analyzer = Analyzer(device=device, batch_size=8, threads=threads)
+    vol = _volume()
+    out: dict[str, list[float]] = {"pre": [], "predict": [], "post": [], "cpu_total": []}
+    for _ in range(REPEATS + 1):  # first round warms up
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        pre = pre_process(vol, analyzer.card)
+        t1 = time.perf_counter()
+        logits = predict(analyzer.model, pre.images, analyzer.device, analyzer.batch_size)
+        if analyzer.device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        raw = np.stack([to_native(logits[k], pre.grids[k]) for k in range(vol.n_slices)])
+        post_process(raw, vol)
+        t3 = time.perf_counter()
+        c1 = time.process_time()
+        out["pre"].append(t1 - t0)
+        out["predict"].append(t2 - t1)
+        out["post"].append(t3 - t2)
+        out["cpu_total"].append(c1 - c0)
+    n = vol.n_slices
+    res = {f"{k}_ms_per_slice": 1000 * float(np.median(v[1:])) / n for k, v in out.items()}
+    res["total_ms_per_slice"] = res["pre_ms_per_slice"] + res["predict_ms_per_slice"] + res["post_ms_per_slice"]
+    res["threads"] = float(torch.get_num_threads())
+    return res
+
+
+def run() -> dict:  # type: ignore[type-arg]
+    """ms/slice at 512 x 512 (0.5 mm) on the CPU, per stage; GPU too when CUDA is present."""
+    import torch
+
+    from ai.card import load_model
+
+    _, card = load_model()
+    result: dict[str, Any] = {
+        "model": f"{card.name} {card.version}",
+        "matrix": list(MATRIX),
+        "slices": N_SLICES,
+        "cpu": _time_stages("cpu", threads=2),
+        "target_cpu_ms_per_slice": 50.0,
+    }
+    if torch.cuda.is_available():
+        result["cuda"] = _time_stages("cuda", threads=2)
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))

@@ -1,0 +1,139 @@
+"""``lumbar-node evaluate --data DIR [--json]``: the pipeline's output against ground truth.
+
+DIR holds phantom studies written by ``lumbar-node phantom`` (``truth.json`` +
+``labels.npz`` + ``ax/`` per study) and/or real labelled cases in the format of
+:mod:`ai.realdata`. Every series runs through the node's own path (``load_volume`` ->
+``Analyzer``); segmentation metrics come from :mod:`ai.evaluate`, grade metrics from
+:mod:`ai.evaluate_grades` when that module is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, type=Path, help="folder of phantom studies or real cases")
+    parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: shipped)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+
+
+def phantom_cases(root: Path) -> Iterator[Any]:
+    """EvalCases of every phantom study under ``root`` (axial series, slice-ordered truth)."""
+    import numpy as np
+
+    from ai.evaluate import EvalCase
+    from node.volume_io import load_volume
+
+    for truth_path in sorted(root.rglob("truth.json")):
+        folder = truth_path.parent
+        truth = json.loads(truth_path.read_text())
+        files = sorted((folder / "ax").glob("*.dcm"))
+        if not files or not (folder / "labels.npz").is_file():
+            logger.warning("skipping %s: no ax/ series or labels.npz", folder)
+            continue
+        volume, _ = load_volume(files)
+        index = {uid: k for k, uid in enumerate(volume.slice_uids)}
+        with np.load(folder / "labels.npz") as z:
+            labels = np.stack([z[uid] for uid in volume.slice_uids])
+        by_uid = {s["sop_instance_uid"]: s for s in truth.get("slices", [])}
+        slices = [by_uid.get(uid, {}) for uid in volume.slice_uids]
+        levels = []
+        for lv in truth.get("levels", []):
+            entry = dict(lv)
+            entry["slice_indices"] = sorted(index[u] for u in lv.get("slice_uids", []) if u in index)
+            if lv.get("mid_disc_uid") in index:
+                entry["mid_slice"] = index[lv["mid_disc_uid"]]
+            levels.append(entry)
+        yield EvalCase(
+            name=folder.name, volume=volume, truth_labels=labels,
+            truth={**truth, "slices": slices, "levels": levels},
+            mode=str(truth.get("mode", "unknown")),
+        )
+
+
+def _all_cases(root: Path) -> Iterator[Any]:
+    from ai.realdata import iter_cases
+    from node.volume_io import load_volume
+
+    if any(root.rglob("truth.json")):
+        yield from phantom_cases(root)
+    else:
+        yield from iter_cases(root, volume_loader=lambda paths: load_volume(paths))
+
+
+def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
+    """Run the analyzer on every case under ``data`` and compare with the truth."""
+    from ai.evaluate import SegmentationMetrics
+
+    metrics = SegmentationMetrics()
+    predicted: list[Any] = []
+    truths: list[dict[str, Any]] = []
+    names: list[str] = []
+    n_slices = 0
+    seconds = 0.0
+    for case in _all_cases(data):
+        result = analyzer.analyze(case.volume)
+        metrics.add_case(case, result.labels)
+        predicted.append(result)
+        truths.append(case.truth)
+        names.append(case.name)
+        n_slices += case.volume.n_slices
+        seconds += sum(result.timings_s.get(k, 0.0) for k in ("pre_process", "predict", "post_process"))
+        logger.info("evaluated %s (%d slices)", case.name, case.volume.n_slices)
+    report: dict[str, Any] = {
+        "model": {"name": analyzer.card.name, "version": analyzer.card.version},
+        "data": str(data),
+        "cases": names,
+        "n_slices": n_slices,
+        "segmentation": metrics.report(),
+        "segmentation_ms_per_slice": round(1000 * seconds / n_slices, 1) if n_slices else None,
+    }
+    try:
+        from ai.evaluate_grades import evaluate_grades
+    except ImportError:
+        report["grades"] = None
+    else:
+        with_levels = [(p, t) for p, t in zip(predicted, truths, strict=True) if t.get("levels")]
+        report["grades"] = (
+            evaluate_grades([p for p, _ in with_levels], [t for _, t in with_levels])
+            if with_levels else None
+        )
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    from ai.evaluate import markdown_table
+    from ai.pipeline import Analyzer
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    analyzer = Analyzer(device=args.device, weights_dir=args.weights, threads=args.threads)
+    report = evaluate(args.data, analyzer)
+    if not report["cases"]:
+        logger.error("no cases found under %s", args.data)
+        return 2
+    text = json.dumps(report, indent=2, default=str)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        print(f"{len(report['cases'])} series, {report['n_slices']} slices, model "
+              f"{report['model']['name']} {report['model']['version']}")
+        for group in report["segmentation"]:
+            print(f"\n## {group}\n")
+            print(markdown_table(report["segmentation"], group))
+        if report.get("grades"):
+            print("\n## grades\n")
+            print(json.dumps(report["grades"], indent=2, default=str))
+    return 0

@@ -1,0 +1,69 @@
+"""``lumbar-node train``: train the segmentation model (phantoms on the fly, optional real data)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="output folder (checkpoints, best/, last/)")
+    parser.add_argument("--steps", "--epochs", dest="steps", type=int, default=None,
+                        help="optimiser steps (default from the training config: 2400)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training subjects and batches")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="folder of real labelled data (docs/segmentation.md) added to the phantoms")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--pool-subjects", type=int, default=None,
+                        help="phantom subjects rendered into the training pool")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="wall-clock safety stop; best weights so far stay in OUT/best")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from ai.pipeline import choose_device
+    from ai.train import TrainConfig, command_line, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    overrides: dict[str, object] = {"seed": args.seed}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    if args.pool_subjects is not None:
+        overrides["pool_subjects"] = args.pool_subjects
+    cfg = dataclasses.replace(TrainConfig(), **overrides)  # type: ignore[arg-type]
+    device = choose_device(args.device)
+    real = None
+    if args.data is not None:
+        from ai.realdata import load_training_slices
+
+        from ai.card import ModelCard
+        from ai.train import build_card
+
+        card: ModelCard = build_card(cfg, {})
+        real = load_training_slices(args.data, card, volume_loader=_dicom_loader)
+        logger.info("real data: %d labelled slices from %s", len(real[0]), args.data)
+    card = train(cfg, args.out, device=device, resume=args.resume, real_slices=real,
+                 max_minutes=args.max_minutes, command=command_line())
+    logger.info("best weights: %s (%s %s)", args.out / "best", card.name, card.version)
+    return 0
+
+
+def _dicom_loader(paths: list[Path]):  # type: ignore[no-untyped-def]
+    """DICOM series -> (Volume, datasets) for :mod:`ai.realdata` (ai/ never imports node/)."""
+    from node.volume_io import load_volume
+
+    return load_volume(paths)

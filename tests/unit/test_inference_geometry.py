@@ -1,0 +1,123 @@
+"""Pre/post-processing geometry on synthetic arrays with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ai.card import ModelCard, label_map
+from ai.inference import (
+    clean_components,
+    fix_laterality,
+    labels_to_model,
+    normalise,
+    pre_process_slice,
+    resample_to_model,
+    slice_grid,
+    to_native,
+)
+from ai.labels import NUM_CLASSES, Label
+from ai.model import UNetConfig
+
+AXIAL = np.array([1.0, 0, 0, 0, 1.0, 0])
+
+
+def _card(spacing: float = 1.0, size: int = 64) -> ModelCard:
+    return ModelCard(
+        name="t", version="0", labels=label_map(), input_spacing_mm=spacing,
+        input_size=(size, size), architecture=UNetConfig(channels=(4, 8)).to_dict(),
+    )
+
+
+def _phantom(shape: tuple[int, int], spacing: float) -> np.ndarray:
+    """Label map in mm around the image centre: canal, disc anterior, muscles left/right."""
+    r, c = np.mgrid[0 : shape[0], 0 : shape[1]].astype(float)
+    y = (r - (shape[0] - 1) / 2) * spacing  # posterior +
+    x = (c - (shape[1] - 1) / 2) * spacing  # patient left +
+    lab = np.zeros(shape, np.uint8)
+    lab[((x / 14) ** 2 + ((y + 16) / 8) ** 2) < 1] = Label.DISC
+    lab[((x / 5) ** 2 + (y / 4) ** 2) < 1] = Label.DURAL_SAC
+    lab[(((x - 12) / 5) ** 2 + ((y - 12) / 7) ** 2) < 1] = Label.MULTIFIDUS_LEFT
+    lab[(((x + 12) / 5) ** 2 + ((y - 12) / 7) ** 2) < 1] = Label.MULTIFIDUS_RIGHT
+    return lab
+
+
+def _onehot_logits(model_labels: np.ndarray) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.from_numpy(model_labels.astype(np.int64)), NUM_CLASSES).permute(2, 0, 1).float()
+
+
+def test_resampling_round_trip_recovers_native_labels() -> None:
+    card = _card(spacing=1.0, size=64)
+    for shape, spacing in [((120, 100), 0.5), ((48, 48), 1.2)]:
+        native = _phantom(shape, spacing)
+        grid = slice_grid(AXIAL, (spacing, spacing), shape, card)
+        back = to_native(_onehot_logits(labels_to_model(native, grid)), grid)
+        agree = (back == native)[native > 0].mean()
+        assert agree > 0.9, (shape, agree)
+        # exact geometry: the grid maps are inverses
+        pts = np.array([[3.0, 7.0], [40.5, 20.25]])
+        assert np.allclose(grid.native_to_model(grid.model_to_native(pts)), pts)
+
+
+def test_model_grid_is_canonical_whatever_the_orientation() -> None:
+    card = _card(spacing=1.0, size=64)
+    shape, spacing = (80, 80), 0.8
+    native = _phantom(shape, spacing)
+    base = labels_to_model(native, slice_grid(AXIAL, (spacing, spacing), shape, card))
+    # the same anatomy stored with rows running anterior (column direction -y): flip rows
+    flipped_ori = np.array([1.0, 0, 0, 0, -1.0, 0])
+    flipped = labels_to_model(native[::-1].copy(), slice_grid(flipped_ori, (spacing, spacing), shape, card))
+    assert (flipped == base).mean() > 0.99
+    # and stored transposed (rows run to the patient's left)
+    transposed_ori = np.array([0, 1.0, 0, 1.0, 0, 0])
+    transposed = labels_to_model(native.T.copy(), slice_grid(transposed_ori, (spacing, spacing), shape, card))
+    assert (transposed == base).mean() > 0.99
+    # in the canonical grid the patient's left muscle has the larger column index
+    cols_left = np.nonzero(base == Label.MULTIFIDUS_LEFT)[1].mean()
+    cols_right = np.nonzero(base == Label.MULTIFIDUS_RIGHT)[1].mean()
+    assert cols_left > cols_right
+
+
+def test_crop_and_pad_around_the_centre() -> None:
+    card = _card(spacing=1.0, size=64)
+    img = np.ones((200, 200), np.float32)  # 200 mm at 1 mm: cropped to the central 64 mm
+    sampled, valid = resample_to_model(img, slice_grid(AXIAL, (1.0, 1.0), img.shape, card))
+    assert valid.all() and np.allclose(sampled, 1.0)
+    small = np.ones((32, 32), np.float32)  # 32 mm: padded
+    sampled, valid = resample_to_model(small, slice_grid(AXIAL, (1.0, 1.0), small.shape, card))
+    assert 0.2 < valid.mean() < 0.3
+    assert np.allclose(sampled[32, 32], 1.0)
+
+
+def test_normalisation_is_robust_to_outliers() -> None:
+    card = _card()
+    rng = np.random.default_rng(0)
+    img = rng.normal(100, 10, (64, 64)).astype(np.float32)
+    img[0, 0] = 1e6
+    out = normalise(img, np.ones_like(img, bool), card.normalisation)
+    assert out.max() <= card.normalisation.clip_high
+    assert 0.3 < np.median(out) < 0.7
+    img2, valid, _ = pre_process_slice(img * 7 + 3, AXIAL, (1.0, 1.0), card)
+    img1, _, _ = pre_process_slice(img, AXIAL, (1.0, 1.0), card)
+    assert np.allclose(img1, img2, atol=1e-4)  # invariant to linear intensity scaling
+
+
+def test_largest_component_and_laterality_swap() -> None:
+    native = _phantom((80, 80), 1.0)
+    speck = native.copy()
+    speck[2:4, 2:4] = Label.DURAL_SAC
+    cleaned = clean_components(speck, 1.0)
+    assert (cleaned == native).all()
+    swapped = native.copy()
+    swapped[native == Label.MULTIFIDUS_LEFT] = Label.MULTIFIDUS_RIGHT
+    swapped[native == Label.MULTIFIDUS_RIGHT] = Label.MULTIFIDUS_LEFT
+    fixed, notes = fix_laterality(swapped, AXIAL, (1.0, 1.0))
+    assert (fixed == native).all()
+    assert notes and "multifidus" in notes[0]
+    same, none = fix_laterality(native, AXIAL, (1.0, 1.0))
+    assert (same == native).all() and none == []
+    # anatomy rotated by 180 degrees in the image (patient prone): left is decided by
+    # anatomy (canal behind disc), not by the image side
+    rotated = native[::-1, ::-1].copy()
+    fixed_rot, notes_rot = fix_laterality(rotated, AXIAL, (1.0, 1.0))
+    assert notes_rot == [] and (fixed_rot == rotated).all()

@@ -1,0 +1,121 @@
+"""Measurement formulas against hand-computed values on synthetic masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ai.evaluate import bland_altman, icc_2_1
+from ai.labels import Label
+from ai.measure import (
+    asymmetry_pct,
+    fat_threshold,
+    kjaer_grade,
+    measure_level,
+    measure_slice,
+    otsu_threshold,
+    plausibility_flags,
+)
+
+LEAN_SI = 100.0
+FAT_SI = 1000.0
+
+
+def _slice(fat_rows_in_mf_left: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """64x64 slice: rectangles with known pixel counts."""
+    labels = np.zeros((64, 64), np.uint8)
+    image = np.full((64, 64), 5.0)
+    labels[0:10, 0:20] = Label.MULTIFIDUS_LEFT  # 200 px
+    labels[0:10, 30:40] = Label.MULTIFIDUS_RIGHT  # 100 px
+    labels[20:25, 0:8] = Label.DURAL_SAC  # 40 px
+    labels[20:25, 8:12] = Label.EPIDURAL_SPACE  # 20 px
+    labels[40:50, 0:64] = Label.SUBCUTANEOUS_FAT  # 640 px
+    image[labels == Label.MULTIFIDUS_LEFT] = LEAN_SI
+    image[labels == Label.MULTIFIDUS_RIGHT] = LEAN_SI
+    image[labels == Label.SUBCUTANEOUS_FAT] = FAT_SI
+    image[0:fat_rows_in_mf_left, 0:20] = FAT_SI * 0.95
+    return image, labels
+
+
+def test_csa_matches_pixel_counts_times_pixel_area() -> None:
+    image, labels = _slice()
+    m = measure_slice(image, labels, (0.5, 0.8)).values
+    px = 0.5 * 0.8
+    assert m["multifidus_left"].csa_mm2 == pytest.approx(200 * px)
+    assert m["multifidus_right"].csa_mm2 == pytest.approx(100 * px)
+    assert m["dural_sac"].csa_mm2 == pytest.approx(40 * px)
+    assert m["spinal_canal"].csa_mm2 == pytest.approx(60 * px)  # dural sac + epidural space
+    assert m["disc"].csa_mm2 == 0.0
+
+
+def test_fat_fraction_of_a_constructed_muscle() -> None:
+    # 3 of 10 rows of the left multifidus are fat: 30 % fat, FCSA = 70 % of CSA.
+    image, labels = _slice(fat_rows_in_mf_left=3)
+    rng = np.random.default_rng(0)
+    image = image + rng.normal(0, 5, image.shape)
+    m = measure_slice(image, labels, (1.0, 1.0)).values["multifidus_left"]
+    assert m.fat_fraction_pct == pytest.approx(30.0, abs=0.01)
+    assert m.fcsa_mm2 == pytest.approx(140.0, abs=0.01)
+    assert m.si_ratio_to_fat == pytest.approx(m.mean_si / np.median(image[labels == Label.SUBCUTANEOUS_FAT]))
+
+
+def test_pure_lean_muscle_is_not_split_by_otsu() -> None:
+    rng = np.random.default_rng(1)
+    image, labels = _slice()
+    image = image + rng.normal(0, 8, image.shape)
+    m = measure_slice(image, labels, (1.0, 1.0)).values["multifidus_right"]
+    assert m.fat_fraction_pct == pytest.approx(0.0, abs=1.0)
+
+
+def test_otsu_separates_two_modes_and_threshold_is_bounded() -> None:
+    values = np.concatenate([np.full(50, 10.0), np.full(50, 90.0)])
+    t = otsu_threshold(values)
+    assert 10.0 < t < 90.0
+    # bounded to at least half-way between lean (10) and the fat reference (200)
+    assert fat_threshold(values, 200.0) == pytest.approx(105.0)
+    assert fat_threshold(values, None) == pytest.approx(t)
+
+
+@pytest.mark.parametrize(
+    ("ff", "grade"), [(0.0, 0), (9.99, 0), (10.0, 1), (50.0, 1), (50.01, 2), (90.0, 2)]
+)
+def test_kjaer_grade_thresholds(ff: float, grade: int) -> None:
+    assert kjaer_grade(ff) == grade
+
+
+def test_asymmetry_uses_largest_fcsa() -> None:
+    assert asymmetry_pct(1000.0, 800.0) == pytest.approx(20.0)
+    assert asymmetry_pct(800.0, 1000.0) == pytest.approx(20.0)
+    assert asymmetry_pct(0.0, 0.0) == 0.0
+
+
+def test_level_averages_slices_and_grades_multifidus() -> None:
+    a_img, a_lab = _slice(fat_rows_in_mf_left=2)  # 20 % fat
+    b_img, b_lab = _slice(fat_rows_in_mf_left=4)  # 40 % fat
+    lm = measure_level(np.stack([a_img, b_img]), np.stack([a_lab, b_lab]), [0, 1], (1.0, 1.0))
+    assert lm.measurements["multifidus_left"].fat_fraction_pct == pytest.approx(30.0, abs=0.01)
+    assert lm.kjaer_grade == {"multifidus_left": 1, "multifidus_right": 0}
+    # FCSA left 140 mm2 (mean of 160 and 120), right 100 mm2
+    assert lm.asymmetry_pct["multifidus"] == pytest.approx((140 - 100) / 140 * 100, abs=0.01)
+    flags = plausibility_flags("L4-L5", lm)
+    assert any("disc not found" in f for f in flags)
+
+
+def test_icc_and_bland_altman_known_values() -> None:
+    truth = np.array([100.0, 200.0, 300.0, 400.0])
+    assert icc_2_1(truth, truth) == pytest.approx(1.0)
+    assert icc_2_1(truth + 10, truth) < 1.0
+    ba = bland_altman(truth + 10, truth)
+    assert ba["bias"] == pytest.approx(10.0)
+    assert ba["loa_low"] == pytest.approx(10.0)
+    # Shrout & Fleiss (1979) Table 2 data, judges 1 and 2: ICC(2,1) computed by hand.
+    j1 = np.array([9, 6, 8, 7, 10, 6], float)
+    j2 = np.array([2, 1, 4, 1, 5, 2], float)
+    y = np.stack([j1, j2], 1)
+    n, k = y.shape
+    gm = y.mean()
+    msr = k * ((y.mean(1) - gm) ** 2).sum() / (n - 1)
+    msc = n * ((y.mean(0) - gm) ** 2).sum() / (k - 1)
+    mse = (((y - gm) ** 2).sum() - msr * (n - 1) - msc * (k - 1)) / ((n - 1) * (k - 1))
+    expected = (msr - mse) / (msr + (k - 1) * mse + k * (msc - mse) / n)
+    assert icc_2_1(j1, j2) == pytest.approx(expected)
