@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 WATCHDOG_S = 2.0
 #: queued work with no job progress for this long makes ``/healthz`` report a stuck queue (s)
 QUEUE_STALL_S = 1800.0
+#: a completion that raised (index busy, unexpected data) is tried again after this (s)
+COMPLETION_RETRY_S = 30.0
 #: a completion that found the series still receiving re-arms with at least this delay (s)
 MIN_REARM_S = 0.05
 #: routing reasons are reduced to these metric labels (no UIDs, a fixed small set)
@@ -241,8 +243,12 @@ class Orchestrator:
         try:
             self.complete_series(uid, state)
         except Exception:  # noqa: BLE001 - a bad series must not kill the scheduler thread
-            logger.exception("completing series %s failed; it stays open until its next instance "
-                             "or the next start", uid)
+            logger.exception("completing series %s failed; trying again in %.0f s", uid,
+                             COMPLETION_RETRY_S)
+            with self._lock:
+                current = self._open.setdefault(uid, state)
+            self._arm(uid, max(current.last_received_at + current.quiet_seconds,
+                               self.clock() + COMPLETION_RETRY_S))
 
     def complete_series(self, uid: str, state: _OpenSeries) -> None:
         """Assemble, route and queue one quiet series (scheduler thread)."""

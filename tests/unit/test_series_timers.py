@@ -151,3 +151,23 @@ def test_instances_never_seen_by_the_orchestrator_are_assembled_at_start_up(tmp_
         wait_for(lambda: n.state() == COMPLETE, what="completion of the orphan series")
     finally:
         n.close()
+
+
+def test_a_completion_that_raises_is_tried_again(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    import node.orchestrator as orchestrator_module
+    from node import series as series_module
+
+    real = series_module.assemble
+    calls: list[int] = []
+
+    def flaky(records: Any, rules: Any) -> Any:
+        calls.append(len(records))
+        if len(calls) == 1:
+            raise RuntimeError("index busy")
+        return real(records, rules)
+
+    monkeypatch.setattr(orchestrator_module, "COMPLETION_RETRY_S", 0.1)
+    monkeypatch.setattr(series_module, "assemble", flaky)
+    node.store(stack(3))
+    wait_for(lambda: node.state() == COMPLETE, what="completion after a failed attempt")
+    assert len(calls) == 2
