@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the Debian packages the integration tests drive as real peers.
+# Install the Debian packages the integration tests drive as real peers
+# (chromium runs the OHIF viewer test).
 # Idempotent: does nothing when every tool is already on PATH.
 set -euo pipefail
 need=()
@@ -7,6 +8,7 @@ command -v /usr/bin/storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
 fi

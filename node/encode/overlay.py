@@ -1,0 +1,222 @@
+"""Secondary Capture overlay for viewers that cannot show SEG, and one summary image.
+
+Each source slice becomes one RGB Secondary Capture image: the slice (windowed 1st-99th
+percentile of the series), every structure filled at :data:`FILL_OPACITY` with a
+full-colour contour, and a legend of the structures on that slice. The summary image
+renders a per-level table of grades and measurements (PIL text) with the flags. Both say
+"not for diagnostic use without review" in the image, since burned-in text is what a
+SEG-blind viewer shows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import SecondaryCaptureImageStorage
+from scipy import ndimage
+
+from ai.labels import COLORS, DISPLAY_NAMES, MUSCLES, Label
+from ai.results import SeriesResult
+from ai.volume import Volume
+from node.encode.common import copy_patient_study, fill_common
+from node.encode.uids import SERIES_DESCRIPTION, OutputIdentity, series_number
+
+logger = logging.getLogger(__name__)
+
+FILL_OPACITY = 0.5
+#: Window of the grey image: these percentiles of the whole series map to black and white.
+WINDOW_PERCENTILES = (1.0, 99.0)
+#: Smaller images are enlarged by an integer factor to at least this size, so text reads.
+MIN_OUTPUT_SIZE = 512
+SUMMARY_WIDTH = 1024
+DISCLAIMER = "AI result - research use, review before clinical use"
+_FONT_SIZE = 14
+_SUMMARY_FONT_SIZE = 18
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def window(volume: Volume) -> np.ndarray:
+    """Grey uint8 ``(n, rows, cols)`` of the volume, one window for the whole series."""
+    lo, hi = np.percentile(volume.pixels, WINDOW_PERCENTILES)
+    if hi <= lo:
+        hi = lo + 1.0
+    scaled = (volume.pixels.astype(np.float32) - lo) * (255.0 / (hi - lo))
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def render_slice(grey: np.ndarray, labels: np.ndarray, *, scale: int = 1) -> Image.Image:
+    """One slice with the label map burned in (fill + contour) and a legend."""
+    rgb = np.repeat(grey[:, :, None], 3, axis=2).astype(np.float32)
+    if scale > 1:
+        rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
+        labels = labels.repeat(scale, axis=0).repeat(scale, axis=1)
+    present = [Label(v) for v in np.unique(labels) if v != 0]
+    for label in present:
+        mask = labels == int(label)
+        colour = np.array(COLORS[label], np.float32)
+        rgb[mask] = rgb[mask] * (1 - FILL_OPACITY) + colour * FILL_OPACITY
+        edge = mask & ~ndimage.binary_erosion(mask)
+        rgb[edge] = colour
+    image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    font = _font(_FONT_SIZE)
+    y = 4
+    for label in present:
+        draw.rectangle([4, y + 2, 4 + _FONT_SIZE - 4, y + _FONT_SIZE], fill=COLORS[label])
+        draw.text((4 + _FONT_SIZE, y), DISPLAY_NAMES[label], fill=(255, 255, 255), font=font)
+        y += _FONT_SIZE + 3
+    draw.text((4, image.height - _FONT_SIZE - 4), DISCLAIMER, fill=(255, 255, 255), font=font)
+    return image
+
+
+def summary_lines(result: SeriesResult) -> list[list[str]]:
+    """The summary table: a header row, then one row per level, caudal first."""
+    header = ["Level", "Schizas", "Severity", "DSCA mm2", "DSCA grade", "Content", "Conf."]
+    for muscle in MUSCLES:
+        side = "L" if muscle.endswith("left") else "R"
+        short = {"psoas": "PS", "erector": "ES", "multifidus": "MF"}[muscle.split("_")[0]]
+        header.append(f"{short}-{side} CSA/FF%")
+    rows = [header]
+    for lv in sorted(result.levels, key=lambda lv: lv.position):
+        name = lv.level if lv.level is not None else f"#{lv.position} (unlabelled)"
+        st = lv.stenosis
+        row = [name]
+        if st is not None:
+            row += [st.schizas, st.severity, f"{st.dsca_mm2:.0f}", st.dsca_grade, st.rootlets, f"{st.confidence:.2f}"]
+        else:
+            row += ["-"] * 6
+        for muscle in MUSCLES:
+            m = lv.measurements.get(muscle)
+            if m is None:
+                row.append("-")
+            else:
+                ff = f"{m.fat_fraction_pct:.0f}" if m.fat_fraction_pct is not None else "-"
+                row.append(f"{m.csa_mm2:.0f}/{ff}")
+        rows.append(row)
+    return rows
+
+
+def render_summary(result: SeriesResult) -> Image.Image:
+    """The per-level table of grades and measurements as an image."""
+    table = summary_lines(result)
+    font = _font(_SUMMARY_FONT_SIZE)
+    small = _font(_FONT_SIZE)
+    line = _SUMMARY_FONT_SIZE + 8
+    n_lines = len(table) + len(result.flags) + 6
+    height = max(256, line * n_lines + 40)
+    image = Image.new("RGB", (SUMMARY_WIDTH, height), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    draw.text((12, 10), f"AI lumbar analysis - {result.model_name} {result.model_version}", fill=(255, 255, 255), font=font)
+    columns = [12, 180, 250, 370, 460, 560, 660]
+    x_muscles = 720
+    y = 10 + 2 * line
+    for r, row in enumerate(table):
+        colour = (255, 220, 120) if r == 0 else (255, 255, 255)
+        for c, text in enumerate(row[:7]):
+            draw.text((columns[c], y), text, fill=colour, font=small if r == 0 else font)
+        muscles = "  ".join(row[7:]) if r else "  ".join(h.split(" ")[0] for h in row[7:]) + "  (CSA mm2 / fat %)"
+        draw.text((x_muscles, y), muscles[:60], fill=colour, font=small)
+        y += line
+    y += line // 2
+    for flag in result.flags:
+        draw.text((12, y), f"! {flag}", fill=(255, 120, 120), font=font)
+        y += line
+    draw.text((12, height - line), DISCLAIMER + "; grades: Schizas (visual), DSCA cut-offs heuristic", fill=(200, 200, 200), font=small)
+    return image
+
+
+def _sc_dataset(
+    image: Image.Image,
+    first: Dataset,
+    identity: OutputIdentity,
+    index: int,
+    *,
+    now: dt.datetime,
+    comment: str,
+    source: Dataset | None,
+) -> Dataset:
+    ds = Dataset()
+    copy_patient_study(first, ds)
+    fill_common(
+        ds,
+        sop_class_uid=SecondaryCaptureImageStorage,
+        sop_instance_uid=identity.instance_uid("overlay", index),
+        series_instance_uid=identity.series_uid("overlay"),
+        series_number=series_number("overlay", _series_number(first)),
+        series_description=SERIES_DESCRIPTION["overlay"],
+        modality="OT",
+        instance_number=index + 1,
+        now=now,
+    )
+    ds.BodyPartExamined = str(first.get("BodyPartExamined", "") or "LSPINE")
+    ds.ConversionType = "WSD"
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.PatientOrientation = ""
+    ds.BurnedInAnnotation = "YES"
+    ds.ImageComments = comment[:10240]
+    ds.DerivationDescription = "AI segmentation burned onto the source image"
+    if source is not None:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = source.SOPClassUID
+        ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        ds.SourceImageSequence = DicomSequence([ref])
+    array = np.asarray(image, np.uint8)
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.Rows, ds.Columns = array.shape[:2]
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.LossyImageCompression = "00"
+    ds.PixelData = array.tobytes()
+    return ds
+
+
+def build_overlay(
+    sources: Sequence[Dataset],
+    volume: Volume,
+    result: SeriesResult,
+    identity: OutputIdentity,
+    *,
+    include_slices: bool = True,
+    include_summary: bool = True,
+    now: dt.datetime | None = None,
+) -> list[Dataset]:
+    """The overlay series: one image per source slice, then the summary image."""
+    now = now or dt.datetime.now()
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    first = by_uid[volume.slice_uids[0]]
+    out: list[Dataset] = []
+    if include_slices:
+        grey = window(volume)
+        rows = volume.pixels.shape[1]
+        scale = max(1, -(-MIN_OUTPUT_SIZE // rows)) if rows < MIN_OUTPUT_SIZE else 1
+        for i, uid in enumerate(volume.slice_uids):
+            image = render_slice(grey[i], result.labels[i], scale=scale)
+            out.append(
+                _sc_dataset(image, first, identity, i, now=now, source=by_uid[uid],
+                            comment=f"AI overlay of slice {i + 1} of {volume.n_slices}")
+            )
+    if include_summary:
+        out.append(
+            _sc_dataset(render_summary(result), first, identity, volume.n_slices, now=now, source=None,
+                        comment="AI lumbar summary: per-level grades and measurements")
+        )
+    logger.info("overlay for series %s: %d images", volume.series_instance_uid, len(out))
+    return out
+
+
+def _series_number(ds: Dataset) -> int | None:
+    value = ds.get("SeriesNumber")
+    return int(value) if value not in (None, "") else None
