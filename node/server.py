@@ -1,8 +1,8 @@
 """The node's lifecycle: startup, serve, shutdown (like uvicorn's server).
 
 ``startup`` opens the index, creates the schemas, starts the orchestrator (series
-assembly, jobs, which first recovers interrupted work from the index), the status
-endpoint and then the DICOM listener(s): the port opens last, when everything behind it
+assembly, jobs, which first recovers interrupted work from the index), the exporter, the
+status endpoint and then the DICOM listener(s): the port opens last, when everything behind it
 is ready. ``serve`` blocks until SIGTERM or SIGINT. ``shutdown`` drains: it closes the
 listening sockets, lets open associations finish within ``node.drain_timeout_s``, stops
 the orchestrator within the same budget, closes the index, and restores the previous
@@ -26,6 +26,8 @@ from typing import Any, Protocol
 from node import instances, metrics
 from node.config import NodeConfig
 from node.db import Database
+from node.export import Exporter
+from node.export import register_metrics as register_export_metrics
 from node.http import StatusServer
 from node.instances import InstanceRecord
 from node.receiver import Receiver
@@ -83,6 +85,7 @@ class NodeServer:
         self.db: Database | None = None
         self.receiver: Receiver | None = None
         self.orchestrator: OrchestratorLike | None = None
+        self.exporter: Exporter | None = None
         self.status_server: StatusServer | None = None
         self._stop = threading.Event()
         self._force = threading.Event()
@@ -99,6 +102,10 @@ class NodeServer:
         instances.ensure_schema(self.db)
         self.orchestrator = make_orchestrator(self.db, self.config)
         self.orchestrator.start()
+        # export: durable deliveries to the configured destinations (node.export)
+        self.exporter = Exporter(self.db, self.config)
+        register_export_metrics(self.db, self.exporter)
+        self.exporter.start()
         self.receiver = Receiver(self.config, self.db, self.spool, on_stored=self.orchestrator.instance_stored)
         if self.config.http.enabled:
             self.status_server = StatusServer(self.config.http.host, self.config.http.port)
@@ -139,6 +146,8 @@ class NodeServer:
         if self.orchestrator is not None:
             remaining = 0.0 if self._force.is_set() else max(0.0, deadline - time.monotonic())
             self.orchestrator.shutdown(remaining)
+        if self.exporter is not None:
+            self.exporter.stop(wait=not self._force.is_set())
         if self.status_server is not None:
             self.status_server.stop()
         if self.db is not None:
@@ -150,7 +159,13 @@ class NodeServer:
         """startup, serve, shutdown with signal handling; the process exit status."""
         self._install_signal_handlers()
         try:
-            self.startup()
+            try:
+                self.startup()
+            except BaseException:
+                # stop what did start (the analysis worker is a child process) and re-raise
+                self._force.set()
+                self.shutdown()
+                raise
             self.serve()
             clean = self.shutdown()
         finally:

@@ -201,3 +201,19 @@ def test_healthz_and_metrics(node: NodeProcess, tmp_path: Path) -> None:
     uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     assert uid not in text and "Test^Lumbar" not in text
     assert node.http_get("/nope")[0] == 404
+
+
+def test_port_in_use_fails_start_up_cleanly(node: NodeProcess, tmp_path: Path) -> None:
+    config = tmp_path / "second.toml"
+    config.write_text(
+        f"[node]\nhost = '127.0.0.1'\nport = {node.port}\nstate_dir = '{tmp_path / 'state2'}'\nfree_disk_floor_mb = 1\n"
+        "[http]\nenabled = false\n[series]\nquiet_seconds = 600.0\n"
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [*node_command(), "serve", "--config", str(config)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 3, result.stderr
+    assert "start-up failed" in result.stderr and "in use" in result.stderr
+    assert time.monotonic() - started < 60  # the worker it had started did not keep it alive
+    assert node.running and c_echo(node.port, node.ae_title) == 0
