@@ -138,3 +138,35 @@ def test_push_reports_failures_and_skips(node: NodeProcess, tmp_path: Path) -> N
     assert push.returncode == 1
     assert "pushed 2 file(s)" in push.stdout and "1 failed, 1 skipped" in push.stdout
     assert "SKIPPED" in push.stderr and "README.txt" in push.stderr
+
+
+def test_compressed_transfer_syntaxes_are_stored_as_sent_and_decodable(node: NodeProcess, tmp_path: Path) -> None:
+    from conftest import make_mr_dataset, write_dataset
+    from pydicom.uid import (
+        DeflatedExplicitVRLittleEndian,
+        JPEG2000Lossless,
+        JPEGLSLossless,
+        RLELossless,
+        generate_uid,
+    )
+
+    study, series = generate_uid(), generate_uid()
+    originals = {}
+    # storescu proposes the compressed syntax named by its option (and converts otherwise)
+    options = {RLELossless: "-xr", JPEG2000Lossless: "-xv", JPEGLSLossless: "-xt", DeflatedExplicitVRLittleEndian: "-xd"}
+    for index, (syntax, option) in enumerate(options.items()):
+        ds = make_mr_dataset(study_uid=study, series_uid=series, index=index)
+        pixels = ds.pixel_array.copy()
+        if syntax != DeflatedExplicitVRLittleEndian:
+            ds.compress(syntax, generate_instance_uid=False)
+        originals[str(ds.SOPInstanceUID)] = (syntax, pixels)
+        path = write_dataset(ds, tmp_path / f"{index}.dcm", transfer_syntax=syntax)
+        result = node.storescu([path], option)
+        assert result.returncode == 0, result.stderr
+    rows = index_rows(node)
+    for sop, (syntax, pixels) in originals.items():
+        row = rows[sop]
+        assert row["transfer_syntax_uid"] == syntax
+        stored = dcmread(node.state_dir / row["path"])
+        assert stored.file_meta.TransferSyntaxUID == syntax
+        assert (stored.pixel_array == pixels).all()
