@@ -1,0 +1,76 @@
+"""Training loop: checkpoints, exact resume, best/ weights with a valid card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ai.train as train_mod
+from ai.card import load_model
+from ai.labels import Label
+from ai.train import TrainConfig, augment, train
+
+CFG = TrainConfig(steps=4, batch_size=2, crop=32, input_size=48, channels=(4, 8),
+                  pool_subjects=1, slices_per_subject=4, val_subjects=1,
+                  val_slices_per_subject=2, val_every=2, seed=3)
+
+
+def _fake_pool(n_subjects: int, slices: int, seed_root: Any, card: Any, **_: Any) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(list(seed_root))
+    n = n_subjects * slices
+    size = card.input_size[0]
+    labels = np.zeros((n, size, size), np.uint8)
+    labels[:, 10:30, 5:20] = Label.PSOAS_RIGHT
+    labels[:, 10:30, 28:43] = Label.PSOAS_LEFT
+    images = (labels > 0).astype(np.float16) + rng.normal(0, 0.1, labels.shape).astype(np.float16)
+    return images, labels
+
+
+@pytest.fixture(autouse=True)
+def _no_phantom_rendering(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train_mod, "phantom_pool", _fake_pool)
+    torch.set_num_threads(1)
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    train(CFG, tmp_path / "a", device=torch.device("cpu"))
+    import dataclasses
+
+    half = dataclasses.replace(CFG)
+    train(half, tmp_path / "b", device=torch.device("cpu"), max_minutes=0.0)  # stops after step 1
+    train(CFG, tmp_path / "b", device=torch.device("cpu"), resume=True)
+    a = load_file(str(tmp_path / "a" / "last" / "seg.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last" / "seg.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    _, card = load_model(tmp_path / "a" / "best")
+    assert card.training["config"]["seed"] == 3
+    assert "validation_mean_dice" in card.metrics
+
+
+def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
+    import dataclasses
+
+    train(CFG, tmp_path, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="another configuration"):
+        train(dataclasses.replace(CFG, lr=1e-4), tmp_path, device=torch.device("cpu"), resume=True)
+
+
+def test_augment_keeps_labels_aligned_and_never_mirrors() -> None:
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.zeros((4, 64, 64), dtype=torch.long)
+    labels[:, 20:40, 8:24] = Label.PSOAS_RIGHT  # image left half
+    labels[:, 20:40, 40:56] = Label.PSOAS_LEFT  # image right half
+    images = (labels > 0).float()[:, None]
+    x, y = augment(images, labels, 48, gen)
+    assert x.shape == (4, 1, 48, 48) and y.shape == (4, 48, 48)
+    for b in range(4):
+        cols_l = torch.nonzero(y[b] == Label.PSOAS_LEFT)[:, 1].float()
+        cols_r = torch.nonzero(y[b] == Label.PSOAS_RIGHT)[:, 1].float()
+        if len(cols_l) and len(cols_r):
+            assert cols_l.mean() > cols_r.mean()
