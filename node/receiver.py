@@ -21,11 +21,13 @@ associations after ``node.network_timeout_s``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import ipaddress
 import logging
 import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -98,6 +100,8 @@ REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 #: lock stripes serialising concurrent stores of the same SOP Instance UID
 _LOCK_STRIPES = 64
 BITS_PER_BYTE = 8
+#: OSError numbers that mean "no space": answered 0xA700 (out of resources), not 0x0110
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 StoredCallback = Callable[[InstanceRecord], None]
 
@@ -455,7 +459,13 @@ class Receiver:
                     node.max_instances_per_series,
                 )
                 return StoreOutcome(Status.OUT_OF_RESOURCES, "series_limit")
-            stored = self.spool.write(study_uid, series_uid, sop_instance_uid, data)
+            try:
+                stored = self.spool.write(study_uid, series_uid, sop_instance_uid, data)
+            except OSError as exc:
+                if exc.errno not in _DISK_FULL_ERRNOS:
+                    raise
+                logger.error("refusing %s: the disk is full (%s)", sop_instance_uid, exc.strerror)
+                return StoreOutcome(Status.OUT_OF_RESOURCES, "disk_full")
             record = InstanceRecord(
                 sop_instance_uid=sop_instance_uid,
                 sop_class_uid=sop_class_uid,
@@ -471,7 +481,15 @@ class Receiver:
                 modality=_modality(ds),
                 meta=summarize(ds),
             )
-            if not insert_instance(self.db, record):
+            try:
+                inserted = insert_instance(self.db, record)
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                    raise
+                self.spool.remove(stored.relative_path)  # not indexed: not acknowledged
+                logger.error("refusing %s: the index cannot grow, the disk is full", sop_instance_uid)
+                return StoreOutcome(Status.OUT_OF_RESOURCES, "disk_full")
+            if not inserted:
                 return StoreOutcome(Status.SUCCESS, "duplicate")
         metrics.RECEIVED_BYTES.inc(stored.size_bytes)
         logger.debug(
