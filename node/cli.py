@@ -40,7 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module = _load(module_name)
+        try:
+            module = _load(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"node.commands.{module_name}":
+                raise
+            # not built yet: running it reports the missing module
+            p.set_defaults(_module=module_name, _command=name)
+            continue
         adder = getattr(module, f"add_{name.replace('-', '_')}_arguments", None)
         if adder is None:
             adder = module.add_arguments
