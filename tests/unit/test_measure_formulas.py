@@ -71,9 +71,12 @@ def test_otsu_separates_two_modes_and_threshold_is_bounded() -> None:
     values = np.concatenate([np.full(50, 10.0), np.full(50, 90.0)])
     t = otsu_threshold(values)
     assert 10.0 < t < 90.0
-    # bounded to at least half-way between lean (10) and the fat reference (200)
-    assert fat_threshold(values, 200.0) == pytest.approx(105.0)
-    assert fat_threshold(values, None) == pytest.approx(t)
+    # bounded to at least 30 % of the way from lean (10) to the fat reference (200)
+    assert fat_threshold(values, 200.0) == (pytest.approx(67.0), True)
+    assert fat_threshold(values, None) == (pytest.approx(t), True)
+    # fat darker than muscle (e.g. a fat-suppressed sequence): the threshold mirrors
+    thr, bright = fat_threshold(values, -100.0)
+    assert not bright and -100.0 <= thr <= 90.0 - 0.3 * 190.0
 
 
 @pytest.mark.parametrize(
