@@ -42,6 +42,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -64,6 +65,9 @@ UNCOMPRESSED_SYNTAXES: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLitt
 #: lossless compressed syntaxes proposed (one context each) for the image classes, so a
 #: compressed outbox file is sent as it is when the peer accepts its syntax
 LOSSLESS_SYNTAXES: tuple[str, ...] = (RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGLosslessSV1)
+#: proposed in its own context for every class: a deflated outbox file (a BINARY SEG
+#: shrinks 20-50 fold) goes as it is where accepted, else it is inflated on the fly
+DEFLATED_SYNTAX: str = DeflatedExplicitVRLittleEndian
 #: the SOP classes with pixel data (SEG, Secondary Capture); SR has none
 IMAGE_KINDS = frozenset({Kind.SEG, Kind.OVERLAY})
 #: TCP connect timeout (s) to a destination
@@ -79,12 +83,14 @@ def export_contexts() -> list[tuple[str, tuple[str, ...]]]:
     """Presentation contexts the exporter proposes: ``[(SOP class UID, transfer syntaxes)]``.
 
     One context per SOP class with the uncompressed syntaxes (explicit VR little endian
-    preferred, implicit VR little endian as fallback), and for the image classes one
-    context per lossless compressed syntax. This is the table in ``docs/conformance.md``.
+    preferred, implicit VR little endian as fallback), one with Deflated Explicit VR
+    Little Endian, and for the image classes one context per lossless compressed syntax.
+    This is the table in ``docs/conformance.md``.
     """
     contexts: list[tuple[str, tuple[str, ...]]] = []
     for sop_class, kind in KIND_BY_SOP_CLASS.items():
         contexts.append((sop_class, UNCOMPRESSED_SYNTAXES))
+        contexts.append((sop_class, (DEFLATED_SYNTAX,)))
         if kind in IMAGE_KINDS:
             contexts.extend((sop_class, (ts,)) for ts in LOSSLESS_SYNTAXES)
     return contexts

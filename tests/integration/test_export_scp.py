@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 from orthanc_peer import free_port
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from result_samples import make_result_set
 
 from node.config import load_config
 from node.db import Database
+from node.encode.transcode import transcode
 from node.export import Exporter
 from node.outbox import Outbox, deliveries_for_series
 
@@ -175,3 +176,22 @@ def test_tls_destination_with_client_certificate(tmp_path: Path, scp: ScriptedSC
     db = deliver(tmp_path, scp.port, results.results, results.series_uid, extra=tls)
     assert {r["state"] for r in by_class(db, results.series_uid).values()} == {"done"}
     assert len(scp.received) == 3
+
+
+def test_deflated_file_is_sent_deflated_or_inflated(tmp_path: Path, scp: ScriptedSCP) -> None:
+    results = make_result_set()
+    seg = transcode(results.seg, DeflatedExplicitVRLittleEndian)
+    scp.syntaxes = {SEG: [DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian]}
+    scp.start()
+    db = deliver(tmp_path / "a", scp.port, [seg], results.series_uid)
+    assert by_class(db, results.series_uid)[SEG]["state"] == "done"
+    assert scp.received == [(SEG, DeflatedExplicitVRLittleEndian)]
+
+    plain = ScriptedSCP(syntaxes={SEG: [ExplicitVRLittleEndian]})
+    plain.start()
+    try:
+        db = deliver(tmp_path / "b", plain.port, [seg], results.series_uid)
+    finally:
+        plain.stop()
+    assert by_class(db, results.series_uid)[SEG]["state"] == "done"
+    assert plain.received == [(SEG, ExplicitVRLittleEndian)]

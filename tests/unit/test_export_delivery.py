@@ -114,7 +114,7 @@ def test_contexts_cover_every_result_class() -> None:
     assert {sop for sop, _ in contexts} == set(KIND_BY_SOP_CLASS)
     assert len(contexts) <= 128
     sr_syntaxes = [ts for sop, ts in contexts if sop == SR]
-    assert sr_syntaxes == [("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")]
+    assert sr_syntaxes == [("1.2.840.10008.1.2.1", "1.2.840.10008.1.2"), ("1.2.840.10008.1.2.1.99",)]
 
 
 def setup(tmp_path: Path, sender: ScriptedSender, export: str = "") -> tuple[Database, Exporter, Clock]:
