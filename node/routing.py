@@ -171,7 +171,12 @@ def lumbar_evidence(
     if part and part in parts:
         return True, f"BodyPartExamined {part!r}"
     keywords = [k.lower() for k in rules.description_keywords if k.strip()]
-    for text in descriptions:
+    # A study called "lumbar spine" also holds its localisers and other regions: when the
+    # series names another body part, only its own description/protocol may overrule it.
+    candidates = list(descriptions)
+    if part and len(candidates) > 2:
+        candidates = candidates[:2]
+    for text in candidates:
         low = text.lower()
         for kw in keywords:
             if kw in low:

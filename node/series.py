@@ -347,7 +347,8 @@ def routing_input(group: EchoGroup, records: Sequence[Any]) -> RoutingInput:
         orientations=[s.iop for s in group.slices if s.iop is not None],
         z_positions=[s.ipp[2] for s in group.slices if s.ipp is not None],
         body_part=str(meta.get("BodyPartExamined") or ""),
-        descriptions=[d for d in descriptions if d],
+        # order matters: series-level texts first, the study description last
+        descriptions=descriptions,
         blocks=max(1, len(group.blocks)),
     )
 

@@ -268,7 +268,10 @@ def sample_subject(
         dr = float(np.exp(rng.normal(0, 0.05)))
         level_map[name] = LevelAnatomy(
             name=name, z_mm=z, canal_x_mm=float(rng.normal(0, 2.0)), canal_y_mm=y,
-            tilt_deg=_nominal_tilt(name) + float(rng.normal(0, 2.0)),
+            # Operators angle each block parallel to the disc but within what the scanner
+            # and the routing rule (20 deg off axial) accept.
+            tilt_deg=float(np.clip(_nominal_tilt(name) + rng.normal(0, 2.0), -MAX_BLOCK_TILT_DEG,
+                                   MAX_BLOCK_TILT_DEG)),
             disc_height_mm=disc_h, vb_height_mm=base.vb_height * float(rng.uniform(0.92, 1.08)),
             disc_rx=base.disc[0] * dr * (1.0 + 0.03 * degeneration),
             disc_ry=base.disc[1] * dr, degeneration=degeneration, nucleus_signal=nucleus,
@@ -291,6 +294,10 @@ def sample_subject(
     logger.debug("sampled phantom subject: levels=%s grades=%s", subject.level_names,
                  {k: v.stenosis.schizas for k, v in level_map.items()})
     return subject
+
+
+#: largest block angulation (degrees from axial) the phantom plans, below routing's 20 deg
+MAX_BLOCK_TILT_DEG = 18.0
 
 
 def _nominal_tilt(name: str) -> float:

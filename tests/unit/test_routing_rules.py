@@ -137,3 +137,12 @@ def test_enhanced_mr_frames_count_as_slices() -> None:
     two = [{"iop": list(AXIAL), "ipp": [0.0, 0.0, 4.0 * i], "echo": 90.0} for i in range(2)]
     (g,) = assemble([_enhanced(two)], RULES).groups
     assert g.decision is not None and "too few slices: 2 < 3" in g.decision.reason
+
+
+def test_lumbar_study_description_does_not_overrule_a_non_lumbar_body_part() -> None:
+    # the phantom's brain distractor lives in a study called "MRI LUMBAR SPINE"
+    ok, why = lumbar_evidence("BRAIN", ["T2 AX BRAIN", "", "MRI LUMBAR SPINE"], RULES)
+    assert not ok
+    assert "BRAIN" in why
+    # ... while the series' own description may
+    assert lumbar_evidence("BRAIN", ["T2 TSE LUMBAR", "", ""], RULES)[0]
