@@ -103,21 +103,21 @@ def parse_storescu(text: str) -> dict[Path, str]:
 
 # -- the real node with fake job stages -----------------------------------------------------------
 
-#: runs ``node.cli.main`` with the orchestrator's worker using :class:`FakeStages`
+#: runs ``node.cli.main`` with the orchestrator's worker using the named stages class
 _LAUNCHER = (
     "import sys\n"
     "import node.orchestrator as o, node.server as s\n"
     "def make(db, config):\n"
-    "    return o.Orchestrator(db, config, stages='reliability_helpers:FakeStages')\n"
+    "    return o.Orchestrator(db, config, stages='reliability_helpers:{stages}')\n"
     "s.make_orchestrator = make\n"
     "from node.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 
 
-def fake_stage_node_command() -> list[str]:
+def fake_stage_node_command(stages: str = "FakeStages") -> list[str]:
     """argv prefix for ``serve`` with fake stages (needs this folder on ``PYTHONPATH``)."""
-    return [sys.executable, "-c", _LAUNCHER]
+    return [sys.executable, "-c", _LAUNCHER.format(stages=stages)]
 
 
 def pythonpath_with_helpers() -> str:
@@ -163,6 +163,31 @@ class FakeStages:
         from node.outbox import Outbox
 
         Outbox(ctx.db, ctx.config).add(ctx.job.series_instance_uid, datasets)
+
+
+class DecodeOnlyStages:
+    """The real first half of analysis (``node.volume_io``: decode, geometry, sorting) and
+    no model: hostile input reaches the code that reads received files, quickly."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def analyse(self, ctx: Any) -> Any:
+        import numpy as np
+
+        from node.jobs import Analysis
+        from node.volume_io import load_volume
+
+        volume, sources = load_volume(ctx.source_paths())
+        if not np.all(np.isfinite(volume.pixels)):
+            raise ValueError("decoded pixels are not finite")
+        return Analysis(volume=volume, sources=list(sources), result=None)
+
+    def encode(self, ctx: Any, analysis: Any) -> list[Dataset]:
+        return []
+
+    def export(self, ctx: Any, datasets: Sequence[Dataset]) -> None:
+        return None
 
 
 def derived_uid(series_uid: str, what: str) -> str:
