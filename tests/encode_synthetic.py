@@ -266,3 +266,81 @@ def write_series(series: SyntheticSeries, folder: str) -> list[str]:
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def phantom_series(
+    out: str,
+    *,
+    seed: int = 4,
+    matrix: int = 128,
+    spacing: float = 1.4,
+    levels: str = "L4-L5,L5-S1",
+    unname: Sequence[str] = (),
+    extra_args: Sequence[str] = (),
+) -> SyntheticSeries:
+    """A phantom study from ``lumbar-node phantom`` with its truth as the SeriesResult.
+
+    ``unname`` lists level names reported as unlabelled (``level=None``) in the result.
+    """
+    import json
+    from pathlib import Path
+
+    from node.cli import main
+    from node.volume_io import load_volume
+
+    rc = main(["phantom", "--out", out, "--seed", str(seed), "--subjects", "1",
+               "--matrix", str(matrix), "--spacing", str(spacing), "--levels", levels, *extra_args])
+    if rc != 0:
+        raise RuntimeError(f"lumbar-node phantom failed with {rc}")
+    study = next(Path(out).glob("PHANTOM_*"))
+    volume, datasets = load_volume(sorted((study / "ax").glob("*.dcm")))
+    npz = np.load(study / "labels.npz")
+    labels = np.stack([npz[uid] for uid in volume.slice_uids]).astype(np.uint8)
+    truth = json.loads((study / "truth.json").read_text())
+    index = {uid: i for i, uid in enumerate(volume.slice_uids)}
+    out_levels: list[LevelResult] = []
+    by_z = sorted(truth["levels"], key=lambda t: min(index[u] for u in t["slice_uids"]))
+    for position, t in enumerate(by_z, start=1):
+        measurements = {}
+        for key, csa in t["csa_mm2"].items():
+            if csa <= 0:
+                continue
+            ff = t.get("fat_fraction_pct", {}).get(key)
+            measurements[key] = StructureMeasurement(
+                csa_mm2=float(csa),
+                fcsa_mm2=float(csa) * (1 - ff / 100) if ff is not None else None,
+                fat_fraction_pct=ff,
+                mean_si=300.0 + position if ff is not None else None,
+                si_ratio_to_fat=0.4 if ff is not None else None,
+            )
+        dsca = float(t["dsca_mm2"])
+        out_levels.append(
+            LevelResult(
+                level=None if t["level"] in unname else t["level"],
+                position=position,
+                slice_indices=sorted(index[u] for u in t["slice_uids"]),
+                level_confidence=0.95,
+                measurements=measurements,
+                asymmetry_pct={"multifidus": 12.5},
+                kjaer_grade={"multifidus_left": 1, "multifidus_right": 1},
+                stenosis=Stenosis(
+                    schizas=t["schizas"],
+                    schizas_probabilities={g: (1.0 if g == t["schizas"] else 0.0) for g in "ABCD"},
+                    dsca_mm2=dsca,
+                    dsca_grade=t["dsca_grade"],
+                    severity=t["severity"],
+                    rootlets=t["rootlets"],
+                    rootlets_probability=0.9,
+                    confidence=0.8,
+                ),
+            )
+        )
+    result = SeriesResult(
+        series_instance_uid=volume.series_instance_uid,
+        model_name="lumbar-unet",
+        model_version="1.0.0",
+        labels=labels,
+        levels=out_levels,
+        flags=[],
+    )
+    return SyntheticSeries(datasets, volume, result)

@@ -38,18 +38,20 @@ def transcode(ds: Dataset, transfer_syntax: str) -> Dataset:
         return ds
     if current != ExplicitVRLittleEndian and current != DeflatedExplicitVRLittleEndian:
         raise ValueError(f"can only transcode from uncompressed data, not {current}")
-    out = copy.copy(ds)
+    rle = syntax == RLELossless and int(ds.get("BitsAllocated", 0)) in (8, 16)
+    if syntax == RLELossless and not rle:
+        logger.info("%s: 1-bit data cannot be RLE encoded, deflating instead", ds.SOPInstanceUID)
+        syntax = DeflatedExplicitVRLittleEndian
+    # RLE rewrites PixelData in place: copy deeply; otherwise share the (large) elements
+    out = copy.deepcopy(ds) if rle else Dataset(ds)
     out.file_meta = copy.deepcopy(ds.file_meta)
+    implicit, little = ds.original_encoding
+    out.set_original_encoding(implicit, little, ds.original_character_set)
     kind = getattr(ds, "lumbar_node_kind", None)
     if kind is not None:
         object.__setattr__(out, "lumbar_node_kind", kind)
-    if syntax == RLELossless:
-        if int(ds.get("BitsAllocated", 0)) not in (8, 16):
-            logger.info("%s: 1-bit data cannot be RLE encoded, deflating instead", ds.SOPInstanceUID)
-            out.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-            return out
-        out.PixelData = ds.PixelData
+    if rle:
         out.compress(RLELossless, encoding_plugin="pydicom")
-        return out
-    out.file_meta.TransferSyntaxUID = syntax
+    else:
+        out.file_meta.TransferSyntaxUID = syntax
     return out

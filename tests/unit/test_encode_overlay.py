@@ -1,0 +1,68 @@
+"""Overlay Secondary Capture images, the summary image, and lossless re-encoding."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+from encode_synthetic import make_series
+from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
+
+from ai.labels import COLORS, Label
+from node.encode import encode_series, transcode
+from node.encode.overlay import FILL_OPACITY, render_slice, summary_lines
+
+
+def _roundtrip(ds: Dataset) -> Dataset:
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    buf.seek(0)
+    return pydicom.dcmread(buf)
+
+
+def test_overlay_burns_colours_where_the_labels_are() -> None:
+    grey = np.full((32, 32), 100, np.uint8)
+    labels = np.zeros((32, 32), np.uint8)
+    labels[10:20, 10:20] = Label.DURAL_SAC
+    image = np.asarray(render_slice(grey, labels))
+    inside = image[15, 15].astype(float)
+    expected = 100 * (1 - FILL_OPACITY) + np.array(COLORS[Label.DURAL_SAC]) * FILL_OPACITY
+    np.testing.assert_allclose(inside, expected, atol=1)
+    assert tuple(image[10, 15]) == COLORS[Label.DURAL_SAC]  # contour at full colour
+    assert tuple(image[28, 28]) == (100, 100, 100)  # outside untouched (below the legend)
+
+
+def test_overlay_series_and_summary() -> None:
+    s = make_series(levels=("L4-L5", None))
+    out = encode_series(s.datasets, s.volume, s.result)
+    assert len(out.overlay) == s.volume.n_slices + 1
+    for i, ds in enumerate(out.overlay):
+        back = _roundtrip(ds)
+        assert back.SeriesDescription == "AI Lumbar Overlay"
+        assert back.PhotometricInterpretation == "RGB"
+        assert back.pixel_array.shape[2] == 3
+        assert back.InstanceNumber == i + 1
+        assert back.StudyInstanceUID == s.datasets[0].StudyInstanceUID
+    assert out.overlay[0].SourceImageSequence[0].ReferencedSOPInstanceUID == s.volume.slice_uids[0]
+    rows = summary_lines(s.result)
+    assert rows[1][0] == "L4-L5" and rows[2][0].startswith("#2 (unlabelled)")
+    only_summary = encode_series(s.datasets, s.volume, s.result, include_overlay=False)
+    assert len(only_summary.overlay) == 1
+    nothing = encode_series(s.datasets, s.volume, s.result, include_overlay=False, include_summary=False)
+    assert nothing.overlay == [] and nothing.seg is not None and nothing.sr is not None
+
+
+def test_lossless_transcoding_round_trips() -> None:
+    s = make_series()
+    out = encode_series(s.datasets, s.volume, s.result, include_summary=False)
+    assert out.seg is not None
+    seg = _roundtrip(transcode(out.seg, DeflatedExplicitVRLittleEndian))
+    assert seg.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert seg.PixelData == out.seg.PixelData
+    sc = _roundtrip(transcode(out.overlay[0], RLELossless))
+    assert sc.file_meta.TransferSyntaxUID == RLELossless
+    np.testing.assert_array_equal(sc.pixel_array, _roundtrip(out.overlay[0]).pixel_array)
+    # a 1-bit SEG cannot be RLE encoded: it is deflated instead
+    assert transcode(out.seg, RLELossless).file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
