@@ -81,7 +81,7 @@ def _truth_slices(tl: Mapping[str, Any]) -> set[int]:
 
 
 def _truth_mid(tl: Mapping[str, Any]) -> int | None:
-    for key in ("mid_slice", "mid_disc_slice", "mid_slice_index"):
+    for key in ("mid_slice", "mid_disc_index", "mid_disc_slice", "mid_slice_index"):
         if tl.get(key) is not None:
             return int(tl[key])
     return None

@@ -32,8 +32,8 @@ from ai.results import SCHIZAS_GRADES
 logger = logging.getLogger(__name__)
 
 #: Side of the square patch around the canal centre (mm).
-PATCH_MM = 48.0
-#: Side of the resampled patch (pixels): 0.75 mm per pixel.
+PATCH_MM = 40.0
+#: Side of the resampled patch (pixels): 0.625 mm per pixel, finer than the rootlets' gaps.
 PATCH_PX = 64
 #: Input channels: normalised image, dural-sac mask, epidural-space mask.
 IN_CHANNELS = 3

@@ -4,15 +4,11 @@ Radiologists read a lumbar axial study level by level. This module finds the sli
 through each intervertebral disc from the segmentation (disc label area against
 vertebral-body area) and the slice geometry (angled blocks, gaps along the slice normal),
 groups them into levels, picks the mid-disc slice of each level and names the levels
-L1-L2 ... L5-S1 from anatomical evidence:
-
-* a sagittal series of the same study (``sagittal_hint``: disc centres in patient
-  coordinates, produced by the node; the strongest cue);
-* the iliac wings / sacral ala lateral to the psoas at the lumbosacral level (bright
-  marrow islands outside the labelled soft tissue, on the disc slices of L5-S1 only);
-* the spinal cord / conus in the dural sac at the upper levels (a low-signal central
-  blob in the bright CSF);
-* distances between levels (a skipped level shows as a double gap).
+L1-L2 ... L5-S1 from anatomical evidence (cues per level and their joint posterior, see
+:mod:`ai.level_naming`): iliac wings at L5-S1, cord / conus at the upper levels, the
+caudal growth of psoas and multifidus against erector spinae, distances between levels
+(a skipped level shows as a double gap) and, when the node supplies it, a sagittal
+series of the same study (``sagittal_hint``).
 
 Levels are numbered by ``position`` (1 = most caudal level found). A level gets a name
 only when the evidence is consistent and its confidence reaches
@@ -28,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from ai.labels import LEVEL_NAMES, Label
+from ai.level_naming import measure_cues, name_posterior
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -55,27 +51,8 @@ NOMINAL_LEVEL_SPACING_MM = 38.0
 SKIPPED_LEVEL_FACTOR = 1.5
 #: A sagittal disc centre matches an axial level when closer than this (mm).
 SAGITTAL_MATCH_MM = 12.0
-#: Below this confidence a level keeps its position but gets no name.
-NAMING_MIN_CONFIDENCE = 0.6
-
-#: Pelvis cue: bright marrow islands outside the labelled soft tissue, lateral to the
-#: canal by at least this distance (mm), of at least this total area (mm2).
-PELVIS_MIN_LATERAL_MM = 45.0
-PELVIS_MIN_AREA_MM2 = 150.0
-#: Pelvis islands must be brighter than this fraction of the subcutaneous-fat intensity.
-PELVIS_FAT_FRACTION = 0.45
-#: Cord cue: a dark blob in the sac of at least this area (mm2) and fraction of the sac.
-CORD_MIN_AREA_MM2 = 25.0
-CORD_MIN_SAC_FRACTION = 0.12
-#: Dark = below this fraction of the bright (CSF) intensity of the sac.
-CORD_DARK_FRACTION = 0.55
-
-#: Confidence given to a name from each kind of anchor (before consistency penalties).
-CONF_SAGITTAL = 0.97
-CONF_PELVIS = 0.92
-CONF_CORD = 0.70
-#: Confidence lost per level of distance from the anchor (accumulating spacing doubt).
-CONF_DECAY_PER_STEP = 0.03
+#: Below this posterior probability a level keeps its position but gets no name.
+NAMING_MIN_CONFIDENCE = 0.8
 
 
 @dataclass
@@ -223,120 +200,25 @@ def group_levels(labels: np.ndarray, volume: Volume) -> list[tuple[list[int], in
     return out
 
 
-# --------------------------------------------------------------------------- image cues
+def level_steps(z: np.ndarray) -> tuple[list[int], float]:
+    """Anatomical steps between neighbouring levels (1, or more where levels are skipped).
 
-
-def _fat_reference(image: np.ndarray, labels_2d: np.ndarray) -> float | None:
-    fat = image[labels_2d == int(Label.SUBCUTANEOUS_FAT)]
-    if fat.size < 20:
-        return None
-    return float(np.median(fat))
-
-
-def pelvis_score(image: np.ndarray, labels_2d: np.ndarray, pixel_spacing: tuple[float, float]) -> float:
-    """Area (mm2) of bright bone-marrow islands lateral to the spine outside all labels.
-
-    The iliac wings (and sacral ala) appear on axial slices at the lumbosacral junction as
-    large islands of fatty marrow (bright on T2) lateral to the psoas and erector spinae.
-    Higher lumbar levels have only unlabelled fat and bowel there, thin and irregular; we
-    keep islands that are compact (opened by a 2 mm disc) and lateral to the canal.
+    ``z`` are the positions (mm) of the level centres along the spine, ascending. The
+    typical spacing is the median of the plausible gaps; a gap of about twice that means
+    one level was skipped (blocks placed over non-adjacent discs).
     """
-    canal = np.isin(labels_2d, (int(Label.DURAL_SAC), int(Label.EPIDURAL_SPACE)))
-    if not canal.any():
-        spine = np.isin(labels_2d, (int(Label.DISC), int(Label.VERTEBRAL_BODY)))
-        if not spine.any():
-            return 0.0
-        centre_col = float(np.argwhere(spine)[:, 1].mean())
-    else:
-        centre_col = float(np.argwhere(canal)[:, 1].mean())
-    ref = _fat_reference(image, labels_2d)
-    body = image > 0
-    if ref is None or ref <= 0:
-        return 0.0
-    bright = (image > PELVIS_FAT_FRACTION * ref) & (labels_2d == 0) & body
-    rs, cs = pixel_spacing
-    radius = max(1, int(round(2.0 / min(rs, cs))))
-    structure = ndimage.generate_binary_structure(2, 1)
-    bright = ndimage.binary_opening(bright, structure=structure, iterations=radius)
-    cols = np.arange(image.shape[1])[None, :]
-    lateral = np.abs(cols - centre_col) * cs >= PELVIS_MIN_LATERAL_MM
-    bright &= lateral
-    # Skin-side fat touching the image border or the subcutaneous rim is not bone.
-    lab, n = ndimage.label(bright)
-    if n == 0:
-        return 0.0
-    border = set(np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])).tolist())
-    near_sc = ndimage.binary_dilation(
-        labels_2d == int(Label.SUBCUTANEOUS_FAT), structure=structure, iterations=radius
-    )
-    touching = set(np.unique(lab[near_sc]).tolist())
-    area = 0.0
-    sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
-    for k, size in enumerate(sizes, start=1):
-        if k in border or k in touching:
-            continue
-        area += float(size) * rs * cs
-    return area
-
-
-def cord_score(image: np.ndarray, labels_2d: np.ndarray, pixel_spacing: tuple[float, float]) -> float:
-    """Fraction of the dural sac taken by one dark central blob (cord / conus), 0..1.
-
-    On T2 the CSF is bright and the cauda equina rootlets are thin dark dots; the cord or
-    conus is one round dark structure. Returns 0 when the blob is too small.
-    """
-    sac = labels_2d == int(Label.DURAL_SAC)
-    n_sac = int(sac.sum())
-    if n_sac < 10:
-        return 0.0
-    values = image[sac]
-    bright = float(np.percentile(values, 95))
-    if bright <= 0:
-        return 0.0
-    dark = sac & (image < CORD_DARK_FRACTION * bright)
-    dark = ndimage.binary_opening(dark, structure=ndimage.generate_binary_structure(2, 1))
-    lab, n = ndimage.label(dark)
-    if n == 0:
-        return 0.0
-    sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
-    biggest = float(sizes.max())
-    area = biggest * pixel_spacing[0] * pixel_spacing[1]
-    if area < CORD_MIN_AREA_MM2:
-        return 0.0
-    frac = biggest / n_sac
-    return frac if frac >= CORD_MIN_SAC_FRACTION else 0.0
-
-
-# --------------------------------------------------------------------------- naming
-
-
-@dataclass
-class _Anchor:
-    index: int  # into the caudal-first level list
-    name_index: int  # into LEVEL_NAMES
-    confidence: float
-    kind: str
-
-
-def _level_steps(z: np.ndarray) -> tuple[list[int], float]:
-    """Anatomical steps between neighbouring levels (1, or more where levels are skipped)."""
     if z.size < 2:
         return [], NOMINAL_LEVEL_SPACING_MM
     d = np.diff(z)
-    typical = float(np.median(d))
-    small = d[d <= SKIPPED_LEVEL_FACTOR * min(typical, NOMINAL_LEVEL_SPACING_MM * 1.2)]
-    if small.size:
-        typical = float(np.median(small))
-    if not (0.5 * NOMINAL_LEVEL_SPACING_MM <= typical <= 1.5 * NOMINAL_LEVEL_SPACING_MM):
-        typical = NOMINAL_LEVEL_SPACING_MM
+    plausible = d[(d >= 0.5 * NOMINAL_LEVEL_SPACING_MM) & (d <= SKIPPED_LEVEL_FACTOR * NOMINAL_LEVEL_SPACING_MM)]
+    typical = float(np.median(plausible)) if plausible.size else NOMINAL_LEVEL_SPACING_MM
     steps = [max(1, int(round(float(x) / typical))) for x in d]
     return steps, typical
 
 
-def _match_sagittal(
-    centres: np.ndarray, hint: Mapping[str, Sequence[float]]
-) -> list[_Anchor]:
-    anchors: list[_Anchor] = []
+def _match_sagittal(centres: np.ndarray, hint: Mapping[str, Sequence[float]]) -> dict[int, int]:
+    """Level index -> name index for sagittal disc centres close to a level's centre."""
+    out: dict[int, int] = {}
     for name, point in hint.items():
         if name not in LEVEL_NAMES:
             raise ValueError(f"sagittal_hint names must be in {LEVEL_NAMES}, got {name!r}")
@@ -346,8 +228,8 @@ def _match_sagittal(
         dist = np.linalg.norm(centres - p[None, :], axis=1)
         k = int(np.argmin(dist))
         if float(dist[k]) <= SAGITTAL_MATCH_MM:
-            anchors.append(_Anchor(k, LEVEL_NAMES.index(name), CONF_SAGITTAL, "sagittal"))
-    return anchors
+            out[k] = LEVEL_NAMES.index(name)
+    return out
 
 
 def find_levels(
@@ -367,13 +249,14 @@ def find_levels(
         The series (pixels for the image cues, per-slice geometry for grouping).
     sagittal_hint
         Optional disc centres from a sagittal series of the same study: level name ->
-        patient LPS point (mm). The node fills it when the study has a sagittal series
-        whose levels are known; it overrides the axial image cues.
+        patient LPS point (mm). The node may fill it when the study has a sagittal series
+        whose levels are known (hook; not filled yet).
 
     Returns
     -------
     list[LevelAssignment]
-        Caudal first; ``position`` 1 is the most caudal level found.
+        Caudal first; ``position`` 1 is the most caudal level found. ``level`` is set only
+        where the name's posterior probability reaches :data:`NAMING_MIN_CONFIDENCE`.
     """
     if labels.shape != volume.pixels.shape:
         raise ValueError(f"labels shape {labels.shape} != volume shape {volume.pixels.shape}")
@@ -382,84 +265,56 @@ def find_levels(
         logger.info("series %s: no disc level found", volume.series_instance_uid)
         return []
     centres = volume.centres()
-    mids = [mid for _, mid in groups]
-    mid_centres = centres[mids]
-    z = mid_centres[:, 2]
-    steps, typical = _level_steps(z)
-    # Cumulative anatomical offset of each level from the most caudal one.
-    offsets = np.concatenate([[0], np.cumsum(steps)]).astype(int)
-
-    pelvis: list[float] = []
-    cord: list[float] = []
-    for run, mid in groups:
-        pel = max(
-            pelvis_score(volume.pixels[i], labels[i], volume.pixel_spacing) for i in run
+    mid_centres = centres[[mid for _, mid in groups]]
+    # Distance along the spine: project on the mean slice normal (angled blocks differ
+    # by tens of degrees at most, so this stays monotonic).
+    axis = volume.normals().mean(axis=0)
+    axis /= np.linalg.norm(axis)
+    if axis[2] < 0:
+        axis = -axis
+    along = mid_centres @ axis
+    steps, typical = level_steps(along)
+    offsets = [0, *np.cumsum(steps).astype(int).tolist()]
+    cues = [
+        measure_cues(
+            [volume.pixels[i] for i in run],
+            [labels[i] for i in run],
+            run.index(mid),
+            volume.pixel_spacing,
         )
-        pelvis.append(pel)
-        cord.append(cord_score(volume.pixels[mid], labels[mid], volume.pixel_spacing))
-
-    anchors: list[_Anchor] = []
-    if sagittal_hint:
-        anchors = _match_sagittal(mid_centres, sagittal_hint)
-    pelvis_levels = [k for k, a in enumerate(pelvis) if a >= PELVIS_MIN_AREA_MM2]
-    if not anchors and pelvis_levels:
-        # The iliac wings can show on the L4-L5 slices of a high pelvis too: the most
-        # caudal level with the cue is L5-S1 only when the cue is strongest there.
-        k = min(pelvis_levels)
-        conf = CONF_PELVIS
-        if k != int(np.argmax(pelvis)):
-            conf -= 0.25
-        anchors.append(_Anchor(k, LEVEL_NAMES.index("L5-S1"), conf, "iliac_wings"))
-    cord_levels = [k for k, c in enumerate(cord) if c > 0]
-    if not anchors and cord_levels:
-        # The conus ends at L1-L2 in most adults: the most cranial level with a cord is
-        # L1-L2 when the cord disappears below it (rootlets at the next caudal level).
-        k = max(cord_levels)
-        if k == len(groups) - 1 or cord[k + 1 :] == [0.0] * (len(groups) - k - 1):
-            anchors.append(_Anchor(k, LEVEL_NAMES.index("L1-L2"), CONF_CORD, "conus"))
-
-    names: list[str | None] = [None] * len(groups)
-    confs = [0.0] * len(groups)
-    anchor_info: dict[str, Any] = {}
-    if anchors:
-        best = max(anchors, key=lambda a: a.confidence)
-        # Consistency: other anchors must agree with the best one's numbering.
-        agree = all(
-            (a.name_index - best.name_index) == -(offsets[a.index] - offsets[best.index])
-            for a in anchors
-        )
-        base = best.confidence if agree else best.confidence - 0.3
-        # Cord at a level named L3-L4 or lower contradicts the anchor.
-        for k, c in enumerate(cord):
-            name_index = best.name_index - (offsets[k] - offsets[best.index])
-            if c > 0 and name_index >= LEVEL_NAMES.index("L3-L4"):
-                base -= 0.3
-        anchor_info = {"kind": best.kind, "position": best.index + 1, "agree": agree}
-        for k in range(len(groups)):
-            name_index = best.name_index - int(offsets[k] - offsets[best.index])
-            distance = abs(int(offsets[k] - offsets[best.index]))
-            conf = max(0.0, min(1.0, base - CONF_DECAY_PER_STEP * distance))
-            if 0 <= name_index < len(LEVEL_NAMES) and conf >= NAMING_MIN_CONFIDENCE:
-                names[k] = LEVEL_NAMES[name_index]
-                confs[k] = conf
-            else:
-                confs[k] = 0.0 if not 0 <= name_index < len(LEVEL_NAMES) else conf
+        for run, mid in groups
+    ]
+    sagittal = _match_sagittal(mid_centres, sagittal_hint) if sagittal_hint else {}
+    hyps, post = name_posterior(offsets, cues, sagittal)
+    best = int(np.argmax(post)) if post.size else -1
     out: list[LevelAssignment] = []
     for k, (run, mid) in enumerate(groups):
+        name: str | None = None
+        conf = 0.0
+        if best >= 0:
+            j = int(hyps[best] - offsets[k])
+            # The confidence of this level's name: posterior mass of hypotheses naming it so.
+            same = [n for n, h in enumerate(hyps) if int(h - offsets[k]) == j]
+            conf = float(post[same].sum())
+            if 0 <= j < len(LEVEL_NAMES) and conf >= NAMING_MIN_CONFIDENCE:
+                name = LEVEL_NAMES[j]
+        cue = cues[k]
         evidence: dict[str, Any] = {
-            "pelvis_area_mm2": round(pelvis[k], 1),
-            "cord_fraction": round(cord[k], 3),
+            "pelvis_area_mm2": round(cue.pelvis_area_mm2, 1),
+            "cord_fraction": round(cue.cord_fraction, 3),
+            "muscle_log_ratios": [round(v, 3) for v in cue.muscle_log_ratios] if cue.muscle_log_ratios else None,
+            "sagittal": LEVEL_NAMES[sagittal[k]] if k in sagittal else None,
             "steps_from_caudal": int(offsets[k]),
             "level_spacing_mm": round(typical, 1),
-            "anchor": anchor_info or None,
+            "name_posterior": round(conf, 4),
         }
         out.append(
             LevelAssignment(
-                level=names[k],
+                level=name,
                 position=k + 1,
                 slice_indices=list(run),
                 mid_slice=mid,
-                confidence=float(confs[k]) if names[k] is not None else 0.0,
+                confidence=round(conf, 4) if name is not None else 0.0,
                 evidence=evidence,
             )
         )

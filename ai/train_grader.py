@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +60,13 @@ AUG_NOISE = 0.04
 AUG_MASK_PROB = 0.4
 #: Slice offsets from the disc centre drawn for training (mm): the grade is read there.
 OFFSET_MM = 1.0
+#: Share of training subjects drawn with a cord at the upper levels.
+CORD_SUBJECT_FRACTION = 0.3
+#: Image modes rendered per level and subject: randomised twice (domain randomisation is
+#: what makes the grader robust), realistic once.
+TRAIN_MODES: tuple[str, ...] = ("realistic", "randomised", "randomised")
+#: Render matrix for training slices (the crop needs only ~80 mm around the canal).
+RENDER_MATRIX = (192, 192)
 
 
 @dataclass
@@ -102,13 +110,32 @@ def render_samples(
     seed: int,
     *,
     levels: tuple[str, ...] = LEVEL_NAMES,
-    modes: tuple[str, ...] = ("realistic", "randomised"),
+    modes: tuple[str, ...] = TRAIN_MODES,
     offset_mm: float = OFFSET_MM,
     uniform_grades: bool = True,
+    cord_fraction: float = CORD_SUBJECT_FRACTION,
+    matrix: tuple[int, int] = RENDER_MATRIX,
+    cache_dir: Path | None = None,
 ) -> list[Sample]:
-    """Draw subjects and render their mid-disc slices as canal crops with truth."""
+    """Draw subjects and render their mid-disc slices (one per entry of ``modes``) as crops.
+
+    With ``cache_dir`` the samples are kept in a pickle named after the arguments and
+    re-used by later runs (a trusted local cache: never point it at foreign files).
+
+    ``cord_fraction`` of the subjects get a cord at L1-L2 and L2-L3 (the phantom's own
+    rate is about a third at L1-L2 only), so that the rootlets/cord head sees enough cords.
+    """
     from ai.phantom import render_slice, sample_subject
 
+    cache: Path | None = None
+    if cache_dir is not None:
+        key = f"{n_subjects}-{seed}-{'_'.join(modes)}-{offset_mm}-{uniform_grades}-{cord_fraction}-{matrix[0]}x{matrix[1]}"
+        cache = Path(cache_dir) / f"grader-samples-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pkl"
+        if cache.is_file():
+            with cache.open("rb") as fh:
+                cached: list[Sample] = pickle.load(fh)  # noqa: S301 - our own local cache
+            logger.info("loaded %d samples from %s", len(cached), cache)
+            return cached
     out: list[Sample] = []
     grade_probs = {g: 1.0 for g in SCHIZAS_GRADES} if uniform_grades else None
     for i in range(n_subjects):
@@ -116,26 +143,35 @@ def render_samples(
         options: dict[str, Any] = {}
         if grade_probs is not None:
             options["grade_probs"] = grade_probs
+        if rng.random() < cord_fraction:
+            options["cord"] = True
         subject = sample_subject(rng, stenosis="random", levels=levels, **options)
         for level in levels:
-            mode = modes[int(rng.integers(len(modes)))]
-            sl = render_slice(
-                subject,
-                level,
-                kind="disc",
-                mode=mode,
-                rng=rng,
-                offset_mm=float(rng.uniform(-offset_mm, offset_mm)),
-            )
-            sample = _crop(sl.image, sl.labels, tuple(sl.pixel_spacing))  # type: ignore[arg-type]
-            if sample is None:
-                logger.warning("subject %d level %s: no canal in the labels, skipped", i, level)
-                continue
-            sample.schizas = SCHIZAS_GRADES.index(str(sl.truth["schizas"])[:1])
-            sample.cord = int(sl.truth["rootlets"] == "cord")
-            sample.level = level
-            sample.mode = mode
-            out.append(sample)
+            for mode in modes:
+                sl = render_slice(
+                    subject,
+                    level,
+                    kind="disc",
+                    mode=mode,
+                    rng=rng,
+                    matrix=matrix,
+                    offset_mm=float(rng.uniform(-offset_mm, offset_mm)),
+                )
+                sample = _crop(sl.image, sl.labels, (float(sl.pixel_spacing[0]), float(sl.pixel_spacing[1])))
+                if sample is None:
+                    logger.warning("subject %d level %s: no canal in the labels, skipped", i, level)
+                    continue
+                sample.schizas = SCHIZAS_GRADES.index(str(sl.truth["schizas"])[:1])
+                sample.cord = int(sl.truth["rootlets"] == "cord")
+                sample.level = level
+                sample.mode = mode
+                out.append(sample)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        with tmp.open("wb") as fh:
+            pickle.dump(out, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.replace(cache)
     return out
 
 
@@ -232,8 +268,8 @@ def patch_metrics(model: SchizasNet, samples: list[Sample], config: GraderConfig
 def train_grader(
     out_dir: Path | str,
     *,
-    n_subjects: int = 600,
-    n_heldout: int = 120,
+    n_subjects: int = 200,
+    n_heldout: int = 40,
     epochs: int = 12,
     batch_size: int = 64,
     lr: float = 3e-3,
@@ -242,6 +278,7 @@ def train_grader(
     threads: int = 1,
     time_budget_s: float | None = None,
     version: str | None = None,
+    cache_dir: Path | str | None = None,
 ) -> dict[str, Any]:
     """Render phantom data, train the grader, evaluate on held-out subjects, save.
 
@@ -258,7 +295,10 @@ def train_grader(
     threads
         Torch CPU threads (keep 1 on a shared machine).
     time_budget_s
-        Stop after the epoch that crosses this wall time (the card records it).
+        Stop after the epoch that crosses this training time (rendering excluded; the
+        card records the epochs run).
+    cache_dir
+        Keep rendered samples here for later runs.
 
     Returns
     -------
@@ -271,8 +311,9 @@ def train_grader(
     torch.manual_seed(seed)
     out = Path(out_dir)
     t0 = time.monotonic()
-    train = render_samples(n_subjects, seed)
-    heldout = render_samples(n_heldout, heldout_seed)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    train = render_samples(n_subjects, seed, cache_dir=cache)
+    heldout = render_samples(n_heldout, heldout_seed, modes=("realistic", "randomised"), cache_dir=cache)
     t_render = time.monotonic() - t0
     logger.info("rendered %d training and %d held-out slices in %.0f s", len(train), len(heldout), t_render)
     config = GraderConfig()
@@ -296,13 +337,13 @@ def train_grader(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(y)
+            total += float(loss.detach()) * len(y)
             n += len(y)
         epochs_run = epoch + 1
         check = patch_metrics(model, heldout, config)
         history.append({"epoch": epochs_run, "loss": round(total / max(n, 1), 4), "heldout_macro_f1": check["macro_f1"]})
         logger.info("epoch %d loss %.4f held-out macro-F1 %.3f", epochs_run, total / max(n, 1), check["macro_f1"])
-        if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
+        if time_budget_s is not None and time.monotonic() - t0 - t_render > time_budget_s:
             logger.warning("time budget reached after epoch %d", epochs_run)
             break
     final = patch_metrics(model, heldout, config)
@@ -328,8 +369,9 @@ def train_grader(
             "patch_px": config.patch_px,
         },
         "training": {
-            "data": "ai.phantom mid-disc slices, modes realistic + randomised, levels L1-L2..L5-S1, grades uniform A-D",
+            "data": "ai.phantom mid-disc slices (offset +-1 mm), one realistic and two randomised renders per level, levels L1-L2..L5-S1, grades uniform A-D",
             "subjects": n_subjects,
+            "cord_subject_fraction": CORD_SUBJECT_FRACTION,
             "slices": len(train),
             "grade_counts": dict(zip(SCHIZAS_GRADES, counts.tolist(), strict=True)),
             "cord_slices": int(sum(s.cord for s in train)),

@@ -66,8 +66,10 @@ def _stack(kinds: list[str], scales: list[float] | None = None) -> tuple[np.ndar
 
 
 def _add_iliac_wings(img: np.ndarray) -> None:
-    img[40:60, 2:18] = 0.8
-    img[40:60, 110:126] = 0.8
+    """Two iliac wings: thin long marrow bands (half the fat signal) in dark cortex."""
+    for c0 in (2, 114):
+        img[28:72, c0 : c0 + 12] = 0.05
+        img[30:70, c0 + 1 : c0 + 11] = 0.5
 
 
 def _add_cord(img: np.ndarray) -> None:
@@ -158,8 +160,9 @@ def test_iliac_wings_at_caudal_level_name_from_l5_s1_up() -> None:
     vol = _volume(list(vol.centres()[:, 2]), [0.0] * vol.n_slices, pixels)
     found = find_levels(labels, vol)
     assert [lv.level for lv in found] == ["L5-S1", "L4-L5", "L3-L4"]
-    assert all(lv.confidence >= 0.6 for lv in found)
-    assert found[0].evidence["anchor"]["kind"] == "iliac_wings"
+    assert all(lv.confidence >= 0.8 for lv in found)
+    assert found[0].evidence["pelvis_area_mm2"] > 600
+    assert found[1].evidence["pelvis_area_mm2"] == 0
 
 
 def test_skipped_level_is_counted_from_block_gap() -> None:
@@ -180,7 +183,8 @@ def test_cord_at_top_level_names_l1_l2_downwards() -> None:
     vol = _volume(list(vol.centres()[:, 2]), [0.0] * vol.n_slices, pixels)
     found = find_levels(labels, vol)
     assert [lv.level for lv in found] == ["L3-L4", "L2-L3", "L1-L2"]
-    assert found[2].evidence["anchor"]["kind"] == "conus"
+    assert found[2].evidence["cord_fraction"] > 0.2
+    assert found[0].evidence["cord_fraction"] == 0
 
 
 def test_sagittal_hint_names_matching_levels() -> None:

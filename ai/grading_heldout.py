@@ -1,0 +1,182 @@
+"""Held-out phantom evaluation of level detection, naming and stenosis grades.
+
+Builds axial series the way a lumbar protocol acquires them (one angled block of
+parallel slices per disc, tilted with the disc, a few millimetres apart, the outer slices
+through the endplates / vertebral bodies), from :mod:`ai.phantom` subjects whose seeds
+are disjoint from the grader's training seeds, runs :func:`ai.levels.find_levels` and
+:class:`ai.grading.StenosisGrader`, and scores them with
+:func:`ai.evaluate_grades.evaluate_grades`.
+
+The label maps come from the phantom truth by default (so the grades are judged apart
+from segmentation error); pass ``segment`` to grade on a model's labels instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ai.evaluate_grades import evaluate_grades
+from ai.grading import StenosisGrader
+from ai.levels import find_levels
+from ai.results import LevelResult
+from ai.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+#: Base seed of held-out series (disjoint from ai.train_grader.TRAIN_SEED).
+SERIES_SEED = 91_250_001
+#: Level sets drawn per study, with weights: the usual L3-L4..L5-S1 protocol, the whole
+#: lumbar spine, and an upper protocol without the lumbosacral level.
+LEVEL_SETS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("L3-L4", "L4-L5", "L5-S1"), 0.5),
+    (("L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"), 0.25),
+    (("L1-L2", "L2-L3", "L3-L4"), 0.125),
+    (("L2-L3", "L3-L4", "L4-L5"), 0.125),
+)
+#: Share of series drawn as a continuous untilted stack instead of angled blocks.
+CONTINUOUS_FRACTION = 0.25
+
+
+@dataclass
+class PhantomSeries:
+    """One synthetic axial series with its truth (``truth`` as ``evaluate_grades`` reads it)."""
+
+    volume: Volume
+    labels: np.ndarray
+    truth: dict[str, Any]
+
+
+def phantom_series(
+    index: int,
+    *,
+    seed: int = SERIES_SEED,
+    mode: str = "realistic",
+    levels: Sequence[str] | None = None,
+    stenosis: str = "random",
+    continuous: bool | None = None,
+) -> PhantomSeries:
+    """Draw subject ``index`` and render its axial series with the phantom study plans.
+
+    The layout is one tilted block of 3-5 slices per disc (:func:`ai.phantom.study.plan_blocks`)
+    or, for one series in four (or when ``continuous`` is set), a continuous untilted stack
+    (:func:`ai.phantom.study.plan_continuous`), with the in-plane rotation and field-of-view
+    shift that ``lumbar-node phantom`` draws.
+    """
+    from ai.phantom import render_slice, sample_subject
+    from ai.phantom.study import plan_blocks, plan_continuous
+
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
+    if levels is None:
+        weights = np.array([w for _, w in LEVEL_SETS])
+        levels = LEVEL_SETS[int(rng.choice(len(LEVEL_SETS), p=weights / weights.sum()))][0]
+    if continuous is None:
+        continuous = bool(rng.random() < CONTINUOUS_FRACTION)
+    subject = sample_subject(rng, stenosis=stenosis, levels=tuple(levels))
+    per_block = int(rng.integers(3, 6))
+    plan = plan_continuous(subject) if continuous else plan_blocks(subject, per_block)
+    rotation = float(rng.normal(0.0, 2.0))
+    fov_shift = (float(rng.normal(0.0, 3.0)), 8.0 + float(rng.normal(0.0, 3.0)))
+    images: list[np.ndarray] = []
+    label_maps: list[np.ndarray] = []
+    positions: list[tuple[float, float, float]] = []
+    orientations: list[tuple[float, ...]] = []
+    slice_truth: list[dict[str, Any]] = []
+    spacing: tuple[float, float] = (1.0, 1.0)
+    for ps in plan:
+        sl = render_slice(subject, ps.level, ps.kind, mode, rng, rotation_deg=rotation,
+                          offset_mm=ps.offset_mm, fov_shift_mm=fov_shift)
+        spacing = (float(sl.pixel_spacing[0]), float(sl.pixel_spacing[1]))
+        positions.append(ps.position_of_first_pixel(sl.canal_centre_px, spacing))
+        orientations.append((*ps.row_dir, *ps.col_dir))
+        images.append(sl.image)
+        label_maps.append(sl.labels)
+        slice_truth.append(sl.truth)
+    truth_levels: list[dict[str, Any]] = []
+    for name in subject.level_names:
+        mine = [k for k, t in enumerate(slice_truth) if t["level"] == name and t["kind"] == "disc"]
+        if not mine:
+            continue
+        mid = min(mine, key=lambda k: abs(slice_truth[k]["offset_mm"]))
+        t = slice_truth[mid]
+        truth_levels.append(
+            {
+                "level": name,
+                "slice_indices": [k for k in mine if slice_truth[k]["through_disc"]] or [mid],
+                "mid_slice": mid,
+                "schizas": t["schizas"],
+                "schizas_subgrade": t["schizas_subgrade"],
+                "dsca_mm2": t["dsca_mm2"],
+                "rootlets": t["rootlets"],
+            }
+        )
+    n = len(images)
+    volume = Volume(
+        pixels=np.stack(images).astype(np.float32),
+        pixel_spacing=spacing,
+        positions=np.array(positions, dtype=float),
+        orientations=np.array(orientations, dtype=float),
+        slice_uids=tuple(f"2.25.{seed}.{index}.{i}" for i in range(n)),
+        series_instance_uid=f"2.25.{seed}.{index}",
+    )
+    cues = {
+        "pelvis": "L5-S1" in subject.levels,
+        "cord": any(t["rootlets"] == "cord" for t in truth_levels),
+    }
+    truth = {
+        "levels": truth_levels,
+        "cues": cues,
+        "layout": "continuous" if continuous else f"blocks of {per_block}",
+    }
+    return PhantomSeries(volume, np.stack(label_maps).astype(np.uint8), truth)
+
+
+def analyse_series(
+    series: PhantomSeries,
+    grader: StenosisGrader,
+    segment: Callable[[Volume], np.ndarray] | None = None,
+) -> list[dict[str, Any]]:
+    """Levels and grades of one series as level dicts (``evaluate_grades`` input)."""
+    labels = segment(series.volume) if segment is not None else series.labels
+    out: list[dict[str, Any]] = []
+    for lv in find_levels(labels, series.volume):
+        st = grader.grade(series.volume, labels, lv)
+        res = LevelResult(lv.level, lv.position, lv.slice_indices, lv.confidence, stenosis=st)
+        d = res.to_dict()
+        d["mid_slice"] = lv.mid_slice
+        out.append(d)
+    return out
+
+
+def evaluate_heldout(
+    n_series: int,
+    grader: StenosisGrader,
+    *,
+    seed: int = SERIES_SEED,
+    segment: Callable[[Volume], np.ndarray] | None = None,
+    mode: str = "realistic",
+) -> dict[str, Any]:
+    """Metrics over ``n_series`` held-out series, overall and by naming cue."""
+    preds: list[list[dict[str, Any]]] = []
+    truths: list[dict[str, Any]] = []
+    for i in range(n_series):
+        s = phantom_series(i, seed=seed, mode=mode)
+        preds.append(analyse_series(s, grader, segment))
+        truths.append(s.truth)
+    out: dict[str, Any] = {
+        "series": n_series,
+        "seed": seed,
+        "mode": mode,
+        "labels": "phantom truth" if segment is None else "segmentation model",
+        "all": evaluate_grades(preds, truths),
+    }
+    with_cue = [k for k, t in enumerate(truths) if t["cues"]["pelvis"] or t["cues"]["cord"]]
+    without = [k for k in range(n_series) if k not in with_cue]
+    for key, idx in (("pelvis_or_cord_cue", with_cue), ("muscle_cue_only", without)):
+        if idx:
+            out[key] = evaluate_grades([preds[k] for k in idx], [truths[k] for k in idx])["naming"]
+    return out
