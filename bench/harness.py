@@ -405,6 +405,11 @@ class NodeProcess:
         assert self.proc is not None
         return self.proc.pid
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, s) the node process has used so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> int:
         """SIGTERM (drain), SIGKILL at the deadline; the exit status."""
         return _terminate(self.proc) if self.proc is not None else 0
