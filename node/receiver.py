@@ -549,6 +549,8 @@ def _check_dataset(
         actual = len(ds.PixelData or b"")
         if actual < expected:
             return "truncated", f"PixelData has {actual} bytes, {expected} expected"
+        if actual > expected + expected % 2:  # only a pad byte to even length may follow
+            return "pixel_length", f"PixelData has {actual} bytes, {expected} expected (Rows/Columns/BitsAllocated wrong?)"
     return None
 
 
