@@ -209,8 +209,12 @@ def build_sr(
     seg: Dataset,
     specs: Sequence[SegmentSpec],
     identity: OutputIdentity,
-) -> Dataset:
-    """Build the TID 1500 report; ``seg`` and ``specs`` are the SEG it refers to."""
+) -> Dataset | None:
+    """Build the TID 1500 report; ``seg`` and ``specs`` are the SEG it refers to.
+
+    Returns ``None`` when the result has no level to report (TID 1500 needs at least one
+    measurement group).
+    """
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     ctx = _Context(by_uid, volume, seg, specs, result, identity)
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
@@ -222,6 +226,9 @@ def build_sr(
             group = _structure_group(ctx, lv, key, m)
             if group is not None:
                 groups.append(group)
+    if not groups:
+        logger.warning("series %s: no level measured, no SR", volume.series_instance_uid)
+        return None
     observer = hd.sr.ObserverContext(
         observer_type=dcodes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -234,7 +241,7 @@ def build_sr(
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.PROCEDURE_REPORTED,
-        imaging_measurements=groups or None,
+        imaging_measurements=groups,
     )
     referenced = {ctx.volume.slice_uids[i] for lv in result.levels for i in lv.slice_indices}
     evidence = [seg] + [ds for uid, ds in by_uid.items() if uid in referenced]

@@ -76,9 +76,11 @@ def ensure_viewer() -> Viewer:
     return Viewer(dist=dist, node_modules=node_modules)
 
 
-def shoot(viewer: Viewer, url: str, screenshot: Path, labels: list[str], timeout_s: float) -> dict[str, object]:
-    """Run ``shoot.js``: open ``url``, wait for ``labels``, save the screenshot."""
-    env = dict(os.environ, NODE_PATH=str(viewer.node_modules))
+def shoot(viewer: Viewer, url: str, screenshot: Path, labels: list[str], timeout_s: float,
+          steps: int = 0) -> dict[str, object]:
+    """Run ``shoot.js``: open ``url``, wait for ``labels``, step ``steps`` images down,
+    save the screenshot."""
+    env = dict(os.environ, NODE_PATH=str(viewer.node_modules), SHOOT_STEPS=str(steps))
     proc = subprocess.run(  # noqa: S603, S607
         ["node", str(SHOOT_JS), url, str(screenshot), str(int(timeout_s * 1000)), *labels],
         capture_output=True, text=True, timeout=timeout_s + 120, env=env,

@@ -1,6 +1,7 @@
 // Open a study in OHIF with headless Debian chromium (playwright-core), wait until the
 // expected segment labels are in the page, take a screenshot, print a JSON result.
 // usage: node shoot.js URL SCREENSHOT.png TIMEOUT_MS LABEL [LABEL...]
+// SHOOT_STEPS=n in the environment: after the labels appear, step n images (ArrowDown).
 const { chromium } = require('playwright-core');
 const fs = require('fs');
 const os = require('os');
@@ -51,6 +52,20 @@ const timeoutMs = parseInt(timeoutArg, 10);
         }
       }
       await page.waitForTimeout(500);
+    }
+    const steps = parseInt(process.env.SHOOT_STEPS || '0', 10);
+    if (result.missing.length === 0 && steps > 0) {
+      const box = await page.evaluate(() => {
+        const el = document.querySelector('.cornerstone-viewport-element, [data-viewport-uid]');
+        if (!el) return null;
+        const r = el.getBoundingClientRect();
+        return { x: r.x + r.width / 2, y: r.y + r.height / 2 };
+      });
+      if (box) await page.mouse.move(box.x, box.y);
+      for (let i = 0; i < steps; i += 1) {
+        await page.keyboard.press('ArrowDown');
+        await page.waitForTimeout(300);
+      }
     }
     // let the viewport finish painting the overlay: wait until two screenshots agree
     let previous = null;
