@@ -67,8 +67,11 @@ def render_slice(grey: np.ndarray, labels: np.ndarray, *, scale: int = 1) -> Ima
         edge = mask & ~ndimage.binary_erosion(mask)
         rgb[edge] = colour
     image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(image)
+    draw = ImageDraw.Draw(image, "RGBA")
     font = _font(_FONT_SIZE)
+    if present:
+        width = max(int(draw.textlength(DISPLAY_NAMES[label], font=font)) for label in present)
+        draw.rectangle([0, 0, width + _FONT_SIZE + 10, 6 + len(present) * (_FONT_SIZE + 3)], fill=(0, 0, 0, 150))
     y = 4
     for label in present:
         draw.rectangle([4, y + 2, 4 + _FONT_SIZE - 4, y + _FONT_SIZE], fill=COLORS[label])
@@ -78,14 +81,13 @@ def render_slice(grey: np.ndarray, labels: np.ndarray, *, scale: int = 1) -> Ima
     return image
 
 
-def summary_lines(result: SeriesResult) -> list[list[str]]:
-    """The summary table: a header row, then one row per level, caudal first."""
-    header = ["Level", "Schizas", "Severity", "DSCA mm2", "DSCA grade", "Content", "Conf."]
-    for muscle in MUSCLES:
-        side = "L" if muscle.endswith("left") else "R"
-        short = {"psoas": "PS", "erector": "ES", "multifidus": "MF"}[muscle.split("_")[0]]
-        header.append(f"{short}-{side} CSA/FF%")
-    rows = [header]
+def summary_tables(result: SeriesResult) -> tuple[list[list[str]], list[list[str]]]:
+    """The two summary tables, caudal level first: grades, then muscle CSA / fat %.
+
+    Each has a header row, then one row per level.
+    """
+    grades = [["Level", "Schizas", "Severity", "DSCA mm2", "DSCA grade", "Content", "Grade conf.", "Level conf."]]
+    muscles = [["Level"] + [_muscle_header(m) for m in MUSCLES]]
     for lv in sorted(result.levels, key=lambda lv: lv.position):
         name = lv.level if lv.level is not None else f"#{lv.position} (unlabelled)"
         st = lv.stenosis
@@ -94,43 +96,55 @@ def summary_lines(result: SeriesResult) -> list[list[str]]:
             row += [st.schizas, st.severity, f"{st.dsca_mm2:.0f}", st.dsca_grade, st.rootlets, f"{st.confidence:.2f}"]
         else:
             row += ["-"] * 6
+        grades.append(row + [f"{lv.level_confidence:.2f}"])
+        cells = [name]
         for muscle in MUSCLES:
             m = lv.measurements.get(muscle)
             if m is None:
-                row.append("-")
+                cells.append("-")
             else:
                 ff = f"{m.fat_fraction_pct:.0f}" if m.fat_fraction_pct is not None else "-"
-                row.append(f"{m.csa_mm2:.0f}/{ff}")
-        rows.append(row)
-    return rows
+                cells.append(f"{m.csa_mm2:.0f} / {ff}")
+        muscles.append(cells)
+    return grades, muscles
+
+
+def _muscle_header(muscle: str) -> str:
+    side = "L" if muscle.endswith("left") else "R"
+    short = {"psoas": "Psoas", "erector": "Erector sp.", "multifidus": "Multifidus"}[muscle.split("_")[0]]
+    return f"{short} {side}"
 
 
 def render_summary(result: SeriesResult) -> Image.Image:
-    """The per-level table of grades and measurements as an image."""
-    table = summary_lines(result)
+    """The per-level tables of grades and measurements as an image."""
+    grades, muscles = summary_tables(result)
     font = _font(_SUMMARY_FONT_SIZE)
     small = _font(_FONT_SIZE)
     line = _SUMMARY_FONT_SIZE + 8
-    n_lines = len(table) + len(result.flags) + 6
+    n_lines = len(grades) + len(muscles) + len(result.flags) + 8
     height = max(256, line * n_lines + 40)
     image = Image.new("RGB", (SUMMARY_WIDTH, height), (0, 0, 0))
     draw = ImageDraw.Draw(image)
-    draw.text((12, 10), f"AI lumbar analysis - {result.model_name} {result.model_version}", fill=(255, 255, 255), font=font)
-    columns = [12, 180, 250, 370, 460, 560, 660]
-    x_muscles = 720
+    draw.text((12, 10), f"AI lumbar analysis - {result.model_name} {result.model_version}",
+              fill=(255, 255, 255), font=font)
     y = 10 + 2 * line
-    for r, row in enumerate(table):
-        colour = (255, 220, 120) if r == 0 else (255, 255, 255)
-        for c, text in enumerate(row[:7]):
-            draw.text((columns[c], y), text, fill=colour, font=small if r == 0 else font)
-        muscles = "  ".join(row[7:]) if r else "  ".join(h.split(" ")[0] for h in row[7:]) + "  (CSA mm2 / fat %)"
-        draw.text((x_muscles, y), muscles[:60], fill=colour, font=small)
+    for table, columns, title in (
+        (grades, [12, 200, 280, 400, 500, 620, 730, 850], "Central canal stenosis"),
+        (muscles, [12, 200, 335, 470, 605, 740, 875], "Muscles: CSA mm2 / fat fraction %"),
+    ):
+        draw.text((12, y), title, fill=(160, 200, 255), font=font)
         y += line
-    y += line // 2
+        for r, row in enumerate(table):
+            colour = (255, 220, 120) if r == 0 else (255, 255, 255)
+            for x, text in zip(columns, row, strict=True):
+                draw.text((x, y), text, fill=colour, font=small if r == 0 else font)
+            y += line
+        y += line // 2
     for flag in result.flags:
         draw.text((12, y), f"! {flag}", fill=(255, 120, 120), font=font)
         y += line
-    draw.text((12, height - line), DISCLAIMER + "; grades: Schizas (visual), DSCA cut-offs heuristic", fill=(200, 200, 200), font=small)
+    draw.text((12, height - line), DISCLAIMER + "; Schizas grade visual, DSCA cut-offs heuristic",
+              fill=(200, 200, 200), font=small)
     return image
 
 

@@ -12,7 +12,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
 from ai.labels import COLORS, Label
 from node.encode import encode_series, transcode
-from node.encode.overlay import FILL_OPACITY, render_slice, summary_lines
+from node.encode.overlay import FILL_OPACITY, render_slice, summary_tables
 
 
 def _roundtrip(ds: Dataset) -> Dataset:
@@ -23,15 +23,16 @@ def _roundtrip(ds: Dataset) -> Dataset:
 
 
 def test_overlay_burns_colours_where_the_labels_are() -> None:
-    grey = np.full((32, 32), 100, np.uint8)
-    labels = np.zeros((32, 32), np.uint8)
-    labels[10:20, 10:20] = Label.DURAL_SAC
+    grey = np.full((128, 128), 100, np.uint8)
+    labels = np.zeros((128, 128), np.uint8)
+    labels[60:80, 60:80] = Label.DURAL_SAC
     image = np.asarray(render_slice(grey, labels))
-    inside = image[15, 15].astype(float)
+    inside = image[70, 70].astype(float)
     expected = 100 * (1 - FILL_OPACITY) + np.array(COLORS[Label.DURAL_SAC]) * FILL_OPACITY
     np.testing.assert_allclose(inside, expected, atol=1)
-    assert tuple(image[10, 15]) == COLORS[Label.DURAL_SAC]  # contour at full colour
-    assert tuple(image[28, 28]) == (100, 100, 100)  # outside untouched (below the legend)
+    assert tuple(image[60, 70]) == COLORS[Label.DURAL_SAC]  # contour at full colour
+    assert tuple(image[90, 90]) == (100, 100, 100)  # outside untouched
+    assert tuple(image[8, 30]) != (100, 100, 100)  # the legend
 
 
 def test_overlay_series_and_summary() -> None:
@@ -46,8 +47,9 @@ def test_overlay_series_and_summary() -> None:
         assert back.InstanceNumber == i + 1
         assert back.StudyInstanceUID == s.datasets[0].StudyInstanceUID
     assert out.overlay[0].SourceImageSequence[0].ReferencedSOPInstanceUID == s.volume.slice_uids[0]
-    rows = summary_lines(s.result)
-    assert rows[1][0] == "L4-L5" and rows[2][0].startswith("#2 (unlabelled)")
+    grades, muscles = summary_tables(s.result)
+    assert grades[1][:2] == ["L4-L5", "A"] and grades[2][0].startswith("#2 (unlabelled)")
+    assert muscles[1][1] == "901 / 20"  # psoas left CSA / fat %
     only_summary = encode_series(s.datasets, s.volume, s.result, include_overlay=False)
     assert len(only_summary.overlay) == 1
     nothing = encode_series(s.datasets, s.volume, s.result, include_overlay=False, include_summary=False)
