@@ -199,6 +199,7 @@ class SendResult:
     succeeded: int
     latencies_ms: list[float]
     errors: list[str]
+    last_response_at: float | None = None
 
     @property
     def per_second(self) -> float:
@@ -214,11 +215,12 @@ def _stamp(line: str) -> float | None:
     return int(parts[0]) + int(parts[1]) / 1e3 + int(parts[2]) / 1e6
 
 
-def parse_storescu_log(text: str) -> tuple[list[float], int]:
-    """(response times in ms, successful responses) from a timestamped storescu log."""
+def parse_storescu_log(text: str) -> tuple[list[float], int, float | None]:
+    """(response times in ms, successful responses, Unix time of the last response)."""
     latencies: list[float] = []
     succeeded = 0
     sent_at: float | None = None
+    last: float | None = None
     for line in text.splitlines():
         stamp = _stamp(line)
         if stamp is None:
@@ -228,9 +230,10 @@ def parse_storescu_log(text: str) -> tuple[list[float], int]:
         elif "Received Store Response" in line and sent_at is not None:
             latencies.append((stamp - sent_at) * 1e3)
             sent_at = None
+            last = stamp
             if "(Success)" in line:
                 succeeded += 1
-    return latencies, succeeded
+    return latencies, succeeded, last
 
 
 def storescu(
@@ -249,15 +252,18 @@ def storescu(
     latencies: list[float] = []
     succeeded = 0
     errors: list[str] = []
+    last: float | None = None
     for proc in procs:
         out, _ = proc.communicate(timeout=timeout_s)
-        found, ok = parse_storescu_log(out)
+        found, ok, stamp = parse_storescu_log(out)
+        if stamp is not None:
+            last = max(last or stamp, stamp)
         latencies.extend(found)
         succeeded += ok
         if proc.returncode != 0:
             errors.append(f"storescu exited {proc.returncode}: {out[-400:]}")
     wall = time.perf_counter() - started
-    return SendResult(wall, sent, succeeded, latencies, errors)
+    return SendResult(wall, sent, succeeded, latencies, errors, last)
 
 
 class Storescp:
@@ -443,3 +449,49 @@ def metric_value(text: str, name: str) -> float | None:
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The ``q``-th percentile (0-100) of ``values``, None when empty."""
     return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else None
+
+
+# -- Orthanc as the PACS ---------------------------------------------------------------------------
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+class Orthanc:
+    """A real Orthanc (the PACS the node sends results to), storage under ``workdir``."""
+
+    def __init__(self, workdir: Path, aet: str = "ORTHANC") -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.aet = aet
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        config: dict[str, Any] = {
+            "Name": "lumbar-node-bench-pacs",
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False,
+            "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "index"),
+            "StableAge": 60,
+            "SaveJobs": False,
+        }
+        path = workdir / "orthanc.json"
+        import json
+
+        path.write_text(json.dumps(config))
+        with (workdir / "orthanc.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [ORTHANC, f"--logfile={workdir / 'orthanc-internal.log'}", str(path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dcmtk_env(),
+            )
+        wait_for_echo(self.dicom_port, aet, self.proc)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL at the deadline."""
+        _terminate(self.proc)
