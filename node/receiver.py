@@ -162,6 +162,20 @@ def _same_ip(a: str, b: str) -> bool:
         return False
 
 
+class SlotCountingAE(AE):
+    """An AE whose ``node.max_associations`` counts only peers that asked to associate.
+
+    pynetdicom counts every accepted TCP connection, so N silent connections (port scans,
+    half-open peers, a slow client) would have a legitimate modality rejected with "local
+    limit exceeded" until their ACSE timeout. A connection takes a slot once its
+    A-ASSOCIATE-RQ has arrived.
+    """
+
+    @property
+    def active_associations(self) -> list[Association]:
+        return [a for a in super().active_associations if not a.is_acceptor or a.requestor.primitive is not None]
+
+
 class NodeAssociationServer(ThreadedAssociationServer):
     """Association server whose accept loop never blocks on a client.
 
@@ -174,20 +188,49 @@ class NodeAssociationServer(ThreadedAssociationServer):
     handshake_timeout_s: float = 30.0
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """Set TCP_NODELAY, do the TLS handshake here (bounded), then run the association."""
+        """Set TCP_NODELAY, do the TLS handshake here (bounded), then run the association.
+
+        The TLS handshake and the A-ASSOCIATE-RQ must both arrive within
+        ``handshake_timeout_s`` of the connection in total: socket timeouts bound each read,
+        not a peer that trickles one byte at a time (which pynetdicom's ARTIM timer does not
+        see while it reads a PDU), so a deadline timer shuts such a connection down.
+        """
         sock: socket.socket = request
+        current = [sock]
+        deadline = threading.Timer(self.handshake_timeout_s, self._drop_if_not_requested, args=(current, client_address))
+        deadline.daemon = True
+        deadline.start()  # runs on after this returns: the association has its own thread
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls_context is not None:
                 sock.settimeout(self.handshake_timeout_s)
                 sock = self.tls_context.wrap_socket(sock, server_side=True)
+                current[0] = sock
                 sock.settimeout(self.ae.network_timeout)
         except (OSError, ssl.SSLError) as exc:
+            deadline.cancel()
             logger.warning("connection from %s dropped before association: %s", client_address[0], exc)
             metrics.ASSOCIATIONS.labels(result="handshake_failed").inc()
             self.shutdown_request(request)
             return
         super().process_request_thread(sock, client_address)
+
+    def _drop_if_not_requested(self, current: list[socket.socket], client_address: Any) -> None:
+        """Deadline: shut the connection down unless its association was requested."""
+        sock = current[0]
+        for assoc in self.active_associations:
+            if getattr(assoc.dul.socket, "socket", None) is sock and assoc.requestor.primitive is not None:
+                return
+        if sock.fileno() < 0:
+            return  # already closed
+        logger.warning(
+            "connection from %s dropped: no association request within %.0f s", client_address[0], self.handshake_timeout_s
+        )
+        metrics.ASSOCIATIONS.labels(result="request_timeout").inc()
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return  # closed meanwhile
 
 
 class Receiver:
@@ -229,7 +272,7 @@ class Receiver:
     # -- set-up ------------------------------------------------------------------------
     def _make_ae(self) -> AE:
         node = self.config.node
-        ae = AE(ae_title=node.ae_title)
+        ae = SlotCountingAE(ae_title=node.ae_title)
         ae.maximum_pdu_size = node.max_pdu
         ae.maximum_associations = node.max_associations
         ae.acse_timeout = node.acse_timeout_s
