@@ -59,13 +59,20 @@ def render_slice(grey: np.ndarray, labels: np.ndarray, *, scale: int = 1) -> Ima
     if scale > 1:
         rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
         labels = labels.repeat(scale, axis=0).repeat(scale, axis=1)
-    present = [Label(v) for v in np.unique(labels) if v != 0]
+    boxes = ndimage.find_objects(labels)
+    present = [Label(v + 1) for v, box in enumerate(boxes) if box is not None and v + 1 < len(Label)]
     for label in present:
-        mask = labels == int(label)
+        # work inside the label's bounding box (one pixel margin for the erosion)
+        box = boxes[int(label) - 1]
+        assert box is not None
+        r0, r1 = max(box[0].start - 1, 0), box[0].stop + 1
+        c0, c1 = max(box[1].start - 1, 0), box[1].stop + 1
+        mask = labels[r0:r1, c0:c1] == int(label)
+        patch = rgb[r0:r1, c0:c1]
         colour = np.array(COLORS[label], np.float32)
-        rgb[mask] = rgb[mask] * (1 - FILL_OPACITY) + colour * FILL_OPACITY
-        edge = mask & ~ndimage.binary_erosion(mask)
-        rgb[edge] = colour
+        patch[mask] = patch[mask] * (1 - FILL_OPACITY) + colour * FILL_OPACITY
+        edge = mask & ~ndimage.binary_erosion(mask, border_value=0)
+        patch[edge] = colour
     image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image, "RGBA")
     font = _font(_FONT_SIZE)
