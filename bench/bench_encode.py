@@ -74,6 +74,12 @@ def _write(ds: pydicom.Dataset) -> int:
     return len(buf.getvalue())
 
 
+def _write_sr(ds: pydicom.Dataset | None) -> int:
+    if ds is None:
+        raise ValueError("the synthetic result has levels: an SR was expected")
+    return _write(ds)
+
+
 def _highdicom_seg(series: Any) -> float:
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -124,7 +130,7 @@ def measure(n: int, *, reference: bool) -> dict[str, Any]:
         "seg_build_write_s": _median_time(
             lambda: _write(build_seg(series.datasets, series.volume, series.result, ident))
         ),
-        "sr_s": _once(lambda: _write(build_sr(series.datasets, series.volume, series.result, seg, specs, ident))),
+        "sr_s": _once(lambda: _write_sr(build_sr(series.datasets, series.volume, series.result, seg, specs, ident))),
     }
     # the overlay needs pixels; a random image of the same size is enough for timing
     pixels = np.random.default_rng(0).normal(500, 100, series.volume.pixels.shape).astype(np.float32)
