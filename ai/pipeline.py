@@ -57,7 +57,7 @@ class Analyzer:
         self,
         device: str = "auto",
         batch_size: int = 8,
-        weights_dir: Path | None = None,
+        weights_dir: Path | str | None = None,
         threads: int = 0,
     ) -> None:
         if batch_size < 1:
@@ -68,7 +68,7 @@ class Analyzer:
             torch.set_num_threads(threads)
         self.device = choose_device(device)
         self.batch_size = batch_size
-        model, card = load_model(weights_dir)
+        model, card = load_model(Path(weights_dir) if weights_dir is not None else None)
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
         self.card: ModelCard = card
         self.grader: Any = None

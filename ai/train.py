@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ai.card import ModelCard, label_map, save_weights
+from ai.card import ModelCard, label_map, load_model, save_weights
 from ai.inference import labels_to_model, pre_process_slice
-from ai.labels import LEVEL_NAMES, NUM_CLASSES, STRUCTURES
+from ai.labels import LEVEL_NAMES, NUM_CLASSES, STRUCTURES, Label
 from ai.model import UNet, UNetConfig, count_parameters
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 VAL_SEED = 918_273_645
 MODEL_NAME = "lumbar-seg-unet"
 AXIAL_ORIENTATION = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+#: Labels that ``small_structure_weight`` up-weights in the cross-entropy.
+SMALL_STRUCTURES: tuple[Label, ...] = (Label.VERTEBRAL_BODY, Label.DURAL_SAC, Label.EPIDURAL_SPACE)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,10 @@ class TrainConfig:
     input_size: int = 224
     channels: tuple[int, ...] = (12, 24, 48, 96, 128)
     version: str = "1.0.0"
+    #: cross-entropy weight of the small canal structures and the vertebral body (others 1)
+    small_structure_weight: float = 1.0
+    #: weights folder (``seg.safetensors`` + card) to start from instead of random weights
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -345,7 +351,14 @@ def train(
         labels = np.concatenate([labels, real_slices[1].astype(np.uint8)])
     say(f"pool ready: {len(images)} training slices, {len(val[0])} validation slices ({pool_s:.0f} s)")
 
-    model = UNet(card0.unet_config).to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model = UNet(card0.unet_config)
+    if cfg.init_from:
+        init_model, init_card = load_model(Path(cfg.init_from))
+        if init_card.unet_config != card0.unet_config:
+            raise ValueError("init_from weights have another architecture")
+        model.load_state_dict(init_model.state_dict())
+        say(f"initialised from {cfg.init_from} ({init_card.weights_sha256[:12]})")
+    model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1, div_factor=10.0,
@@ -387,6 +400,9 @@ def train(
     t0 = time.perf_counter() - state.elapsed_s
     n = len(images)
     use_amp = device.type == "cuda"
+    ce_weight = torch.ones(NUM_CLASSES, device=device)
+    for lab in SMALL_STRUCTURES:
+        ce_weight[int(lab)] = cfg.small_structure_weight
     loss_acc = 0.0
     last_val = state.step
     while state.step < cfg.steps:
@@ -398,7 +414,7 @@ def train(
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y) + cfg.dice_weight * dice_loss(logits, y)
+            loss = F.cross_entropy(logits.float(), y, weight=ce_weight) + cfg.dice_weight * dice_loss(logits, y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)

@@ -21,6 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--pool-subjects", type=int, default=None,
                         help="phantom subjects rendered into the training pool")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from these weights (a best/ or last/ folder) instead of random")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    parser.add_argument("--small-structure-weight", type=float, default=None,
+                        help="cross-entropy weight of vertebral body, dural sac, epidural space")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="wall-clock safety stop; best weights so far stay in OUT/best")
@@ -49,13 +54,18 @@ def run(args: argparse.Namespace) -> int:
         overrides["batch_size"] = args.batch_size
     if args.pool_subjects is not None:
         overrides["pool_subjects"] = args.pool_subjects
+    if args.init is not None:
+        overrides["init_from"] = str(args.init)
+    if args.lr is not None:
+        overrides["lr"] = args.lr
+    if args.small_structure_weight is not None:
+        overrides["small_structure_weight"] = args.small_structure_weight
     cfg = dataclasses.replace(TrainConfig(), **overrides)  # type: ignore[arg-type]
     device = choose_device(args.device)
     real = None
     if args.data is not None:
-        from ai.realdata import load_training_slices
-
         from ai.card import ModelCard
+        from ai.realdata import load_training_slices
         from ai.train import build_card
 
         card: ModelCard = build_card(cfg, {})
