@@ -9,7 +9,8 @@ Three grades, each with a probability (clinical spec section 0):
 * **Schizas A-D** main grade from :class:`ai.grading_model.SchizasNet` on the
   canal-centred patch, with its softmax probabilities; RSNA-style severity from it
   (A -> normal/mild, B -> moderate, C/D -> severe; our design choice).
-* **Rootlets vs cord**: the second head of the same network.
+* **Rootlets vs cord**: the second head of the same network; ``rootlets_probability``
+  is the probability of cauda-equina rootlets (``1 - P(cord)``), whichever is reported.
 
 ``confidence`` is the probability of the chosen Schizas grade times the probability of
 the chosen rootlets/cord answer, lowered when the canal is not segmented on the slice.
@@ -162,11 +163,12 @@ class StenosisGrader:
 
 
 def _stenosis(probs: np.ndarray, p_cord: float, area: float, canal_found: bool) -> Stenosis:
+    """Fill :class:`ai.results.Stenosis`; ``rootlets_probability`` is P(rootlets), always."""
     k = int(np.argmax(probs))
     grade = SCHIZAS_GRADES[k]
     is_cord = p_cord >= 0.5
-    p_rootlet_answer = p_cord if is_cord else 1.0 - p_cord
-    confidence = float(probs[k]) * p_rootlet_answer
+    p_answer = p_cord if is_cord else 1.0 - p_cord
+    confidence = float(probs[k]) * p_answer
     if not canal_found:
         confidence *= NO_CANAL_CONFIDENCE_FACTOR
     return Stenosis(
@@ -176,6 +178,6 @@ def _stenosis(probs: np.ndarray, p_cord: float, area: float, canal_found: bool) 
         dsca_grade=dsca_grade(area),
         severity=severity_from_schizas(grade),
         rootlets="cord" if is_cord else "rootlets",
-        rootlets_probability=float(p_rootlet_answer),
+        rootlets_probability=float(1.0 - p_cord),
         confidence=float(np.clip(confidence, 0.0, 1.0)),
     )

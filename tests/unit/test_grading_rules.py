@@ -156,7 +156,7 @@ def test_grade_fills_a_valid_stenosis() -> None:
     assert st.dsca_mm2 == pytest.approx(dsca_mm2(lab, (0.5, 0.5)))
     assert st.dsca_grade == dsca_grade(st.dsca_mm2)
     assert st.severity == severity_from_schizas(st.schizas)
-    assert 0.5 <= st.rootlets_probability <= 1.0
+    assert (st.rootlets == "rootlets") == (st.rootlets_probability >= 0.5)
     assert 0.0 <= st.confidence <= 1.0
     # No canal on the slice: a result, but with a much lower confidence.
     empty = grader.grade(vol, np.zeros_like(labels), LevelAssignment(None, 1, [0, 1], 1, 0.0))
