@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -49,6 +49,13 @@ class EncodedOutputs:
             out.append(self.sr)
         out.extend(self.overlay)
         return out
+
+    def __iter__(self) -> Iterator[Dataset]:
+        """Iterate over :meth:`all` (``list(outputs)`` gives every dataset)."""
+        return iter(self.all())
+
+    def __len__(self) -> int:
+        return len(self.all())
 
     def of_kinds(self, kinds: Sequence[str]) -> list[Dataset]:
         """The outputs whose kind is in ``kinds`` (per-destination filtering)."""
