@@ -40,6 +40,7 @@ BENCHMARKS: tuple[tuple[str, float], ...] = (
     ("bench_encode", 75.0),
     ("bench_memory", 90.0),
     ("bench_phantom", 60.0),
+    ("bench_load", 90.0),
 )
 #: extra seconds a child gets beyond its budget (start-up, imports) before it is killed
 GRACE_S = 30.0
