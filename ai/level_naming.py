@@ -275,7 +275,11 @@ def measure_cues(
     pel = max((pelvis_area(i, lab, pixel_spacing) for i, lab in zip(images, labels, strict=True)), default=0.0)
     col = _canal_col(labels[mid])
     width = images[mid].shape[1]
-    observable = col is not None and min(col, width - 1 - col) * pixel_spacing[1] >= PELVIS_MIN_FOV_HALF_MM
+    observable = (
+        col is not None
+        and min(col, width - 1 - col) * pixel_spacing[1] >= PELVIS_MIN_FOV_HALF_MM
+        and _fat_reference(images[mid], labels[mid]) is not None  # no reference, no verdict
+    )
     return LevelCues(
         pelvis_area_mm2=pel,
         pelvis_observable=observable,
