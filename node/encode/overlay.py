@@ -163,7 +163,7 @@ def _sc_dataset(
     *,
     now: dt.datetime,
     comment: str,
-    source: Dataset | None,
+    sources: Sequence[Dataset],
 ) -> Dataset:
     ds = Dataset()
     copy_patient_study(first, ds)
@@ -185,11 +185,16 @@ def _sc_dataset(
     ds.BurnedInAnnotation = "YES"
     ds.ImageComments = comment[:10240]
     ds.DerivationDescription = "AI segmentation burned onto the source image"
-    if source is not None:
+    # every overlay image names the images it was made from, so a PACS (and the e2e test)
+    # can tie it to the analysed series; the summary is made from all of them
+    refs = []
+    for source in sources:
         ref = Dataset()
         ref.ReferencedSOPClassUID = source.SOPClassUID
         ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
-        ds.SourceImageSequence = DicomSequence([ref])
+        refs.append(ref)
+    if refs:
+        ds.SourceImageSequence = DicomSequence(refs)
     array = np.asarray(image, np.uint8)
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = "RGB"
@@ -226,12 +231,13 @@ def build_overlay(
         for i, uid in enumerate(volume.slice_uids):
             image = render_slice(grey[i], result.labels[i], scale=scale)
             out.append(
-                _sc_dataset(image, first, identity, i, now=now, source=by_uid[uid],
+                _sc_dataset(image, first, identity, i, now=now, sources=[by_uid[uid]],
                             comment=f"AI overlay of slice {i + 1} of {volume.n_slices}")
             )
     if include_summary:
         out.append(
-            _sc_dataset(render_summary(result), first, identity, volume.n_slices, now=now, source=None,
+            _sc_dataset(render_summary(result), first, identity, volume.n_slices, now=now,
+                        sources=[by_uid[uid] for uid in dict.fromkeys(volume.slice_uids)],
                         comment="AI lumbar summary: per-level grades and measurements")
         )
     logger.info("overlay for series %s: %d images", volume.series_instance_uid, len(out))

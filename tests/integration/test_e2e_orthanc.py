@@ -146,13 +146,16 @@ def orthanc_results(peer: Orthanc) -> dict[str, Dataset]:
     return out
 
 
-def referenced_series(ds: Dataset) -> set[str]:
-    """Series a result refers to (SEG/SC: referenced series, SR: evidence)."""
+def referenced_series(ds: Dataset, series_of_instance: dict[str, str]) -> set[str]:
+    """Series a result refers to (SEG: referenced series, SR: evidence, SC: source images,
+    whose instance UIDs are mapped to their series through the node's index)."""
     found: set[str] = set()
     for keyword in ("ReferencedSeriesSequence", "CurrentRequestedProcedureEvidenceSequence", "SourceImageSequence"):
         for item in ds.get(keyword, []):
             if "SeriesInstanceUID" in item:
                 found.add(str(item.SeriesInstanceUID))
+            if "ReferencedSOPInstanceUID" in item:
+                found.add(series_of_instance.get(str(item.ReferencedSOPInstanceUID), "unknown"))
             for inner in item.get("ReferencedSeriesSequence", []):
                 found.add(str(inner.SeriesInstanceUID))
     return found
@@ -274,9 +277,14 @@ def test_results_for_the_axial_series_only_and_sr_matches_truth(
         assert set(stored) == {r["sop_instance_uid"] for r in rows}
         classes = {str(ds.SOPClassUID) for ds in stored.values()}
         assert SEG in classes and classes & SR_CLASSES and classes & SC_CLASSES
+        series_of_instance = {
+            str(r["sop_instance_uid"]): str(r["series_instance_uid"])
+            for r in db.execute("SELECT sop_instance_uid, series_instance_uid FROM instances")
+        }
         for ds in stored.values():
-            assert axial in referenced_series(ds), ds.SOPClassUID
-            assert not referenced_series(ds) & (planes["sagittal"] | planes["other"])
+            refs = referenced_series(ds, series_of_instance)
+            assert axial in refs, ds.SOPClassUID
+            assert not refs & (planes["sagittal"] | planes["other"] | {"unknown"})
 
         [sr] = [ds for ds in stored.values() if str(ds.SOPClassUID) in SR_CLASSES]
         measured = sr_dsca(sr)
