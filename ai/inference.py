@@ -250,24 +250,52 @@ def predict(
 def to_native(logits: torch.Tensor, grid: SliceGrid) -> np.ndarray:
     """Model-grid logits ``(classes, H, W)`` of one slice -> native label map (uint8).
 
-    Native pixels outside the model's field of view are background.
+    Equivalent to bilinear interpolation of the logits followed by arg-max, computed
+    cheaply: where the four model pixels around a native pixel share one arg-max label,
+    any convex combination of their logits has that arg-max too, so only native pixels
+    near a label boundary are interpolated. Native pixels outside the model's field of
+    view are background.
     """
     nr, nc = grid.native_shape
-    rr, cc = np.meshgrid(np.arange(nr, dtype=np.float64), np.arange(nc, dtype=np.float64), indexing="ij")
-    ij = grid.native_to_model(np.stack([rr, cc], axis=-1))
     mr, mc = grid.model_shape
-    inside = (ij[..., 0] >= 0) & (ij[..., 0] <= mr - 1) & (ij[..., 1] >= 0) & (ij[..., 1] <= mc - 1)
+    inv = np.linalg.inv(grid.matrix).astype(np.float32)
+    rc0, mc0 = grid.native_centre.astype(np.float32), grid.model_centre.astype(np.float32)
+    dr = (np.arange(nr, dtype=np.float32) - rc0[0])[:, None]
+    dc = (np.arange(nc, dtype=np.float32) - rc0[1])[None, :]
+    fi = inv[0, 0] * dr + inv[0, 1] * dc + mc0[0]
+    fj = inv[1, 0] * dr + inv[1, 1] * dc + mc0[1]
+    inside = (fi >= 0) & (fi <= mr - 1) & (fj >= 0) & (fj <= mc - 1)
     out = np.zeros((nr, nc), dtype=np.uint8)
     if not inside.any():
         return out
-    rows = np.flatnonzero(inside.any(axis=1))
-    cols = np.flatnonzero(inside.any(axis=0))
-    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    g = _normalised_grid(ij[r0:r1, c0:c1], grid.model_shape)[None]
-    sampled = F.grid_sample(logits[None].float(), g, mode="bilinear", align_corners=True)
-    labels = sampled[0].argmax(dim=0).numpy().astype(np.uint8)
-    labels[~inside[r0:r1, c0:c1]] = 0
-    out[r0:r1, c0:c1] = labels
+    lg = logits.float().numpy()
+    model_labels = lg.argmax(axis=0).astype(np.uint8)
+    # uniform[i, j]: the 2x2 block with top-left (i, j) has one label
+    lab_p = np.pad(model_labels, ((0, 1), (0, 1)), mode="edge")
+    uniform = (
+        (lab_p[:-1, :-1] == lab_p[1:, :-1])
+        & (lab_p[:-1, :-1] == lab_p[:-1, 1:])
+        & (lab_p[:-1, :-1] == lab_p[1:, 1:])
+    )
+    pi, pj = fi[inside], fj[inside]
+    i0 = np.clip(np.floor(pi).astype(np.int64), 0, mr - 1)
+    j0 = np.clip(np.floor(pj).astype(np.int64), 0, mc - 1)
+    labels = model_labels[i0, j0]
+    mixed = ~uniform[i0, j0]
+    if mixed.any():
+        i0m, j0m = i0[mixed], j0[mixed]
+        di = (pi[mixed] - i0m).astype(np.float32)
+        dj = (pj[mixed] - j0m).astype(np.float32)
+        i1m = np.minimum(i0m + 1, mr - 1)
+        j1m = np.minimum(j0m + 1, mc - 1)
+        val = (
+            lg[:, i0m, j0m] * ((1 - di) * (1 - dj))
+            + lg[:, i1m, j0m] * (di * (1 - dj))
+            + lg[:, i0m, j1m] * ((1 - di) * dj)
+            + lg[:, i1m, j1m] * (di * dj)
+        )
+        labels[mixed] = val.argmax(axis=0).astype(np.uint8)
+    out[inside] = labels
     return out
 
 
@@ -317,11 +345,26 @@ def clean_components(labels: np.ndarray, pixel_area_mm2: float) -> np.ndarray:
     return out
 
 
-def _centroid(mask: np.ndarray) -> np.ndarray | None:
-    if not mask.any():
+def label_stats(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel count ``(NUM_CLASSES,)`` and centroid ``(NUM_CLASSES, 2)`` of every label, one pass."""
+    n = len(Label)
+    flat = labels.ravel().astype(np.int64)
+    counts = np.bincount(flat, minlength=n)[:n].astype(np.float64)
+    rows = np.repeat(np.arange(labels.shape[0], dtype=np.float64), labels.shape[1])
+    cols = np.tile(np.arange(labels.shape[1], dtype=np.float64), labels.shape[0])
+    sr = np.bincount(flat, weights=rows, minlength=n)[:n]
+    sc = np.bincount(flat, weights=cols, minlength=n)[:n]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centroids = np.stack([sr / counts, sc / counts], axis=1)
+    return counts, centroids
+
+
+def _union_centroid(counts: np.ndarray, centroids: np.ndarray, labs: tuple[Label, ...]) -> np.ndarray | None:
+    w = np.array([counts[int(lab)] for lab in labs])
+    if w.sum() == 0:
         return None
-    r, c = np.nonzero(mask)
-    return np.array([r.mean(), c.mean()])
+    pts = np.stack([centroids[int(lab)] if counts[int(lab)] else np.zeros(2) for lab in labs])
+    return (pts * w[:, None]).sum(axis=0) / w.sum()
 
 
 def patient_left_direction(
@@ -341,8 +384,9 @@ def patient_left_direction(
     normal /= np.linalg.norm(normal)
     if normal[2] < 0:
         normal = -normal
-    canal = _centroid(np.isin(labels, [Label.DURAL_SAC, Label.EPIDURAL_SPACE]))
-    front = _centroid(np.isin(labels, [Label.DISC, Label.VERTEBRAL_BODY]))
+    counts, centroids = label_stats(labels)
+    canal = _union_centroid(counts, centroids, (Label.DURAL_SAC, Label.EPIDURAL_SPACE))
+    front = _union_centroid(counts, centroids, (Label.DISC, Label.VERTEBRAL_BODY))
     if canal is not None and front is not None and np.linalg.norm(canal - front) > 0:
         d = canal - front
         posterior = d[0] * rs * col_dir + d[1] * cs * row_dir
@@ -370,6 +414,7 @@ def fix_laterality(
     left_dir, midline = patient_left_direction(labels, orientation, pixel_spacing)
     if midline is None:
         return labels, []
+    counts, centroids = label_stats(labels)
     rs, cs = pixel_spacing
     out = labels.copy()
     notes: list[str] = []
@@ -378,7 +423,7 @@ def fix_laterality(
         right_lab = STRUCTURES[right_key][0]
         offsets: dict[Label, float] = {}
         for lab in (left_lab, right_lab):
-            c = _centroid(labels == lab)
+            c = _union_centroid(counts, centroids, (lab,))
             if c is not None:
                 d = (c - midline) * np.array([rs, cs])
                 offsets[lab] = float(np.dot(d, left_dir))

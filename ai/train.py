@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 VAL_SEED = 918_273_645
 MODEL_NAME = "lumbar-seg-unet"
 AXIAL_ORIENTATION = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+#: Bumped whenever the pool's slice distribution changes (invalidates cached pools).
+POOL_VERSION = 2
 #: Labels that ``small_structure_weight`` up-weights in the cross-entropy.
 SMALL_STRUCTURES: tuple[Label, ...] = (Label.VERTEBRAL_BODY, Label.DURAL_SAC, Label.EPIDURAL_SPACE)
 
@@ -100,7 +102,8 @@ def random_native_grid(rng: np.random.Generator) -> dict[str, Any]:
         "pixel_spacing": (spacing, spacing),
         "matrix": (matrix, matrix),
         "rotation_deg": float(rng.normal(0.0, 8.0)),
-        "offset_mm": float(rng.normal(0.0, 1.5)),
+        # slices of a block sit up to ~9 mm from the disc centre (endplate / vertebral body)
+        "offset_mm": float(rng.normal(0.0, 1.5) if rng.random() < 0.4 else rng.uniform(-10.0, 10.0)),
         "fov_shift_mm": (float(rng.normal(0.0, 10.0)), float(rng.normal(8.0, 10.0))),
     }
 
@@ -281,6 +284,7 @@ def _load_pool(path: Path, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray] | 
 
 def _pool_key(cfg: TrainConfig) -> dict[str, Any]:
     return {
+        "pool_version": POOL_VERSION,
         "seed": cfg.seed,
         "pool_subjects": cfg.pool_subjects,
         "slices_per_subject": cfg.slices_per_subject,

@@ -1,0 +1,94 @@
+"""Model card and weights validation: a card that does not fit its weights is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ai.card import (
+    CARD_FILE,
+    MAX_WEIGHTS_BYTES,
+    SHIPPED_WEIGHTS_DIR,
+    WEIGHTS_FILE,
+    CardError,
+    ModelCard,
+    label_map,
+    load_model,
+    save_weights,
+)
+from ai.labels import NUM_CLASSES
+from ai.model import UNet, UNetConfig, count_parameters
+
+
+def _card(channels: tuple[int, ...] = (4, 8)) -> ModelCard:
+    return ModelCard(
+        name="test-unet", version="0.0.1", labels=label_map(), input_spacing_mm=1.0,
+        input_size=(32, 32), architecture=UNetConfig(channels=channels).to_dict(),
+        training={"seed": 0, "command": "pytest"},
+    )
+
+
+def _saved(tmp_path: Path) -> tuple[UNet, Path]:
+    model = UNet(UNetConfig(channels=(4, 8)))
+    save_weights(model, _card(), tmp_path)
+    return model, tmp_path
+
+
+def test_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
+    model, folder = _saved(tmp_path)
+    loaded, card = load_model(folder)
+    assert card.name == "test-unet" and len(card.weights_sha256) == 64
+    x = torch.randn(2, 1, 32, 32)
+    model.eval()
+    with torch.inference_mode():
+        assert torch.allclose(model(x), loaded(x))
+
+
+def test_wrong_label_map_is_refused(tmp_path: Path) -> None:
+    _, folder = _saved(tmp_path)
+    d = json.loads((folder / CARD_FILE).read_text())
+    d["labels"]["4"] = "SOMETHING_ELSE"
+    (folder / CARD_FILE).write_text(json.dumps(d))
+    with pytest.raises(CardError, match="label map"):
+        load_model(folder)
+
+
+def test_wrong_architecture_is_refused(tmp_path: Path) -> None:
+    _, folder = _saved(tmp_path)
+    d = json.loads((folder / CARD_FILE).read_text())
+    d["architecture"]["channels"] = [8, 16]
+    (folder / CARD_FILE).write_text(json.dumps(d))
+    with pytest.raises(CardError, match="shape"):
+        load_model(folder)
+
+
+def test_tampered_weights_are_refused(tmp_path: Path) -> None:
+    _, folder = _saved(tmp_path)
+    other = UNet(UNetConfig(channels=(4, 8)))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    with pytest.raises(CardError, match="checksum"):
+        load_model(folder)
+
+
+def test_invalid_cards_cannot_be_built() -> None:
+    with pytest.raises(CardError):
+        ModelCard(name="", version="1", labels=label_map(), input_spacing_mm=1.0,
+                  input_size=(32, 32), architecture=UNetConfig(channels=(4, 8)).to_dict())
+    with pytest.raises(CardError, match="multiples"):
+        ModelCard(name="n", version="1", labels=label_map(), input_spacing_mm=1.0,
+                  input_size=(31, 32), architecture=UNetConfig(channels=(4, 8)).to_dict())
+
+
+def test_shipped_weights_fit_their_card_and_the_size_limit() -> None:
+    model, card = load_model()
+    assert (SHIPPED_WEIGHTS_DIR / WEIGHTS_FILE).stat().st_size <= MAX_WEIGHTS_BYTES
+    assert card.unet_config.num_classes == NUM_CLASSES
+    assert count_parameters(model) < 5_000_000
+    for key in ("seed", "command", "config"):
+        assert key in card.training or key in card.training.get("config", {})
+    assert card.metrics, "the shipped card must carry held-out metrics"

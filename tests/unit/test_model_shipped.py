@@ -1,0 +1,69 @@
+"""Regression guard: the shipped model on a fixed phantom series keeps a loose Dice floor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ai.evaluate import SegmentationMetrics
+from ai.phantom import render_slice, sample_subject
+from ai.pipeline import Analyzer
+from ai.volume import Volume
+
+#: Loose floors (the held-out table in docs/evaluation.md is the real measure).
+FLOORS = {
+    "disc": 0.80,
+    "dural_sac": 0.70,
+    "psoas_left": 0.75,
+    "psoas_right": 0.75,
+    "erector_spinae_left": 0.75,
+    "erector_spinae_right": 0.75,
+    "multifidus_left": 0.75,
+    "multifidus_right": 0.75,
+}
+
+
+def _series() -> tuple[Volume, np.ndarray]:
+    rng = np.random.default_rng(20261122)
+    subject = sample_subject(rng, levels=("L3-L4", "L4-L5"))
+    plan = [("L3-L4", "disc", "realistic"), ("L4-L5", "disc", "randomised"),
+            ("L4-L5", "disc", "realistic"), ("L4-L5", "mid", "realistic")]
+    images, labels = [], []
+    for level, kind, mode in plan:
+        s = render_slice(subject, level, kind, mode, rng, pixel_spacing=0.75, matrix=(288, 288))
+        images.append(s.image)
+        labels.append(s.labels)
+    n = len(plan)
+    vol = Volume(
+        pixels=np.stack(images).astype(np.float32), pixel_spacing=(0.75, 0.75),
+        positions=np.array([[0.0, 0.0, 10.0 * k] for k in range(n)]),
+        orientations=np.tile([1.0, 0, 0, 0, 1.0, 0], (n, 1)),
+        slice_uids=tuple(f"1.2.3.{k}" for k in range(n)), series_instance_uid="1.2.3",
+    )
+    return vol, np.stack(labels)
+
+
+@pytest.fixture(scope="module")
+def analyzer() -> Analyzer:
+    return Analyzer(device="cpu", batch_size=4)
+
+
+def test_shipped_model_reaches_the_dice_floor(analyzer: Analyzer) -> None:
+    vol, truth = _series()
+    labels, _flags, timings = analyzer.segment(vol)
+    assert labels.shape == truth.shape and labels.dtype == np.uint8
+    metrics = SegmentationMetrics()
+    for k in range(vol.n_slices):
+        metrics.add(labels[k], truth[k], vol.pixels[k], vol.pixel_spacing)
+    report = metrics.report()["all"]
+    low = {k: report[k]["dice_pooled"] for k, floor in FLOORS.items()
+           if (report[k]["dice_pooled"] or 0.0) < floor}
+    assert not low, f"Dice below floor: {low}"
+    assert set(timings) == {"pre_process", "predict", "post_process"}
+
+
+def test_segmentation_is_deterministic(analyzer: Analyzer) -> None:
+    vol, _ = _series()
+    a, _, _ = analyzer.segment(vol)
+    b, _, _ = analyzer.segment(vol)
+    assert np.array_equal(a, b)
