@@ -368,7 +368,10 @@ def _union_centroid(counts: np.ndarray, centroids: np.ndarray, labs: tuple[Label
 
 
 def patient_left_direction(
-    labels: np.ndarray, orientation: np.ndarray, pixel_spacing: tuple[float, float]
+    labels: np.ndarray,
+    orientation: np.ndarray,
+    pixel_spacing: tuple[float, float],
+    stats: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Unit in-plane direction toward the patient's left, in native (row, col) mm.
 
@@ -384,7 +387,7 @@ def patient_left_direction(
     normal /= np.linalg.norm(normal)
     if normal[2] < 0:
         normal = -normal
-    counts, centroids = label_stats(labels)
+    counts, centroids = stats if stats is not None else label_stats(labels)
     canal = _union_centroid(counts, centroids, (Label.DURAL_SAC, Label.EPIDURAL_SPACE))
     front = _union_centroid(counts, centroids, (Label.DISC, Label.VERTEBRAL_BODY))
     if canal is not None and front is not None and np.linalg.norm(canal - front) > 0:
@@ -411,10 +414,10 @@ def fix_laterality(
     Returns the corrected labels and one message per swapped or inconsistent pair (both
     structures on one side is flagged, not changed).
     """
-    left_dir, midline = patient_left_direction(labels, orientation, pixel_spacing)
+    counts, centroids = label_stats(labels)
+    left_dir, midline = patient_left_direction(labels, orientation, pixel_spacing, (counts, centroids))
     if midline is None:
         return labels, []
-    counts, centroids = label_stats(labels)
     rs, cs = pixel_spacing
     out = labels.copy()
     notes: list[str] = []

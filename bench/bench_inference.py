@@ -4,7 +4,8 @@
 Pre-processing (resample + normalise), prediction (batched network) and post-processing
 (back to the native grid + connected components + laterality) are timed separately, in
 wall time and in process CPU time (the latter is less sensitive to other load on a shared
-machine; with 2 threads it can exceed wall time).
+machine; with 2 threads it can exceed wall time). One-thread figures are reported too:
+on a machine shared with other work, two threads often wait for each other.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def run() -> dict:  # type: ignore[type-arg]
         "matrix": list(MATRIX),
         "slices": N_SLICES,
         "cpu": _time_stages("cpu", threads=2),
+        "cpu_1_thread": _time_stages("cpu", threads=1),
         "target_cpu_ms_per_slice": 50.0,
     }
     if torch.cuda.is_available():
