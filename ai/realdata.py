@@ -113,8 +113,12 @@ def seg_to_labels(seg: Any, volume: Volume) -> np.ndarray:
     seg_labels = {int(s.SegmentNumber): _segment_label(str(s.SegmentLabel)) for s in seg.SegmentSequence}
     index = {(uid, fr): k for k, (uid, fr) in enumerate(zip(volume.slice_uids, volume.frame_numbers, strict=True))}
     out = np.zeros(volume.pixels.shape, dtype=np.uint8)
+    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else None
     for i, pf in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        seg_no = int(pf.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        ident = pf if "SegmentIdentificationSequence" in pf else shared
+        if ident is None or "SegmentIdentificationSequence" not in ident:
+            raise RealDataError(f"SEG frame {i + 1} has no segment identification")
+        seg_no = int(ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         src = pf.DerivationImageSequence[0].SourceImageSequence[0]
         uid = str(src.ReferencedSOPInstanceUID)
         frame = int(src.get("ReferencedFrameNumber", 1) or 1)

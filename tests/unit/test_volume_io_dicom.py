@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
+from ai.labels import Label
+from ai.realdata import iter_cases
 from node.errors import InvalidInstance
 from node.volume_io import load_volume
 
@@ -36,6 +41,11 @@ def _base(sop_class: str, series: str) -> Dataset:
     ds.StudyInstanceUID = "1.2.3"
     ds.SeriesInstanceUID = series
     ds.Modality = "MR"
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "TEST", "TEST^VOLUME", "", "O"
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
+    ds.ReferringPhysicianName = ""
+    ds.FrameOfReferenceUID = "1.2.3.9"
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
     ds.Rows, ds.Columns = ROWS, COLS
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -148,3 +158,32 @@ def test_bad_geometry_is_refused_with_a_reason(tmp_path: Path) -> None:
     (tmp_path / "junk.dcm").write_bytes(b"not dicom")
     with pytest.raises(InvalidInstance, match="not a readable DICOM"):
         load_volume([tmp_path / "junk.dcm"])
+
+
+def test_dicom_series_with_seg_is_read_as_a_case(tmp_path: Path) -> None:
+    case = tmp_path / "case1"
+    paths = write_classic(case / "dicom")  # shuffled file order
+    sources = [pydicom.dcmread(p) for p in paths]
+    mask = np.zeros((len(sources), ROWS, COLS), dtype=bool)
+    marked = {}
+    for i, ds in enumerate(sources):
+        mask[i, 2 + i : 6 + i, 3:9] = True  # a different box per source image
+        marked[str(ds.SOPInstanceUID)] = mask[i].copy()
+    desc = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="Multifidus left",
+        segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Muscle,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[desc],
+        series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="test", manufacturer_model_name="test",
+        software_versions="0", device_serial_number="0",
+    )
+    seg.save_as(case / "seg.dcm")
+    (got,) = list(iter_cases(tmp_path, volume_loader=lambda p: load_volume(p)))
+    assert got.truth_labels.shape == (N, ROWS, COLS)
+    for k, uid in enumerate(got.volume.slice_uids):
+        expected = np.where(marked[uid], int(Label.MULTIFIDUS_LEFT), 0)
+        assert np.array_equal(got.truth_labels[k], expected)
