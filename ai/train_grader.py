@@ -21,7 +21,7 @@ import json
 import logging
 import pickle
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +42,7 @@ from ai.grading_model import (
 )
 from ai.labels import LEVEL_NAMES, Label
 from ai.results import SCHIZAS_GRADES
+from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ CORD_SUBJECT_FRACTION = 0.3
 #: Image modes rendered per level and subject: randomised twice (domain randomisation is
 #: what makes the grader robust), realistic once.
 TRAIN_MODES: tuple[str, ...] = ("realistic", "randomised", "randomised")
+#: Seed offset of the subjects rendered with the segmentation model's masks.
+SEG_SEED_OFFSET = 7
 #: Render matrix for training slices (the crop needs only ~80 mm around the canal).
 RENDER_MATRIX = (192, 192)
 
@@ -116,11 +119,16 @@ def render_samples(
     cord_fraction: float = CORD_SUBJECT_FRACTION,
     matrix: tuple[int, int] = RENDER_MATRIX,
     cache_dir: Path | None = None,
+    segment: Segmenter | None = None,
+    segment_tag: str = "",
 ) -> list[Sample]:
     """Draw subjects and render their mid-disc slices (one per entry of ``modes``) as crops.
 
     With ``cache_dir`` the samples are kept in a pickle named after the arguments and
     re-used by later runs (a trusted local cache: never point it at foreign files).
+    With ``segment`` the crops carry the segmentation model's labels instead of the
+    phantom's (the grade stays the phantom's truth); ``segment_tag`` names the model in
+    the cache key.
 
     ``cord_fraction`` of the subjects get a cord at L1-L2 and L2-L3 (the phantom's own
     rate is about a third at L1-L2 only), so that the rootlets/cord head sees enough cords.
@@ -130,6 +138,8 @@ def render_samples(
     cache: Path | None = None
     if cache_dir is not None:
         key = f"{n_subjects}-{seed}-{'_'.join(modes)}-{offset_mm}-{uniform_grades}-{cord_fraction}-{matrix[0]}x{matrix[1]}"
+        if segment is not None:
+            key += f"-seg-{segment_tag}"
         cache = Path(cache_dir) / f"grader-samples-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pkl"
         if cache.is_file():
             with cache.open("rb") as fh:
@@ -157,7 +167,9 @@ def render_samples(
                     matrix=matrix,
                     offset_mm=float(rng.uniform(-offset_mm, offset_mm)),
                 )
-                sample = _crop(sl.image, sl.labels, (float(sl.pixel_spacing[0]), float(sl.pixel_spacing[1])))
+                spacing = (float(sl.pixel_spacing[0]), float(sl.pixel_spacing[1]))
+                labels = segment(sl.image, spacing) if segment is not None else sl.labels
+                sample = _crop(sl.image, labels, spacing)
                 if sample is None:
                     logger.warning("subject %d level %s: no canal in the labels, skipped", i, level)
                     continue
@@ -173,6 +185,35 @@ def render_samples(
             pickle.dump(out, fh, protocol=pickle.HIGHEST_PROTOCOL)
         tmp.replace(cache)
     return out
+
+
+Segmenter = Callable[[np.ndarray, tuple[float, float]], np.ndarray]
+
+
+def model_segmenter(weights_dir: Path | str | None = None, threads: int = 1) -> tuple[Segmenter, str]:
+    """A one-slice segmenter from the shipped segmentation model, and its tag (name, sha).
+
+    Training the grader on the model's own masks teaches it that model's boundary errors
+    (a compressed Schizas C sac segmented partly as epidural space, for instance).
+    """
+    from ai.pipeline import Analyzer
+
+    analyzer = Analyzer(device="cpu", weights_dir=weights_dir, threads=threads)
+    identity = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+
+    def segment(image: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
+        volume = Volume(
+            pixels=image[None].astype(np.float32),
+            pixel_spacing=spacing,
+            positions=np.zeros((1, 3)),
+            orientations=identity[None],
+            slice_uids=("grader-training",),
+            series_instance_uid="grader-training",
+        )
+        return analyzer.segment(volume)[0][0]
+
+    tag = f"{analyzer.card.name}-{analyzer.card.version}-{str(getattr(analyzer.card, 'weights_sha256', ''))[:12]}"
+    return segment, tag
 
 
 def _perturb_mask(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -279,6 +320,9 @@ def train_grader(
     time_budget_s: float | None = None,
     version: str | None = None,
     cache_dir: Path | str | None = None,
+    seg_subjects: int = 0,
+    seg_weights_dir: Path | str | None = None,
+    init_dir: Path | str | None = None,
 ) -> dict[str, Any]:
     """Render phantom data, train the grader, evaluate on held-out subjects, save.
 
@@ -299,6 +343,12 @@ def train_grader(
         card records the epochs run).
     cache_dir
         Keep rendered samples here for later runs.
+    seg_subjects
+        Also render this many subjects (a disjoint seed) with the segmentation model's
+        labels (``seg_weights_dir``, default the shipped model), so the grader learns
+        the model's masks as well as the truth's; the held-out check then runs on both.
+    init_dir
+        Start from the weights in this folder (fine-tuning) instead of from scratch.
 
     Returns
     -------
@@ -314,10 +364,26 @@ def train_grader(
     cache = Path(cache_dir) if cache_dir is not None else None
     train = render_samples(n_subjects, seed, cache_dir=cache)
     heldout = render_samples(n_heldout, heldout_seed, modes=("realistic", "randomised"), cache_dir=cache)
+    heldout_seg: list[Sample] = []
+    seg_tag = ""
+    if seg_subjects > 0:
+        segment, seg_tag = model_segmenter(seg_weights_dir, threads)
+        train = train + render_samples(
+            seg_subjects, seed + SEG_SEED_OFFSET, cache_dir=cache, segment=segment, segment_tag=seg_tag
+        )
+        heldout_seg = render_samples(
+            n_heldout, heldout_seed, modes=("realistic", "randomised"), cache_dir=cache,
+            segment=segment, segment_tag=seg_tag,
+        )
     t_render = time.monotonic() - t0
     logger.info("rendered %d training and %d held-out slices in %.0f s", len(train), len(heldout), t_render)
     config = GraderConfig()
     model = SchizasNet(config)
+    if init_dir is not None:
+        from ai.grading_model import load_grader
+
+        model, _ = load_grader(Path(init_dir), torch.device("cpu"))
+        config = model.config
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = (len(train) + batch_size - 1) // batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
@@ -340,13 +406,14 @@ def train_grader(
             total += float(loss.detach()) * len(y)
             n += len(y)
         epochs_run = epoch + 1
-        check = patch_metrics(model, heldout, config)
+        check = patch_metrics(model, heldout_seg or heldout, config)
         history.append({"epoch": epochs_run, "loss": round(total / max(n, 1), 4), "heldout_macro_f1": check["macro_f1"]})
         logger.info("epoch %d loss %.4f held-out macro-F1 %.3f", epochs_run, total / max(n, 1), check["macro_f1"])
         if time_budget_s is not None and time.monotonic() - t0 - t_render > time_budget_s:
             logger.warning("time budget reached after epoch %d", epochs_run)
             break
     final = patch_metrics(model, heldout, config)
+    final_seg = patch_metrics(model, heldout_seg, config) if heldout_seg else None
     by_mode = {
         mode: patch_metrics(model, [s for s in heldout if s.mode == mode], config)
         for mode in ("realistic", "randomised")
@@ -372,6 +439,9 @@ def train_grader(
             "data": "ai.phantom mid-disc slices (offset +-1 mm), one realistic and two randomised renders per level, levels L1-L2..L5-S1, grades uniform A-D",
             "subjects": n_subjects,
             "cord_subject_fraction": CORD_SUBJECT_FRACTION,
+            "model_mask_subjects": seg_subjects,
+            "model_mask_segmenter": seg_tag or None,
+            "init": str(init_dir) if init_dir is not None else None,
             "slices": len(train),
             "grade_counts": dict(zip(SCHIZAS_GRADES, counts.tolist(), strict=True)),
             "cord_slices": int(sum(s.cord for s in train)),
@@ -399,6 +469,7 @@ def train_grader(
             "heldout_subjects": n_heldout,
             "patch_level": final,
             "by_mode": by_mode,
+            "patch_level_model_masks": final_seg,
             "note": "phantom truth label maps as input; mid-disc slices of held-out subjects",
         },
         "intended_use": "research: central canal stenosis grade at lumbar disc levels on axial T2; trained on synthetic phantoms only, not validated on patient data",
