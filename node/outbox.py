@@ -29,14 +29,11 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import sqlite3
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -45,13 +42,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from node.config import Destination, NodeConfig
 from node.db import Database
-from node.spool import ensure_private_dir, fsync_dir, safe_component
+from node.spool import safe_component, write_durably
 
 logger = logging.getLogger(__name__)
 
-#: file mode of outbox files (results contain patient data)
-FILE_MODE = 0o600
-TEMP_SUFFIX = ".tmp"
 #: how many dead letters :func:`delivery_summary` lists
 DEAD_LETTERS_LISTED = 20
 
@@ -177,30 +171,6 @@ def encode_file(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path``: temp file, fsync, rename over, fsync the directory."""
-    ensure_private_dir(path.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix="." + path.stem, suffix=TEMP_SUFFIX, dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 class Outbox:

@@ -119,30 +119,8 @@ class Spool:
         whether an instance is new; a file without an index row is a crash leftover).
         """
         rel = self.relative_path(study_uid, series_uid, sop_uid)
-        final = self.absolute(rel)
-        directory = final.parent
-        ensure_private_dir(directory)
         digest = hashlib.sha256(data).hexdigest()
-        fd, tmp_name = tempfile.mkstemp(prefix="." + final.stem, suffix=TEMP_SUFFIX, dir=directory)
-        tmp = Path(tmp_name)
-        try:
-            os.fchmod(fd, FILE_MODE)
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(directory)
+        write_durably(self.absolute(rel), data)
         return StoredFile(relative_path=rel, sha256=digest, size_bytes=len(data))
 
     def remove(self, relative_path: str) -> None:
@@ -176,3 +154,33 @@ class Spool:
         while not target.exists():
             target = target.parent
         return shutil.disk_usage(target).free / BYTES_PER_MB
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``: temp file, fsync, rename over, fsync the directory.
+
+    After it returns the bytes survive a crash or power loss under their final name; a
+    crash before that leaves at most a temp file (``TEMP_SUFFIX``) that start-up removes.
+    Used for received instances (spool) and result instances (outbox) alike.
+    """
+    directory = path.parent
+    ensure_private_dir(directory)
+    fd, tmp_name = tempfile.mkstemp(prefix="." + path.stem, suffix=TEMP_SUFFIX, dir=directory)
+    tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(directory)
