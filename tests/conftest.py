@@ -392,3 +392,24 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
 def node(node_factory: Callable[..., NodeProcess]) -> NodeProcess:
     """One running node with the test defaults."""
     return node_factory()
+
+
+#: real scans shared beside the repository (``../shared/data``): CI has them, a user's
+#: clone may not. Never copied into the repository.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """Path of a shared real data set; skips when absent, except in CI where it fails."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"shared data {path} missing in CI")
+        pytest.skip(f"shared data {path} not present in this checkout (CI has it)")
+    return path
+
+
+@pytest.fixture
+def siemens_dual_echo() -> Path:
+    """The real Siemens dual-echo TSE series (70 files, sagittal brain, 2 echoes)."""
+    return shared_data("siemens-dual-echo-tse", "In", "Siemens", "VE11")

@@ -14,10 +14,6 @@ from conftest import NodeProcess, node_command, wait_until, write_mr_series
 
 pytestmark = pytest.mark.integration
 
-SIEMENS = (
-    Path(__file__).resolve().parents[2].parent
-    / "shared" / "data" / "siemens-dual-echo-tse" / "In" / "Siemens" / "VE11"
-)
 #: 70 files: 35 sagittal slices x 2 echoes (PD + T2), BodyPartExamined BRAIN
 SIEMENS_FILES = 70
 SIEMENS_SLICES_PER_ECHO = 35
@@ -62,12 +58,12 @@ def series_entry(node: NodeProcess, uid: str) -> dict[str, Any]:
 
 
 def test_siemens_dual_echo_series_is_two_echo_groups_skipped_as_sagittal_brain(
-    node_factory: Any,
+    node_factory: Any, siemens_dual_echo: Path
 ) -> None:
     node: NodeProcess = node_factory(series={"quiet_seconds": 1.0})
-    sources = sorted(SIEMENS.glob("*.dcm"))
+    sources = sorted(siemens_dual_echo.glob("*.dcm"))
     assert len(sources) == SIEMENS_FILES
-    result = node.storescu([SIEMENS])
+    result = node.storescu([siemens_dual_echo])
     assert result.returncode == 0, result.stderr
     from pydicom import dcmread
 

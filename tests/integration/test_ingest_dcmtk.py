@@ -27,7 +27,6 @@ def node(node_factory: Callable[..., NodeProcess]) -> NodeProcess:
     """A running node whose series never complete during the test."""
     return node_factory(**INGEST_ONLY)
 
-SIEMENS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "siemens-dual-echo-tse" / "In" / "Siemens" / "VE11"
 
 
 def index_rows(node: NodeProcess) -> dict[str, sqlite3.Row]:
@@ -96,12 +95,12 @@ def test_one_series_over_two_associations(node: NodeProcess, tmp_path: Path) -> 
     assert len({r["series_instance_uid"] for r in rows.values()}) == 1 and len(rows) == 6
 
 
-def test_siemens_dual_echo_pushed_with_lumbar_node_push(node: NodeProcess) -> None:
-    sources = sorted(p for p in SIEMENS.iterdir() if p.suffix == ".dcm")
+def test_siemens_dual_echo_pushed_with_lumbar_node_push(node: NodeProcess, siemens_dual_echo: Path) -> None:
+    sources = sorted(p for p in siemens_dual_echo.iterdir() if p.suffix == ".dcm")
     assert len(sources) >= 10
     started = time.monotonic()
     push = subprocess.run(
-        [*node_command(), "push", str(SIEMENS), "--to", f"{node.ae_title}@127.0.0.1:{node.port}", "--quiet"],
+        [*node_command(), "push", str(siemens_dual_echo), "--to", f"{node.ae_title}@127.0.0.1:{node.port}", "--quiet"],
         capture_output=True, text=True, timeout=300, check=False,
     )
     elapsed = time.monotonic() - started

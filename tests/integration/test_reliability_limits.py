@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,7 +54,13 @@ def test_association_limit_rejects_with_reason_and_recovers(node_factory: Callab
     assert rj is not None and (rj.result, rj.result_source, rj.diagnostic) == REJECT_LOCAL_LIMIT
     held[0].release()
     ds = make_mr_dataset(study_uid=generate_uid(), series_uid=generate_uid())
+    # the node frees the slot when its association thread has finished with the release:
+    # poll for it with a deadline (on a loaded machine that takes a moment)
+    deadline = time.monotonic() + 15.0
     again = associate(node)
+    while not again.is_established and time.monotonic() < deadline:
+        time.sleep(0.2)
+        again = associate(node)
     assert again.is_established, "a slot freed by a release must be usable again"
     assert store(again, ds) == 0
     again.release()
