@@ -187,6 +187,7 @@ class AiSection:
     threads: int = 0
     workers: int = 1
     weights_dir: Path | None = None
+    preload: bool = True
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):

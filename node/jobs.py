@@ -466,6 +466,19 @@ class DefaultStages:
             logger.info("analyser loaded in %.1f s", time.monotonic() - started)
         return self._analyzer
 
+    def warm_up(self) -> None:
+        """Load the model now (``ai.preload``), so the first series does not wait for it.
+
+        A model that cannot be loaded is logged here and fails each job with the reason
+        later; the worker keeps running so receiving and the queue stay visible.
+        """
+        if not self.config.ai.preload:
+            return
+        try:
+            self._get_analyzer()
+        except (OSError, ValueError, RuntimeError, ImportError) as exc:
+            logger.error("analyser could not be loaded at start-up: %s", exc)
+
     def analyse(self, ctx: JobContext) -> Analysis:
         from node.results_io import write_results
         from node.volume_io import load_volume
@@ -603,6 +616,9 @@ def worker_main(config: NodeConfig, stages_spec: str, stop: Any, wake: Any,
     configure_logging(log_format, log_level)
     db = Database(config.index_path)
     stages = load_stages(stages_spec, config)
+    warm_up = getattr(stages, "warm_up", None)
+    if callable(warm_up):
+        warm_up()
     logger.info("worker %d ready (stages %s)", os.getpid(), stages_spec)
     try:
         while not stop.value:

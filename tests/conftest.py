@@ -283,6 +283,8 @@ class NodeProcess:
             },
             "http": {"host": "127.0.0.1", "port": self.http_port},
             "series": {"quiet_seconds": 2.0},
+            # most tests never analyse: load the model with the first job, not at start-up
+            "ai": {"preload": False},
             "logging": {"level": "INFO"},
         }
         for name, body in sections.items():
