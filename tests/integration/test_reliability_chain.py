@@ -5,7 +5,7 @@ The node is the real ``lumbar-node serve`` (receiver, series assembly, routing, 
 machine, worker process, outbox, exporter); only the job stages are fast fakes
 (:class:`reliability_helpers.FakeStages`, deterministic result UIDs like the real encoders'),
 so each scenario takes seconds and can hold the analysis exactly where the test wants the
-crash. The destination is :class:`reliability_helpers.ScriptedPacs`. H6's tests cover a PACS
+crash. The destination is :class:`reliability_helpers.ScriptedPacs`. the export tests' tests cover a PACS
 that is down, per-instance failure statuses and a row left in ``sending`` by a crash; these
 add a kill mid-analysis, a kill while the PACS holds a C-STORE, aborts and slow answers.
 """

@@ -4,7 +4,7 @@ After every restart, every instance that any ``storescu`` saw answered *Success*
 disk under its indexed path, with the indexed sha256, and (at the end) carry the pixel data
 that was sent. Lost instances are counted, not just asserted, so the figure can be
 reported (docs/reliability.md). Then the series complete: each is analysed once (fast
-fake stages in the real worker) and its results reach the PACS once. H1's ``test_sigkill_while_storing_loses_nothing_acknowledged``
+fake stages in the real worker) and its results reach the PACS once. the ingest tests' ``test_sigkill_while_storing_loses_nothing_acknowledged``
 covers one kill with one pynetdicom sender; this adds concurrency, DCMTK, and a loop.
 """
 

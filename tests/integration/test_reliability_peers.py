@@ -2,7 +2,7 @@
 
 pynetdicom 3.0.4 performs the TLS handshake in its accept thread (one silent client blocks
 every new association) and counts every open TCP connection against
-``maximum_associations`` (so 16 silent connections lock modalities out). H1's
+``maximum_associations`` (so 16 silent connections lock modalities out). The ingest tests'
 ``test_ingest_tls`` / ``test_idle_connections_do_not_block_and_time_out`` cover a few silent
 clients; here 20 silent plain connections, 20 silent TLS connections (more than the
 default ``node.max_associations`` = 16) and two clients trickling one byte a second (an

@@ -3,7 +3,7 @@
 * Caller policy: a non-loopback caller is refused by the default policy (the policy object,
   fed the addresses the listener would see); on the real listener, a caller listed for
   another address and a wrong called AE title are rejected at association time with the
-  reason logged. (H1's ``test_caller_policy_on_the_real_listener`` covers an unlisted AE.)
+  reason logged. (the ingest tests' ``test_caller_policy_on_the_real_listener`` covers an unlisted AE.)
 * A full run of the real chain on a phantom study (``lumbar-node phantom`` + ``lumbar-node
   push`` -> receiver -> assembly -> analysis -> encoders -> outbox -> a scripted PACS):
   the node's INFO log never contains the patient's name, ID, birth date or accession

@@ -36,7 +36,7 @@ def record(
     calling_ae: str = "SCANNER",
     **meta: Any,
 ) -> InstanceRecord:
-    """An ``instances`` row as H1's receiver stores it (only the header summary matters)."""
+    """An ``instances`` row as the ingest tests' receiver stores it (only the header summary matters)."""
     summary: dict[str, Any] = {
         "ImageOrientationPatient": list(iop) if iop is not None else None,
         "ImagePositionPatient": list(ipp) if ipp is not None else None,
