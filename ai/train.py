@@ -49,6 +49,12 @@ AXIAL_ORIENTATION = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 POOL_VERSION = 2
 #: Labels that ``small_structure_weight`` up-weights in the cross-entropy.
 SMALL_STRUCTURES: tuple[Label, ...] = (Label.VERTEBRAL_BODY, Label.DURAL_SAC, Label.EPIDURAL_SPACE)
+#: Labels that ``canal_weight`` (when > 0) up-weights in the cross-entropy.
+CANAL_STRUCTURES: tuple[Label, ...] = (Label.DURAL_SAC, Label.EPIDURAL_SPACE)
+#: Pool sampling options and their defaults (the original pool distribution).
+POOL_SAMPLING_DEFAULTS: dict[str, float] = {
+    "randomised_fraction": 0.5, "severe_fraction": 0.0, "disc_fraction": 0.6,
+}
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,16 @@ class TrainConfig:
     small_structure_weight: float = 1.0
     #: weights folder (``seg.safetensors`` + card) to start from instead of random weights
     init_from: str = ""
+    #: fraction of pool slices rendered in ``randomised`` image mode (the rest ``realistic``)
+    randomised_fraction: float = 0.5
+    #: fraction of pool subjects drawn with severe stenosis (Schizas C/D) at every level;
+    #: the others draw each level's grade at random
+    severe_fraction: float = 0.0
+    #: fraction of pool slices at (or near) a disc centre; the others are mid-vertebral
+    disc_fraction: float = 0.6
+    #: cross-entropy weight of the dural sac and epidural space when > 0 (overrides
+    #: ``small_structure_weight`` for those two labels)
+    canal_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -83,6 +99,11 @@ class TrainConfig:
             raise ValueError("crop must be a multiple of 16 and <= input_size")
         if self.pool_subjects < 1 or self.slices_per_subject < 1:
             raise ValueError("pool needs at least one subject and slice")
+        for name in ("randomised_fraction", "severe_fraction", "disc_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1]")
+        if self.canal_weight < 0:
+            raise ValueError("canal_weight must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -137,8 +158,15 @@ def phantom_pool(
     card: ModelCard,
     *,
     progress: Callable[[int, int], None] | None = None,
+    randomised_fraction: float = 0.5,
+    severe_fraction: float = 0.0,
+    disc_fraction: float = 0.6,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render phantom slices onto the model grid: images float16 and labels uint8."""
+    """Render phantom slices onto the model grid: images float16 and labels uint8.
+
+    The defaults reproduce the original pool exactly (no extra random draws);
+    ``severe_fraction`` > 0 draws that share of subjects with Schizas C/D stenosis.
+    """
     from ai.phantom import sample_subject
 
     images: list[np.ndarray] = []
@@ -147,11 +175,14 @@ def phantom_pool(
         rng = np.random.default_rng([*seed_root, i])
         n_levels = int(rng.integers(1, len(LEVEL_NAMES) + 1))
         levels = tuple(sorted(rng.choice(LEVEL_NAMES, size=n_levels, replace=False).tolist()))
-        subject = sample_subject(rng, stenosis="random", levels=levels)
+        stenosis = "random"
+        if severe_fraction > 0.0 and rng.random() < severe_fraction:
+            stenosis = "severe"
+        subject = sample_subject(rng, stenosis=stenosis, levels=levels)
         for _ in range(slices_per_subject):
             level = str(rng.choice(levels))
-            kind = "disc" if rng.random() < 0.6 else "mid"
-            mode = "realistic" if rng.random() < 0.5 else "randomised"
+            kind = "disc" if rng.random() < disc_fraction else "mid"
+            mode = "realistic" if rng.random() < 1.0 - randomised_fraction else "randomised"
             ph = render_phantom_slice(subject, level, kind, mode, rng, random_native_grid(rng))
             img, _valid, grid = pre_process_slice(
                 np.asarray(ph.image, dtype=np.float32),
@@ -283,7 +314,7 @@ def _load_pool(path: Path, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray] | 
 
 
 def _pool_key(cfg: TrainConfig) -> dict[str, Any]:
-    return {
+    key: dict[str, Any] = {
         "pool_version": POOL_VERSION,
         "seed": cfg.seed,
         "pool_subjects": cfg.pool_subjects,
@@ -291,6 +322,15 @@ def _pool_key(cfg: TrainConfig) -> dict[str, Any]:
         "input_spacing_mm": cfg.input_spacing_mm,
         "input_size": cfg.input_size,
     }
+    # sampling options enter the key only when changed, so older cached pools stay valid
+    for name, default in POOL_SAMPLING_DEFAULTS.items():
+        if getattr(cfg, name) != default:
+            key[name] = getattr(cfg, name)
+    return key
+
+
+def _pool_sampling(cfg: TrainConfig) -> dict[str, float]:
+    return {name: float(getattr(cfg, name)) for name in POOL_SAMPLING_DEFAULTS}
 
 
 def validate(
@@ -341,6 +381,7 @@ def train(
         pool = phantom_pool(
             cfg.pool_subjects, cfg.slices_per_subject, (cfg.seed, 0), card0,
             progress=lambda i, n: say(f"pool subject {i}/{n}") if i % 10 == 0 else None,
+            **_pool_sampling(cfg),
         )
         np.savez(out_dir / "pool.npz", images=pool[0], labels=pool[1],
                  config=json.dumps(_pool_key(cfg)))
@@ -407,6 +448,9 @@ def train(
     ce_weight = torch.ones(NUM_CLASSES, device=device)
     for lab in SMALL_STRUCTURES:
         ce_weight[int(lab)] = cfg.small_structure_weight
+    if cfg.canal_weight > 0:
+        for lab in CANAL_STRUCTURES:
+            ce_weight[int(lab)] = cfg.canal_weight
     loss_acc = 0.0
     last_val = state.step
     while state.step < cfg.steps:

@@ -26,6 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--small-structure-weight", type=float, default=None,
                         help="cross-entropy weight of vertebral body, dural sac, epidural space")
+    parser.add_argument("--randomised-fraction", type=float, default=None,
+                        help="share of pool slices in randomised image mode (default 0.5)")
+    parser.add_argument("--severe-fraction", type=float, default=None,
+                        help="share of pool subjects with severe stenosis, Schizas C/D (default 0)")
+    parser.add_argument("--disc-fraction", type=float, default=None,
+                        help="share of pool slices at a disc (default 0.6; others mid-vertebral)")
+    parser.add_argument("--canal-weight", type=float, default=None,
+                        help="cross-entropy weight of dural sac and epidural space (overrides "
+                             "--small-structure-weight for them)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="wall-clock safety stop; best weights so far stay in OUT/best")
@@ -60,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
         overrides["lr"] = args.lr
     if args.small_structure_weight is not None:
         overrides["small_structure_weight"] = args.small_structure_weight
+    for name in ("randomised_fraction", "severe_fraction", "disc_fraction", "canal_weight"):
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
     cfg = dataclasses.replace(TrainConfig(), **overrides)  # type: ignore[arg-type]
     device = choose_device(args.device)
     real = None

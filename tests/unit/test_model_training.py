@@ -74,3 +74,18 @@ def test_augment_keeps_labels_aligned_and_never_mirrors() -> None:
         cols_r = torch.nonzero(y[b] == Label.PSOAS_RIGHT)[:, 1].float()
         if len(cols_l) and len(cols_r):
             assert cols_l.mean() > cols_r.mean()
+
+
+def test_pool_sampling_options_validated_and_keyed() -> None:
+    import dataclasses
+
+    from ai.train import _pool_key
+
+    assert set(_pool_key(CFG)) == {"pool_version", "seed", "pool_subjects", "slices_per_subject",
+                                   "input_spacing_mm", "input_size"}  # old cached pools stay valid
+    severe = dataclasses.replace(CFG, severe_fraction=0.4, randomised_fraction=0.6)
+    assert _pool_key(severe)["severe_fraction"] == 0.4
+    assert _pool_key(severe)["randomised_fraction"] == 0.6
+    for bad in ({"severe_fraction": 1.5}, {"randomised_fraction": -0.1}, {"canal_weight": -1.0}):
+        with pytest.raises(ValueError):
+            dataclasses.replace(CFG, **bad)  # type: ignore[arg-type]
