@@ -9,20 +9,16 @@ the host's loopback with random free ports. Every DCMTK process gets ``TCP_NODEL
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +27,17 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+# One implementation serves the tests and the benchmarks (run from the repository root):
+# free ports, the private network namespace, and the TOML writer for node configs.
+from tests.conftest import to_toml
+from tests.integration.orthanc_peer import free_port
+from tests.integration.orthanc_peer import isolated_network as isolated_network
+
 logger = logging.getLogger(__name__)
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
-CLONE_NEWNET = 0x40000000
 #: how long a node or a peer may take to start answering (s)
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -54,58 +55,6 @@ NODE_AE = "LUMBARNODE"
 def dcmtk_env() -> dict[str, str]:
     """Environment for DCMTK and Orthanc processes (Nagle off)."""
     return {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _setns(path: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def isolated_network() -> Iterator[bool]:
-    """Run the body (this thread and every process it starts) in a private network namespace.
-
-    Yields whether isolation worked; without the privilege the body runs on the host's
-    loopback (random free ports) and the caller records that.
-    """
-    ip = shutil.which("ip")
-    name = f"lbench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    created = False
-    try:
-        if ip is None:
-            raise OSError("iproute2 'ip' not found")
-        subprocess.run([ip, "netns", "add", name], check=True, capture_output=True)
-        created = True
-        subprocess.run([ip, "netns", "exec", name, ip, "link", "set", "lo", "up"], check=True, capture_output=True)
-        _setns(f"/var/run/netns/{name}")
-    except (OSError, subprocess.CalledProcessError) as exc:
-        logger.warning("no private network namespace (%s): using the host's loopback", exc)
-        if created and ip is not None:
-            subprocess.run([ip, "netns", "del", name], check=False, capture_output=True)
-        os.close(saved)
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.setns(saved, CLONE_NEWNET)
-        os.close(saved)
-        subprocess.run([ip, "netns", "del", name], check=False, capture_output=True)
 
 
 # -- synthetic data ------------------------------------------------------------------------------
@@ -322,34 +271,6 @@ def _terminate(proc: subprocess.Popen[Any], timeout_s: float = STOP_TIMEOUT_S) -
 
 
 # -- the node --------------------------------------------------------------------------------------
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def to_toml(sections: Mapping[str, Any]) -> str:
-    """TOML text from ``{section: {key: value}}``; a list of tables -> ``[[section]]``."""
-    lines: list[str] = []
-    for name, body in sections.items():
-        if isinstance(body, list):
-            for table in body:
-                lines.append(f"[[{name}]]")
-                lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
-            continue
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in body.items())
-    return "\n".join(lines) + "\n"
 
 
 def node_command() -> list[str]:
