@@ -174,7 +174,9 @@ class RoutingSection:
         if not self.modalities:
             raise _Invalid("modalities", "must list at least one modality")
         if not 0.0 <= self.max_axial_tilt_deg <= 90.0:
-            raise _Invalid("max_axial_tilt_deg", f"must be 0-90 degrees, got {self.max_axial_tilt_deg}")
+            raise _Invalid(
+                "max_axial_tilt_deg", f"must be 0-90 degrees, got {self.max_axial_tilt_deg}"
+            )
         _check_positive("min_slices", self.min_slices)
 
 

@@ -66,7 +66,9 @@ class Database:
         else:
             conn.execute("COMMIT")
 
-    def execute(self, sql: str, params: tuple[object, ...] | dict[str, object] = ()) -> sqlite3.Cursor:
+    def execute(
+        self, sql: str, params: tuple[object, ...] | dict[str, object] = ()
+    ) -> sqlite3.Cursor:
         """Run one statement on this thread's connection (autocommit for writes)."""
         return self.connection().execute(sql, params)
 

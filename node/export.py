@@ -57,6 +57,7 @@ from node.config import Destination, DestinationTls, NodeConfig
 from node.db import Database
 from node.outbox import KIND_BY_SOP_CLASS, Kind, State, delivery_counts, ensure_schema, is_shadow
 from node.outbox import recover_sending as _recover_sending
+from node.reactor import use_race_free_requestors
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,12 @@ logger = logging.getLogger(__name__)
 UNCOMPRESSED_SYNTAXES: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 #: lossless compressed syntaxes proposed (one context each) for the image classes, so a
 #: compressed outbox file is sent as it is when the peer accepts its syntax
-LOSSLESS_SYNTAXES: tuple[str, ...] = (RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGLosslessSV1)
+LOSSLESS_SYNTAXES: tuple[str, ...] = (
+    RLELossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+)
 #: proposed in its own context for every class: a deflated outbox file (a BINARY SEG
 #: shrinks 20-50 fold) goes as it is where accepted, else it is inflated on the fly
 DEFLATED_SYNTAX: str = DeflatedExplicitVRLittleEndian
@@ -231,10 +237,9 @@ class DicomSender:
         self.ssl_context = ssl_context_for(destination.tls) if destination.tls else None
 
     def _application_entity(self) -> AE:
+        use_race_free_requestors()
         ae = AE(ae_title=self.calling_ae)
-        ae.acse_timeout, ae.dimse_timeout, ae.network_timeout, ae.connection_timeout = (
-            self.timeouts
-        )
+        ae.acse_timeout, ae.dimse_timeout, ae.network_timeout, ae.connection_timeout = self.timeouts
         for sop_class, syntaxes in export_contexts():
             ae.add_requested_context(sop_class, list(syntaxes))
         return ae
@@ -546,7 +551,9 @@ class Exporter:
             for row in rows
         ]
 
-    def _record(self, name: str, claimed: Sequence[_Claimed], outcomes: Mapping[int, Outcome]) -> None:
+    def _record(
+        self, name: str, claimed: Sequence[_Claimed], outcomes: Mapping[int, Outcome]
+    ) -> None:
         now = self.clock()
         export = self.config.export
         horizon_s = export.retry_horizon_h * SECONDS_PER_HOUR
@@ -673,4 +680,3 @@ def register_metrics(
     target.register(collector)
     _REGISTERED[id(target)] = collector
     return collector
-

@@ -64,7 +64,10 @@ class StatusServer:
     def start(self) -> None:
         """Serve in a daemon thread."""
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="http-status", daemon=True
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="http-status",
+            daemon=True,
         )
         self._thread.start()
         host, port = self._httpd.server_address[:2]
@@ -86,7 +89,11 @@ def _make_handler(server: StatusServer) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?", 1)[0]
             if path == "/healthz":
                 ok, body = server.health()
-                self._send(HTTP_OK if ok else HTTP_UNAVAILABLE, "application/json", json.dumps(body).encode())
+                self._send(
+                    HTTP_OK if ok else HTTP_UNAVAILABLE,
+                    "application/json",
+                    json.dumps(body).encode(),
+                )
             elif path == "/metrics":
                 self._send(HTTP_OK, metrics.CONTENT_TYPE, metrics.render())
             else:

@@ -249,7 +249,9 @@ def _frames(ds: Dataset) -> list[dict[str, Any]] | None:
         frames.append(
             {
                 "iop": _floats(
-                    _frame_value(frame, shared, "PlaneOrientationSequence", "ImageOrientationPatient"),
+                    _frame_value(
+                        frame, shared, "PlaneOrientationSequence", "ImageOrientationPatient"
+                    ),
                     6,
                 ),
                 "ipp": _floats(
@@ -380,9 +382,7 @@ def series_activity(db: Database, since: float = 0.0) -> list[SeriesActivity]:
         "HAVING MAX(received_at) >= ? ORDER BY last_at",
         (since,),
     ).fetchall()
-    return [
-        SeriesActivity(r[0], r[1], int(r[2]), float(r[3]), float(r[4]), r[5]) for r in rows
-    ]
+    return [SeriesActivity(r[0], r[1], int(r[2]), float(r[3]), float(r[4]), r[5]) for r in rows]
 
 
 def delete_instances(db: Database, sop_instance_uids: Sequence[str]) -> int:

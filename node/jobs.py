@@ -56,7 +56,16 @@ RECEIVED, COMPLETE, QUEUED = "received", "complete", "queued"
 ANALYSING, ENCODING, EXPORTING = "analysing", "encoding", "exporting"
 DONE, FAILED, SKIPPED, SUPERSEDED = "done", "failed", "skipped", "superseded"
 STATES: tuple[str, ...] = (
-    RECEIVED, COMPLETE, QUEUED, ANALYSING, ENCODING, EXPORTING, DONE, FAILED, SKIPPED, SUPERSEDED,
+    RECEIVED,
+    COMPLETE,
+    QUEUED,
+    ANALYSING,
+    ENCODING,
+    EXPORTING,
+    DONE,
+    FAILED,
+    SKIPPED,
+    SUPERSEDED,
 )
 #: states in which a worker is (or was, before a crash) working on the job
 ACTIVE_STATES: tuple[str, ...] = (ANALYSING, ENCODING, EXPORTING)
@@ -139,7 +148,11 @@ class Job:
     @property
     def key(self) -> str:
         """``<series uid>`` or ``<series uid>_e<echo>``: names the results folder."""
-        return self.series_instance_uid if self.echo == 0 else f"{self.series_instance_uid}_e{self.echo}"
+        return (
+            self.series_instance_uid
+            if self.echo == 0
+            else f"{self.series_instance_uid}_e{self.echo}"
+        )
 
 
 def results_dir_name(series_uid: str, echo: int) -> str:
@@ -202,8 +215,20 @@ def upsert_for_completion(
                 f"INSERT INTO jobs (series_instance_uid, study_instance_uid, echo, state, reason,"
                 f" slices, results_dir, created_at, updated_at, received_at, complete_at, {state}_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (series_uid, study_uid, g.echo, state, reason, len(g.slices), results, now, now,
-                 received_at, now, now),
+                (
+                    series_uid,
+                    study_uid,
+                    g.echo,
+                    state,
+                    reason,
+                    len(g.slices),
+                    results,
+                    now,
+                    now,
+                    received_at,
+                    now,
+                    now,
+                ),
             )
             job_id = int(cur.lastrowid or 0)
         else:
@@ -221,8 +246,15 @@ def upsert_for_completion(
         f"UPDATE jobs SET state = ?, reason = ?, generation = generation + 1, updated_at = ?,"
         f" superseded_at = ? WHERE series_instance_uid = ? AND echo NOT IN ({placeholders})"
         " AND state != ?",
-        (SUPERSEDED, "echo group no longer present after re-assembly", now, now, series_uid,
-         *echoes, SUPERSEDED),
+        (
+            SUPERSEDED,
+            "echo group no longer present after re-assembly",
+            now,
+            now,
+            series_uid,
+            *echoes,
+            SUPERSEDED,
+        ),
     )
     return queued
 
@@ -248,8 +280,14 @@ def recover_interrupted(db: Database, max_attempts: int = MAX_ATTEMPTS) -> tuple
         failed = conn.execute(
             f"UPDATE jobs SET state = ?, reason = ?, failed_at = ?, updated_at = ?, worker_pid = NULL"
             f" WHERE state IN ({marks}) AND attempts >= ?",
-            (FAILED, f"interrupted {max_attempts} times (crash or restart during the job)",
-             now, now, *ACTIVE_STATES, max_attempts),
+            (
+                FAILED,
+                f"interrupted {max_attempts} times (crash or restart during the job)",
+                now,
+                now,
+                *ACTIVE_STATES,
+                max_attempts,
+            ),
         ).rowcount
         # queued_at is kept: an interrupted job resumes ahead of jobs queued after it
         requeued = conn.execute(
@@ -258,8 +296,9 @@ def recover_interrupted(db: Database, max_attempts: int = MAX_ATTEMPTS) -> tuple
             (QUEUED, "resumed after an interruption", now, *ACTIVE_STATES),
         ).rowcount
     if requeued or failed:
-        logger.warning("recovered interrupted jobs: %d re-queued, %d failed (max attempts)",
-                       requeued, failed)
+        logger.warning(
+            "recovered interrupted jobs: %d re-queued, %d failed (max attempts)", requeued, failed
+        )
     return int(requeued), int(failed)
 
 
@@ -277,11 +316,18 @@ def claim_next(db: Database, worker_pid: int | None = None) -> Job | None:
             " updated_at = ?, worker_pid = ? WHERE id = ?",
             (ANALYSING, now, now, worker_pid, row["id"]),
         )
-        return Job.from_row(conn.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+        return Job.from_row(
+            conn.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+        )
 
 
 def advance(
-    db: Database, job: Job, from_state: str, to_state: str, *, duration: tuple[str, float] | None = None,
+    db: Database,
+    job: Job,
+    from_state: str,
+    to_state: str,
+    *,
+    duration: tuple[str, float] | None = None,
     reason: str | None = None,
 ) -> bool:
     """Move a claimed job on; False (nothing changed) when the claim is stale."""
@@ -310,11 +356,16 @@ def retry_jobs(db: Database, job_ids: Iterable[int] = (), *, all_failed: bool = 
     now = time.time()
     with db.transaction() as conn:
         if all_failed:
-            ids = [int(r[0]) for r in conn.execute("SELECT id FROM jobs WHERE state = ?", (FAILED,))]
+            ids = [
+                int(r[0]) for r in conn.execute("SELECT id FROM jobs WHERE state = ?", (FAILED,))
+            ]
         else:
             ids = [
-                int(r[0]) for i in job_ids
-                for r in conn.execute("SELECT id FROM jobs WHERE id = ? AND state = ?", (int(i), FAILED))
+                int(r[0])
+                for i in job_ids
+                for r in conn.execute(
+                    "SELECT id FROM jobs WHERE id = ? AND state = ?", (int(i), FAILED)
+                )
             ]
         for job_id in ids:
             conn.execute(
@@ -423,8 +474,11 @@ def _subset_volume(volume: Any, sources: list[Any], group: EchoGroup) -> tuple[A
     from ai.volume import Volume
 
     wanted = {(s.sop_instance_uid, s.frame) for s in group.slices}
-    keep = [i for i, key in enumerate(zip(volume.slice_uids, volume.frame_numbers, strict=True))
-            if key in wanted]
+    keep = [
+        i
+        for i, key in enumerate(zip(volume.slice_uids, volume.frame_numbers, strict=True))
+        if key in wanted
+    ]
     if len(keep) == volume.n_slices:
         return volume, sources
     idx = np.asarray(keep, dtype=int)
@@ -494,9 +548,14 @@ class DefaultStages:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         write_results(
-            result, partial,
-            slice_uids=tuple(volume.slice_uids), frame_numbers=tuple(volume.frame_numbers),
-            extra={"echo": ctx.job.echo, "job": {"id": ctx.job.id, "generation": ctx.job.generation}},
+            result,
+            partial,
+            slice_uids=tuple(volume.slice_uids),
+            frame_numbers=tuple(volume.frame_numbers),
+            extra={
+                "echo": ctx.job.echo,
+                "job": {"id": ctx.job.id, "generation": ctx.job.generation},
+            },
         )
         # results of an earlier run (before a late instance) are replaced, never mixed
         shutil.rmtree(out, ignore_errors=True)
@@ -506,8 +565,14 @@ class DefaultStages:
     def encode(self, ctx: JobContext, analysis: Analysis) -> Sequence[Any]:
         from node.encode import encode_series  # type: ignore[attr-defined,unused-ignore]
 
-        return list(encode_series(analysis.sources, analysis.volume, analysis.result,
-                                  include_overlay=ctx.config.export.overlay))
+        return list(
+            encode_series(
+                analysis.sources,
+                analysis.volume,
+                analysis.result,
+                include_overlay=ctx.config.export.overlay,
+            )
+        )
 
     def export(self, ctx: JobContext, datasets: Sequence[Any]) -> None:
         from node.outbox import Outbox
@@ -540,8 +605,13 @@ def process_one(db: Database, config: NodeConfig, stages: Stages) -> Job | None:
     if job is None:
         return None
     ctx = JobContext(job=job, config=config, db=db)
-    logger.info("job %d: analysing series %s echo %d (attempt %d)",
-                job.id, job.series_instance_uid, job.echo, job.attempts)
+    logger.info(
+        "job %d: analysing series %s echo %d (attempt %d)",
+        job.id,
+        job.series_instance_uid,
+        job.echo,
+        job.attempts,
+    )
     analysis: Any = None
     datasets: Any = None
     steps: tuple[tuple[str, str, str, str], ...] = (
@@ -560,8 +630,14 @@ def process_one(db: Database, config: NodeConfig, stages: Stages) -> Job | None:
                 stages.export(ctx, datasets)
         except Exception as exc:  # noqa: BLE001 - any stage error fails this job, not the worker
             reason = _failure_reason(stage, exc)
-            logger.error("job %d (series %s echo %d) failed: %s\n%s", job.id,
-                         job.series_instance_uid, job.echo, reason, traceback.format_exc())
+            logger.error(
+                "job %d (series %s echo %d) failed: %s\n%s",
+                job.id,
+                job.series_instance_uid,
+                job.echo,
+                reason,
+                traceback.format_exc(),
+            )
             now = time.time()
             with db.transaction() as conn:
                 conn.execute(
@@ -572,7 +648,9 @@ def process_one(db: Database, config: NodeConfig, stages: Stages) -> Job | None:
             return get_job(db, job.id)
         elapsed = time.monotonic() - started
         if not advance(db, job, current, following, duration=(column, elapsed)):
-            logger.info("job %d: superseded during %s (series re-opened or re-queued)", job.id, stage)
+            logger.info(
+                "job %d: superseded during %s (series re-opened or re-queued)", job.id, stage
+            )
             return get_job(db, job.id)
         logger.info("job %d: %s done in %.2f s", job.id, stage, elapsed)
     return get_job(db, job.id)
@@ -596,8 +674,14 @@ def _idle(stop: Any, wake: Any, seen: int) -> None:
         time.sleep(WORKER_TICK_S)
 
 
-def worker_main(config: NodeConfig, stages_spec: str, stop: Any, wake: Any,
-                log_level: str = "INFO", log_format: str = "text") -> None:
+def worker_main(
+    config: NodeConfig,
+    stages_spec: str,
+    stop: Any,
+    wake: Any,
+    log_level: str = "INFO",
+    log_format: str = "text",
+) -> None:
     """Entry point of the worker process: run queued jobs until ``stop.value`` is set.
 
     ``stop`` and ``wake`` are shared ``multiprocessing.RawValue`` flags (no locks, so a

@@ -48,34 +48,53 @@ def gauge(name: str, documentation: str, labelnames: Sequence[str] = ()) -> Gaug
 
 
 def histogram(
-    name: str, documentation: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = STAGE_BUCKETS
+    name: str,
+    documentation: str,
+    labelnames: Sequence[str] = (),
+    buckets: Sequence[float] = STAGE_BUCKETS,
 ) -> Histogram:
     """A histogram named ``lumbar_<name>`` in the node's registry (seconds)."""
     return Histogram(
-        PREFIX + name, documentation, labelnames=list(labelnames), buckets=list(buckets), registry=REGISTRY
+        PREFIX + name,
+        documentation,
+        labelnames=list(labelnames),
+        buckets=list(buckets),
+        registry=REGISTRY,
     )
 
 
 # -- receiving (node.receiver) ------------------------------------------------------------
 INSTANCES_RECEIVED = counter(
-    "instances_received_total", "C-STORE requests answered with success, by outcome (stored, duplicate)", ["outcome"]
+    "instances_received_total",
+    "C-STORE requests answered with success, by outcome (stored, duplicate)",
+    ["outcome"],
 )
 INSTANCES_REJECTED = counter(
-    "instances_rejected_total", "C-STORE requests answered with a failure status, by reason", ["reason"]
+    "instances_rejected_total",
+    "C-STORE requests answered with a failure status, by reason",
+    ["reason"],
 )
 RECEIVED_BYTES = counter("received_bytes_total", "Bytes of newly stored instances")
 STORE_SECONDS = histogram(
-    "cstore_handler_seconds", "Time in the C-STORE handler (validate, persist, index)", buckets=STORE_BUCKETS
+    "cstore_handler_seconds",
+    "Time in the C-STORE handler (validate, persist, index)",
+    buckets=STORE_BUCKETS,
 )
 ASSOCIATIONS = counter(
-    "associations_total", "Association requests by result (accepted, rejected, handshake_failed)", ["result"]
+    "associations_total",
+    "Association requests by result (accepted, rejected, handshake_failed)",
+    ["result"],
 )
 ACTIVE_ASSOCIATIONS = gauge("associations_active", "Associations running now")
 FREE_DISK_MB = gauge("free_disk_megabytes", "Free space on the state directory's file system (MB)")
 
 # -- series, routing, jobs (node.series, node.routing, node.jobs) ------------------------
-SERIES_COMPLETED = counter("series_completed_total", "Series found complete after their quiet period")
-SERIES_SKIPPED = counter("series_skipped_total", "Complete series not analysed, by routing reason", ["reason"])
+SERIES_COMPLETED = counter(
+    "series_completed_total", "Series found complete after their quiet period"
+)
+SERIES_SKIPPED = counter(
+    "series_skipped_total", "Complete series not analysed, by routing reason", ["reason"]
+)
 JOBS = gauge("jobs", "Jobs by state", ["state"])
 JOB_STAGE_SECONDS = histogram("job_stage_seconds", "Duration of a job stage", ["stage"])
 

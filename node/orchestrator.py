@@ -153,8 +153,10 @@ class Orchestrator:
             self._stop.value = 1
             worker.join(max(0.0, deadline - time.monotonic()))
             if worker.is_alive():
-                logger.warning("worker %s still busy at shutdown: killed (its job resumes at start)",
-                               worker.pid)
+                logger.warning(
+                    "worker %s still busy at shutdown: killed (its job resumes at start)",
+                    worker.pid,
+                )
                 worker.kill()
                 worker.join(5.0)
             self._worker = None
@@ -192,7 +194,9 @@ class Orchestrator:
                 logger.info("series %s re-opened by a late instance", uid)
         self._arm(uid, received + quiet)
 
-    def _open_in_index(self, record: InstanceRecord, quiet: float, received: float) -> tuple[int, bool]:
+    def _open_in_index(
+        self, record: InstanceRecord, quiet: float, received: float
+    ) -> tuple[int, bool]:
         seq, reopened = series.open_series(
             self.db,
             series_uid=record.series_instance_uid,
@@ -243,12 +247,18 @@ class Orchestrator:
         try:
             self.complete_series(uid, state)
         except Exception:  # noqa: BLE001 - a bad series must not kill the scheduler thread
-            logger.exception("completing series %s failed; trying again in %.0f s", uid,
-                             COMPLETION_RETRY_S)
+            logger.exception(
+                "completing series %s failed; trying again in %.0f s", uid, COMPLETION_RETRY_S
+            )
             with self._lock:
                 current = self._open.setdefault(uid, state)
-            self._arm(uid, max(current.last_received_at + current.quiet_seconds,
-                               self.clock() + COMPLETION_RETRY_S))
+            self._arm(
+                uid,
+                max(
+                    current.last_received_at + current.quiet_seconds,
+                    self.clock() + COMPLETION_RETRY_S,
+                ),
+            )
 
     def complete_series(self, uid: str, state: _OpenSeries) -> None:
         """Assemble, route and queue one quiet series (scheduler thread)."""
@@ -291,8 +301,13 @@ class Orchestrator:
             metrics.SERIES_SKIPPED.labels(reason=skip_label(assembly.reason)).inc()
         logger.info(
             "series %s %s: %d instances, %d slices, %d echo group(s), %d job(s) queued in %.2f s%s",
-            uid, assembly.state, assembly.instance_count, assembly.slice_count,
-            len(assembly.groups), len(queued), time.monotonic() - started,
+            uid,
+            assembly.state,
+            assembly.instance_count,
+            assembly.slice_count,
+            len(assembly.groups),
+            len(queued),
+            time.monotonic() - started,
             f"; reason: {assembly.reason}" if assembly.reason else "",
         )
         if queued:
@@ -309,8 +324,13 @@ class Orchestrator:
         }
         for activity in series_activity(self.db):
             row = rows.get(activity.series_instance_uid)
-            late = row is not None and row["state"] != series.OPEN and (
-                row["completed_at"] is None or activity.last_received_at > float(row["completed_at"])
+            late = (
+                row is not None
+                and row["state"] != series.OPEN
+                and (
+                    row["completed_at"] is None
+                    or activity.last_received_at > float(row["completed_at"])
+                )
             )
             if row is None or late:
                 quiet = self.config.quiet_seconds_for(activity.calling_ae)
@@ -322,8 +342,10 @@ class Orchestrator:
                     quiet_seconds=quiet,
                     received_at=activity.last_received_at,
                 )
-                logger.info("series %s had instances not yet assembled: opened at start-up",
-                            activity.series_instance_uid)
+                logger.info(
+                    "series %s had instances not yet assembled: opened at start-up",
+                    activity.series_instance_uid,
+                )
                 known[activity.series_instance_uid] = {
                     "series_instance_uid": activity.series_instance_uid,
                     "study_instance_uid": activity.study_instance_uid,
@@ -333,7 +355,11 @@ class Orchestrator:
                     "opened_seq": seq,
                     "instance_count": activity.instance_count,
                 }
-            elif row is not None and row["state"] == series.OPEN and activity.series_instance_uid in known:
+            elif (
+                row is not None
+                and row["state"] == series.OPEN
+                and activity.series_instance_uid in known
+            ):
                 known[activity.series_instance_uid]["last_received_at"] = max(
                     float(known[activity.series_instance_uid]["last_received_at"]),
                     activity.last_received_at,
@@ -344,7 +370,10 @@ class Orchestrator:
             last = float(row["last_received_at"])
             with self._lock:
                 self._open[uid] = _OpenSeries(
-                    row["study_instance_uid"], int(row["opened_seq"]), last, quiet,
+                    row["study_instance_uid"],
+                    int(row["opened_seq"]),
+                    last,
+                    quiet,
                     int(row["instance_count"] or 0),
                 )
             self._arm(uid, last + quiet)
@@ -354,8 +383,14 @@ class Orchestrator:
         self._stop.value = 0
         worker = self._ctx.Process(
             target=jobs.worker_main,
-            args=(self.config, self.stages, self._stop, self._wake,
-                  self.config.logging.level.upper(), self.config.logging.format),
+            args=(
+                self.config,
+                self.stages,
+                self._stop,
+                self._wake,
+                self.config.logging.level.upper(),
+                self.config.logging.format,
+            ),
             name="lumbar-node-worker",
             daemon=True,
         )
@@ -371,9 +406,17 @@ class Orchestrator:
         """Restart a dead worker (recovering its job) and feed job metrics."""
         try:
             worker = self._worker
-            if self.run_worker and not self._stopping and worker is not None and not worker.is_alive():
-                logger.error("analysis worker %s died (exit code %s): recovering its job and restarting",
-                             worker.pid, worker.exitcode)
+            if (
+                self.run_worker
+                and not self._stopping
+                and worker is not None
+                and not worker.is_alive()
+            ):
+                logger.error(
+                    "analysis worker %s died (exit code %s): recovering its job and restarting",
+                    worker.pid,
+                    worker.exitcode,
+                )
                 jobs.recover_interrupted(self.db)
                 self._start_worker()
             self._observe_finished()

@@ -116,7 +116,9 @@ def kind_of(ds: Dataset) -> Kind:
     try:
         return KIND_BY_SOP_CLASS[sop_class]
     except KeyError:
-        raise ValueError(f"SOP class {sop_class!r} is not a result class the node exports") from None
+        raise ValueError(
+            f"SOP class {sop_class!r} is not a result class the node exports"
+        ) from None
 
 
 def wants(destination: Destination, kind: Kind, config: NodeConfig) -> bool:
@@ -205,7 +207,9 @@ class Outbox:
     def relative_path(self, series_uid: str, sop_instance_uid: str) -> str:
         """Where an instance's file lives, relative to the state directory."""
         root = self.config.outbox_dir.relative_to(self.config.state_dir)
-        return f"{root.as_posix()}/{safe_component(series_uid)}/{safe_component(sop_instance_uid)}.dcm"
+        return (
+            f"{root.as_posix()}/{safe_component(series_uid)}/{safe_component(sop_instance_uid)}.dcm"
+        )
 
     def add(self, series_uid: str, datasets: Iterable[Dataset]) -> list[OutboxItem]:
         """Store ``datasets`` (results of the analysed series ``series_uid``) for export.

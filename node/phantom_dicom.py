@@ -105,13 +105,26 @@ def _ids(seed: int, index: int) -> _StudyIds:
     tag = f"{seed:04d}{index + 1:03d}"
     entropy = ["lumbar-node-phantom", str(seed), str(index)]
     date = (STUDY_DATE + dt.timedelta(days=index)).strftime("%Y%m%d")
-    return _StudyIds(seed, index, f"PHANTOM^{tag}", f"PHANTOM{tag}",
-                     str(generate_uid(entropy_srcs=[*entropy, "study"])),
-                     str(generate_uid(entropy_srcs=[*entropy, "frame"])), date, entropy)
+    return _StudyIds(
+        seed,
+        index,
+        f"PHANTOM^{tag}",
+        f"PHANTOM{tag}",
+        str(generate_uid(entropy_srcs=[*entropy, "study"])),
+        str(generate_uid(entropy_srcs=[*entropy, "frame"])),
+        date,
+        entropy,
+    )
 
 
-def _base_dataset(ids: _StudyIds, series_uid: str, series_number: int, description: str,
-                  sop_uid: str, body_part: str) -> Dataset:
+def _base_dataset(
+    ids: _StudyIds,
+    series_uid: str,
+    series_number: int,
+    description: str,
+    sop_uid: str,
+    body_part: str,
+) -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage  # type: ignore[assignment]
     meta.MediaStorageSOPInstanceUID = sop_uid  # type: ignore[assignment]
@@ -182,9 +195,15 @@ def _set_pixels(ds: Dataset, image: np.ndarray) -> None:
     ds.PixelData = px.tobytes()
 
 
-def _set_plane(ds: Dataset, ipp: tuple[float, float, float], row_dir: tuple[float, ...],
-               col_dir: tuple[float, ...], spacing: tuple[float, float], thickness: float,
-               between: float) -> None:
+def _set_plane(
+    ds: Dataset,
+    ipp: tuple[float, float, float],
+    row_dir: tuple[float, ...],
+    col_dir: tuple[float, ...],
+    spacing: tuple[float, float],
+    thickness: float,
+    between: float,
+) -> None:
     ds.ImagePositionPatient = [f"{v:.4f}" for v in ipp]
     ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
     ds.PixelSpacing = [f"{spacing[0]:.4f}", f"{spacing[1]:.4f}"]
@@ -199,8 +218,9 @@ def _write(ds: Dataset, path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def write_study(out: Path, subject: Subject, ids: _StudyIds, opts: PhantomOptions,
-                rng: np.random.Generator) -> Path:
+def write_study(
+    out: Path, subject: Subject, ids: _StudyIds, opts: PhantomOptions, rng: np.random.Generator
+) -> Path:
     """Write one subject's study folder; returns its path."""
     folder = out / f"PHANTOM_{ids.seed:04d}_{ids.index + 1:03d}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -214,26 +234,54 @@ def write_study(out: Path, subject: Subject, ids: _StudyIds, opts: PhantomOption
     labels: dict[str, np.ndarray] = {}
     slice_truth: list[dict[str, Any]] = []
     for k, ps in enumerate(plan):
-        s = render_slice(subject, ps.level, ps.kind, opts.mode, rng, pixel_spacing=opts.spacing,
-                         matrix=matrix, rotation_deg=rotation, offset_mm=ps.offset_mm,
-                         fov_shift_mm=fov_shift, contrast_seed=contrast_seed)
+        s = render_slice(
+            subject,
+            ps.level,
+            ps.kind,
+            opts.mode,
+            rng,
+            pixel_spacing=opts.spacing,
+            matrix=matrix,
+            rotation_deg=rotation,
+            offset_mm=ps.offset_mm,
+            fov_shift_mm=fov_shift,
+            contrast_seed=contrast_seed,
+        )
         sop = ids.uid("ax", k)
         ds = _base_dataset(ids, series_uid, 2, AXIAL_DESCRIPTION, sop, "LSPINE")
         ds.InstanceNumber = k + 1
         ipp = ps.position_of_first_pixel(s.canal_centre_px, s.pixel_spacing)
-        _set_plane(ds, ipp, ps.row_dir, ps.col_dir, s.pixel_spacing, AXIAL_THICKNESS_MM,
-                   AXIAL_THICKNESS_MM + AXIAL_GAP_MM)
+        _set_plane(
+            ds,
+            ipp,
+            ps.row_dir,
+            ps.col_dir,
+            s.pixel_spacing,
+            AXIAL_THICKNESS_MM,
+            AXIAL_THICKNESS_MM + AXIAL_GAP_MM,
+        )
         _set_pixels(ds, s.image)
         _write(ds, folder / "ax" / f"IM{k + 1:04d}.dcm")
         labels[sop] = s.labels
         t = dict(s.truth)
-        t.update(sop_instance_uid=sop, index=k, instance_number=k + 1, block=ps.block,
-                 image_position_patient=list(ipp),
-                 image_orientation_patient=[*ps.row_dir, *ps.col_dir])
+        t.update(
+            sop_instance_uid=sop,
+            index=k,
+            instance_number=k + 1,
+            block=ps.block,
+            image_position_patient=list(ipp),
+            image_orientation_patient=[*ps.row_dir, *ps.col_dir],
+        )
         slice_truth.append(t)
     np.savez_compressed(folder / "labels.npz", **labels)  # type: ignore[arg-type]
-    series: list[dict[str, Any]] = [{"series_instance_uid": series_uid, "description": AXIAL_DESCRIPTION,
-                                     "role": "axial", "n_instances": len(plan)}]
+    series: list[dict[str, Any]] = [
+        {
+            "series_instance_uid": series_uid,
+            "description": AXIAL_DESCRIPTION,
+            "role": "axial",
+            "n_instances": len(plan),
+        }
+    ]
     if opts.sagittal:
         series.append(_write_sagittal(folder, subject, ids, rng))
     if opts.distractor:
@@ -248,15 +296,22 @@ def write_study(out: Path, subject: Subject, ids: _StudyIds, opts: PhantomOption
         "mode": opts.mode,
         "layout": "continuous" if opts.continuous else "blocks",
         "series": series,
-        "subject": {"habitus": subject.habitus, "atrophy": subject.atrophy,
-                    "scoliosis_deg": subject.scoliosis_deg,
-                    "subcutaneous_fat_posterior_mm": subject.subcut_post_mm},
+        "subject": {
+            "habitus": subject.habitus,
+            "atrophy": subject.atrophy,
+            "scoliosis_deg": subject.scoliosis_deg,
+            "subcutaneous_fat_posterior_mm": subject.subcut_post_mm,
+        },
         "levels": _level_truth(subject, slice_truth),
         "slices": slice_truth,
     }
     (folder / "truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True))
-    logger.info("phantom study written: %s (%d axial slices, study %s)", folder.name,
-                len(plan), ids.study_uid)
+    logger.info(
+        "phantom study written: %s (%d axial slices, study %s)",
+        folder.name,
+        len(plan),
+        ids.study_uid,
+    )
     return folder
 
 
@@ -269,30 +324,34 @@ def _level_truth(subject: Subject, slices: list[dict[str, Any]]) -> list[dict[st
             continue
         mid = min(mine, key=lambda s: abs(s["offset_mm"]))
         lv = subject.levels[name]
-        out.append({
-            "level": name,
-            "slice_uids": [s["sop_instance_uid"] for s in mine],
-            "slice_indices": [s["index"] for s in mine],
-            "mid_disc_uid": mid["sop_instance_uid"],
-            "mid_disc_index": mid["index"],
-            "schizas": mid["schizas"],
-            "schizas_subgrade": mid["schizas_subgrade"],
-            "severity": mid["severity"],
-            "dsca_mm2": mid["dsca_mm2"],
-            "dsca_grade": mid["dsca_grade"],
-            "canal_mm2": mid["canal_mm2"],
-            "rootlets": mid["rootlets"],
-            "posterior_epidural_fat": mid["posterior_epidural_fat"],
-            "csa_mm2": mid["csa_mm2"],
-            "fat_fraction_pct": mid["fat_fraction_pct"],
-            "disc_degeneration": mid["disc_degeneration"],
-            "tilt_deg": lv.tilt_deg,
-            "disc_centre_patient_mm": [lv.canal_x_mm, lv.canal_y_mm, lv.z_mm],
-        })
+        out.append(
+            {
+                "level": name,
+                "slice_uids": [s["sop_instance_uid"] for s in mine],
+                "slice_indices": [s["index"] for s in mine],
+                "mid_disc_uid": mid["sop_instance_uid"],
+                "mid_disc_index": mid["index"],
+                "schizas": mid["schizas"],
+                "schizas_subgrade": mid["schizas_subgrade"],
+                "severity": mid["severity"],
+                "dsca_mm2": mid["dsca_mm2"],
+                "dsca_grade": mid["dsca_grade"],
+                "canal_mm2": mid["canal_mm2"],
+                "rootlets": mid["rootlets"],
+                "posterior_epidural_fat": mid["posterior_epidural_fat"],
+                "csa_mm2": mid["csa_mm2"],
+                "fat_fraction_pct": mid["fat_fraction_pct"],
+                "disc_degeneration": mid["disc_degeneration"],
+                "tilt_deg": lv.tilt_deg,
+                "disc_centre_patient_mm": [lv.canal_x_mm, lv.canal_y_mm, lv.z_mm],
+            }
+        )
     return out
 
 
-def _write_sagittal(folder: Path, subject: Subject, ids: _StudyIds, rng: np.random.Generator) -> dict[str, Any]:
+def _write_sagittal(
+    folder: Path, subject: Subject, ids: _StudyIds, rng: np.random.Generator
+) -> dict[str, Any]:
     uid = ids.uid("series", "sag")
     zs = [lv.z_mm for lv in subject.levels.values()]
     ys = [lv.canal_y_mm for lv in subject.levels.values()]
@@ -302,12 +361,15 @@ def _write_sagittal(folder: Path, subject: Subject, ids: _StudyIds, rng: np.rand
         img, ipp = render_sagittal(subject, x, SAGITTAL_MATRIX, SAGITTAL_SPACING_MM, centre, rng)
         ds = _base_dataset(ids, uid, 1, SAGITTAL_DESCRIPTION, ids.uid("sag", k), "LSPINE")
         ds.InstanceNumber = k + 1
-        _set_plane(ds, ipp, row_dir, col_dir, (SAGITTAL_SPACING_MM, SAGITTAL_SPACING_MM),
-                   3.5, 4.0)
+        _set_plane(ds, ipp, row_dir, col_dir, (SAGITTAL_SPACING_MM, SAGITTAL_SPACING_MM), 3.5, 4.0)
         _set_pixels(ds, img)
         _write(ds, folder / "sag" / f"IM{k + 1:04d}.dcm")
-    return {"series_instance_uid": uid, "description": SAGITTAL_DESCRIPTION, "role": "sagittal",
-            "n_instances": len(SAGITTAL_SLICES_X_MM)}
+    return {
+        "series_instance_uid": uid,
+        "description": SAGITTAL_DESCRIPTION,
+        "role": "sagittal",
+        "n_instances": len(SAGITTAL_SLICES_X_MM),
+    }
 
 
 def _write_distractor(folder: Path, ids: _StudyIds, rng: np.random.Generator) -> dict[str, Any]:
@@ -321,8 +383,12 @@ def _write_distractor(folder: Path, ids: _StudyIds, rng: np.random.Generator) ->
         _set_plane(ds, (-114.6, -114.6, z), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (1.2, 1.2), 5.0, 5.0)
         _set_pixels(ds, img)
         _write(ds, folder / "other" / f"IM{k + 1:04d}.dcm")
-    return {"series_instance_uid": uid, "description": DISTRACTOR_DESCRIPTION, "role": "distractor",
-            "n_instances": n}
+    return {
+        "series_instance_uid": uid,
+        "description": DISTRACTOR_DESCRIPTION,
+        "role": "distractor",
+        "n_instances": n,
+    }
 
 
 def write_phantom_studies(out: Path, opts: PhantomOptions) -> list[Path]:

@@ -42,6 +42,7 @@ import weakref
 from datetime import datetime
 from typing import Any, cast
 
+from pynetdicom import ae as pynetdicom_ae
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
@@ -199,30 +200,44 @@ class EventDrivenDUL(DULServiceProvider):
             sleep = False
 
 
-class EventDrivenAssociation(Association):
-    """An accepted association whose reactor waits on an event instead of sleeping 1 ms."""
+def pause_point(assoc: Association) -> None:
+    """The reactor's pause checkpoint, without pynetdicom 3.0.4's lost-response race.
 
-    _wake: threading.Event
+    ``send_c_echo()`` and the other ``send_*`` methods clear ``_reactor_checkpoint`` and
+    then wait for ``_is_paused`` before sending. pynetdicom's reactor sets ``_is_paused``
+    *before* every ``wait()``, also when the checkpoint is still set, so a sender that
+    clears it just after that ``wait()`` returned sees a stale ``True``, sends, and the
+    reactor then takes the response off the queue ("Received unexpected C-ECHO service
+    message", then a DIMSE timeout and an abort; pydicom/pynetdicom#875). Here the reactor
+    re-checks the checkpoint after clearing ``_is_paused`` and parks again if a sender
+    cleared it in between, so it never runs while a sender believes it paused.
+    """
+    checkpoint = assoc._reactor_checkpoint
+    while True:
+        assoc._is_paused = True
+        checkpoint.wait()
+        assoc._is_paused = False
+        if checkpoint.is_set():
+            return
 
-    def _has_work(self) -> bool:
-        return (
-            self._kill
-            or not self.dimse.msg_queue.empty()
-            or not self.dul.to_user_queue.empty()
-            or not self.dul.is_alive()
-        )
+
+class RaceFreeAssociation(Association):
+    """pynetdicom's association with :func:`pause_point` in its reactor loop.
+
+    Used for every association the node requests (:func:`use_race_free_requestors`) and,
+    through :class:`EventDrivenAssociation`, for every one it accepts.
+    """
+
+    def _wait_for_work(self) -> None:
+        """pynetdicom's 1 ms poll; :class:`EventDrivenAssociation` waits on an event."""
+        time.sleep(0.001)
 
     def _run_reactor(self) -> None:  # noqa: C901 - pynetdicom's loop, kept in its shape
-        """pynetdicom 3.0.4's acceptor loop with ``time.sleep(0.001)`` replaced by a wait."""
+        """pynetdicom 3.0.4's reactor loop with :func:`pause_point` and :meth:`_wait_for_work`."""
         self._is_paused = False
         while not self._kill:
-            if not self._has_work():
-                self._wake.wait(IDLE_WAKE_S)
-            self._wake.clear()
-
-            self._is_paused = True
-            self._reactor_checkpoint.wait()
-            self._is_paused = False
+            self._wait_for_work()
+            pause_point(self)
 
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
@@ -260,6 +275,36 @@ class EventDrivenAssociation(Association):
                     self.abort()
                 self.kill()
                 return
+
+
+def use_race_free_requestors() -> None:
+    """Make ``AE.associate()`` create :class:`RaceFreeAssociation` (idempotent).
+
+    ``AE.associate()`` builds its association from the module-level name
+    ``pynetdicom.ae.Association``, with no hook to choose the class; rebinding that name
+    is the only way to give the node's own requests (result export, ``push``, ``echo``)
+    the race-free reactor without copying ``associate()``.
+    """
+    pynetdicom_ae.Association = RaceFreeAssociation  # type: ignore[misc]
+
+
+class EventDrivenAssociation(RaceFreeAssociation):
+    """An accepted association whose reactor waits on an event instead of sleeping 1 ms."""
+
+    _wake: threading.Event
+
+    def _has_work(self) -> bool:
+        return (
+            self._kill
+            or not self.dimse.msg_queue.empty()
+            or not self.dul.to_user_queue.empty()
+            or not self.dul.is_alive()
+        )
+
+    def _wait_for_work(self) -> None:
+        if not self._has_work():
+            self._wake.wait(IDLE_WAKE_S)
+        self._wake.clear()
 
 
 def _trigger(assoc: Association, name: str) -> None:

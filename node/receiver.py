@@ -173,7 +173,11 @@ class SlotCountingAE(AE):
 
     @property
     def active_associations(self) -> list[Association]:
-        return [a for a in super().active_associations if not a.is_acceptor or a.requestor.primitive is not None]
+        return [
+            a
+            for a in super().active_associations
+            if not a.is_acceptor or a.requestor.primitive is not None
+        ]
 
 
 class NodeAssociationServer(ThreadedAssociationServer):
@@ -197,7 +201,9 @@ class NodeAssociationServer(ThreadedAssociationServer):
         """
         sock: socket.socket = request
         current = [sock]
-        deadline = threading.Timer(self.handshake_timeout_s, self._drop_if_not_requested, args=(current, client_address))
+        deadline = threading.Timer(
+            self.handshake_timeout_s, self._drop_if_not_requested, args=(current, client_address)
+        )
         deadline.daemon = True
         deadline.start()  # runs on after this returns: the association has its own thread
         try:
@@ -209,7 +215,9 @@ class NodeAssociationServer(ThreadedAssociationServer):
                 sock.settimeout(self.ae.network_timeout)
         except (OSError, ssl.SSLError) as exc:
             deadline.cancel()
-            logger.warning("connection from %s dropped before association: %s", client_address[0], exc)
+            logger.warning(
+                "connection from %s dropped before association: %s", client_address[0], exc
+            )
             metrics.ASSOCIATIONS.labels(result="handshake_failed").inc()
             self.shutdown_request(request)
             return
@@ -219,12 +227,17 @@ class NodeAssociationServer(ThreadedAssociationServer):
         """Deadline: shut the connection down unless its association was requested."""
         sock = current[0]
         for assoc in self.active_associations:
-            if getattr(assoc.dul.socket, "socket", None) is sock and assoc.requestor.primitive is not None:
+            if (
+                getattr(assoc.dul.socket, "socket", None) is sock
+                and assoc.requestor.primitive is not None
+            ):
                 return
         if sock.fileno() < 0:
             return  # already closed
         logger.warning(
-            "connection from %s dropped: no association request within %.0f s", client_address[0], self.handshake_timeout_s
+            "connection from %s dropped: no association request within %.0f s",
+            client_address[0],
+            self.handshake_timeout_s,
         )
         metrics.ASSOCIATIONS.labels(result="request_timeout").inc()
         try:
@@ -260,12 +273,16 @@ class Receiver:
         self.db = db
         self.spool = spool
         self.on_stored = on_stored
-        self.policy = CallerPolicy(config.callers, config.node.ae_title, config.node.check_called_ae)
+        self.policy = CallerPolicy(
+            config.callers, config.node.ae_title, config.node.check_called_ae
+        )
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._servers: list[NodeAssociationServer] = []
         self._threads: list[threading.Thread] = []
         self._accepting = False
-        self._tallies: weakref.WeakKeyDictionary[Association, Counter[str]] = weakref.WeakKeyDictionary()
+        self._tallies: weakref.WeakKeyDictionary[Association, Counter[str]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._tallies_lock = threading.Lock()
         self.ae = self._make_ae()
 
@@ -329,7 +346,10 @@ class Receiver:
         server.tls_context = tls
         server.handshake_timeout_s = node.acse_timeout_s
         thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name=f"dicom-listener-{port}", daemon=True
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name=f"dicom-listener-{port}",
+            daemon=True,
         )
         thread.start()
         self.ae._servers.append(server)  # so AE.active_associations sees its associations
@@ -414,12 +434,20 @@ class Receiver:
     def _on_aborted(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
         logger.warning(
-            "association from %s@%s aborted after %s", requestor.ae_title, requestor.address, self._tally_text(event.assoc)
+            "association from %s@%s aborted after %s",
+            requestor.ae_title,
+            requestor.address,
+            self._tally_text(event.assoc),
         )
 
     def _on_released(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        logger.info("association from %s@%s released: %s", requestor.ae_title, requestor.address, self._tally_text(event.assoc))
+        logger.info(
+            "association from %s@%s released: %s",
+            requestor.ae_title,
+            requestor.address,
+            self._tally_text(event.assoc),
+        )
 
     def _tally(self, assoc: Association, outcome: str) -> None:
         with self._tallies_lock:
@@ -477,21 +505,33 @@ class Receiver:
             )
             return StoreOutcome(Status.OUT_OF_RESOURCES, "disk_floor")
         if sop_class_uid not in IMAGE_SOP_CLASSES:
-            logger.warning("refusing %s: SOP class %s is not an image class the node stores", sop_instance_uid, sop_class_uid)
+            logger.warning(
+                "refusing %s: SOP class %s is not an image class the node stores",
+                sop_instance_uid,
+                sop_class_uid,
+            )
             return StoreOutcome(Status.SOP_CLASS_NOT_SUPPORTED, "sop_class")
         ds, why = _parse(data)
         if ds is None:
             logger.warning("refusing %s: cannot parse the data set (%s)", sop_instance_uid, why)
             return StoreOutcome(Status.CANNOT_UNDERSTAND, "unparseable")
-        problem = _check_dataset(ds, sop_class_uid, sop_instance_uid, transfer_syntax_uid, node.max_pixels_per_frame)
+        problem = _check_dataset(
+            ds, sop_class_uid, sop_instance_uid, transfer_syntax_uid, node.max_pixels_per_frame
+        )
         if problem is not None:
             reason, text = problem
             logger.warning("refusing %s: %s", sop_instance_uid, text)
-            status = Status.CANNOT_UNDERSTAND if reason == "truncated" else Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+            status = (
+                Status.CANNOT_UNDERSTAND
+                if reason == "truncated"
+                else Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+            )
             return StoreOutcome(status, reason)
         study_uid = str(ds.StudyInstanceUID).strip()
         series_uid = str(ds.SeriesInstanceUID).strip()
-        stripe = int(hashlib.sha1(sop_instance_uid.encode(), usedforsecurity=False).hexdigest()[:8], 16)
+        stripe = int(
+            hashlib.sha1(sop_instance_uid.encode(), usedforsecurity=False).hexdigest()[:8], 16
+        )
         with self._locks[stripe % _LOCK_STRIPES]:
             if instance_exists(self.db, sop_instance_uid):
                 logger.info("duplicate %s ignored (first copy kept)", sop_instance_uid)
@@ -532,13 +572,19 @@ class Receiver:
                 if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
                     raise
                 self.spool.remove(stored.relative_path)  # not indexed: not acknowledged
-                logger.error("refusing %s: the index cannot grow, the disk is full", sop_instance_uid)
+                logger.error(
+                    "refusing %s: the index cannot grow, the disk is full", sop_instance_uid
+                )
                 return StoreOutcome(Status.OUT_OF_RESOURCES, "disk_full")
             if not inserted:
                 return StoreOutcome(Status.SUCCESS, "duplicate")
         metrics.RECEIVED_BYTES.inc(stored.size_bytes)
         logger.debug(
-            "stored %s (series %s, %d bytes) from %s", sop_instance_uid, series_uid, stored.size_bytes, calling_ae
+            "stored %s (series %s, %d bytes) from %s",
+            sop_instance_uid,
+            series_uid,
+            stored.size_bytes,
+            calling_ae,
         )
         if self.on_stored is not None:
             try:
@@ -551,7 +597,15 @@ class Receiver:
 def _parse(data: bytes) -> tuple[Dataset | None, str]:
     try:
         return dcmread(io.BytesIO(data), force=False), ""
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError, NotImplementedError) as exc:
+    except (
+        InvalidDicomError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        OSError,
+        NotImplementedError,
+    ) as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
 
@@ -563,7 +617,11 @@ def _uid(ds: Dataset, keyword: str) -> str:
 
 
 def _check_dataset(
-    ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, max_pixels: int
+    ds: Dataset,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    max_pixels: int,
 ) -> tuple[str, str] | None:
     """(metric reason, log text) when the data set cannot be stored, else None."""
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
@@ -572,7 +630,10 @@ def _check_dataset(
     if _uid(ds, "SOPInstanceUID") != sop_instance_uid.strip():
         return "uid_mismatch", "SOPInstanceUID differs from the C-STORE request's"
     if _uid(ds, "SOPClassUID") != sop_class_uid.strip():
-        return "uid_mismatch", f"SOPClassUID {_uid(ds, 'SOPClassUID')} differs from the C-STORE request's"
+        return (
+            "uid_mismatch",
+            f"SOPClassUID {_uid(ds, 'SOPClassUID')} differs from the C-STORE request's",
+        )
     try:
         rows = int(ds.get("Rows") or 0)
         columns = int(ds.get("Columns") or 0)
@@ -593,7 +654,10 @@ def _check_dataset(
         if actual < expected:
             return "truncated", f"PixelData has {actual} bytes, {expected} expected"
         if actual > expected + expected % 2:  # only a pad byte to even length may follow
-            return "pixel_length", f"PixelData has {actual} bytes, {expected} expected (Rows/Columns/BitsAllocated wrong?)"
+            return (
+                "pixel_length",
+                f"PixelData has {actual} bytes, {expected} expected (Rows/Columns/BitsAllocated wrong?)",
+            )
     return None
 
 

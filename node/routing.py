@@ -135,7 +135,9 @@ def check_modality(modality: str, allowed: Sequence[str]) -> str | None:
     return f"modality {modality or '(none)'} not in {list(allowed)}"
 
 
-def check_axial(orientations: Sequence[Sequence[float]], max_tilt_deg: float) -> tuple[str | None, float]:
+def check_axial(
+    orientations: Sequence[Sequence[float]], max_tilt_deg: float
+) -> tuple[str | None, float]:
     """(reason or ``None``, worst tilt in degrees) for the axial rule over every slice."""
     if not orientations:
         return "no slice orientation", 90.0

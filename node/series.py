@@ -191,9 +191,17 @@ def slices_of(records: Iterable[Any]) -> list[Slice]:
             for i, fr in enumerate(frames, start=1):
                 echo = fr.get("echo")
                 out.append(
-                    Slice(uid, i, _vec(fr.get("iop"), 6) or _vec(meta.get("ImageOrientationPatient"), 6),
-                          _vec(fr.get("ipp"), 3), float(echo) if echo is not None else None,
-                          rows, cols, spacing, echo_is_time=True)
+                    Slice(
+                        uid,
+                        i,
+                        _vec(fr.get("iop"), 6) or _vec(meta.get("ImageOrientationPatient"), 6),
+                        _vec(fr.get("ipp"), 3),
+                        float(echo) if echo is not None else None,
+                        rows,
+                        cols,
+                        spacing,
+                        echo_is_time=True,
+                    )
                 )
             continue
         n_frames = _int_or_none(meta.get("NumberOfFrames")) or 1
@@ -202,9 +210,16 @@ def slices_of(records: Iterable[Any]) -> list[Slice]:
             # a classic multi-frame image without per-frame geometry cannot be placed:
             # its frames share one position and are caught as duplicates below
             out.append(
-                Slice(uid, frame, _vec(meta.get("ImageOrientationPatient"), 6),
-                      _vec(meta.get("ImagePositionPatient"), 3),
-                      float(echo_no) if echo_no is not None else None, rows, cols, spacing)
+                Slice(
+                    uid,
+                    frame,
+                    _vec(meta.get("ImageOrientationPatient"), 6),
+                    _vec(meta.get("ImagePositionPatient"), 3),
+                    float(echo_no) if echo_no is not None else None,
+                    rows,
+                    cols,
+                    spacing,
+                )
             )
     return out
 
@@ -274,8 +289,11 @@ def check_geometry(group: EchoGroup, max_axial_tilt_deg: float) -> None:
         return
     ref = spacings[0]
     assert ref is not None
-    if any(max(abs(a - b) for a, b in zip(sp, ref, strict=True)) > SPACING_TOLERANCE_MM
-           for sp in spacings if sp is not None):
+    if any(
+        max(abs(a - b) for a, b in zip(sp, ref, strict=True)) > SPACING_TOLERANCE_MM
+        for sp in spacings
+        if sp is not None
+    ):
         distinct = sorted({tuple(round(v, 4) for v in sp) for sp in spacings if sp is not None})
         group.coherent, group.reason = False, f"several pixel spacings: {distinct}"
         return

@@ -106,17 +106,26 @@ class NodeServer:
         self.exporter = Exporter(self.db, self.config)
         register_export_metrics(self.db, self.exporter)
         self.exporter.start()
-        self.receiver = Receiver(self.config, self.db, self.spool, on_stored=self.orchestrator.instance_stored)
+        self.receiver = Receiver(
+            self.config, self.db, self.spool, on_stored=self.orchestrator.instance_stored
+        )
         if self.config.http.enabled:
             self.status_server = StatusServer(self.config.http.host, self.config.http.port)
             self._add_health_checks(self.status_server)
             self.status_server.start()
         receiver = self.receiver
         metrics.set_live(metrics.FREE_DISK_MB, self.spool.free_mb)
-        metrics.set_live(metrics.ACTIVE_ASSOCIATIONS, lambda: float(len(receiver.active_associations())))
+        metrics.set_live(
+            metrics.ACTIVE_ASSOCIATIONS, lambda: float(len(receiver.active_associations()))
+        )
         receiver.start()
         self._started_at = time.monotonic()
-        logger.info("lumbar-node ready: AE %s, ports %s, state %s", self.config.node.ae_title, receiver.ports, self.config.state_dir)
+        logger.info(
+            "lumbar-node ready: AE %s, ports %s, state %s",
+            self.config.node.ae_title,
+            receiver.ports,
+            self.config.state_dir,
+        )
 
     def serve(self) -> None:
         """Block until a stop is requested (signal or :meth:`request_stop`)."""
@@ -136,8 +145,13 @@ class NodeServer:
         clean = True
         if self.receiver is not None:
             self.receiver.stop_accepting()
-            logger.info("stopped accepting; draining %d association(s)", len(self.receiver.active_associations()))
-            while not self.receiver.wait_idle(min(SERVE_POLL_S, max(0.0, deadline - time.monotonic()))):
+            logger.info(
+                "stopped accepting; draining %d association(s)",
+                len(self.receiver.active_associations()),
+            )
+            while not self.receiver.wait_idle(
+                min(SERVE_POLL_S, max(0.0, deadline - time.monotonic()))
+            ):
                 if self._force.is_set() or time.monotonic() >= deadline:
                     aborted = self.receiver.abort_all()
                     logger.warning("aborted %d association(s) still open at shutdown", aborted)
@@ -152,7 +166,10 @@ class NodeServer:
             self.status_server.stop()
         if self.db is not None:
             self.db.close()
-        logger.info("lumbar-node stopped (%s)", "drained" if clean and not self._force.is_set() else "forced")
+        logger.info(
+            "lumbar-node stopped (%s)",
+            "drained" if clean and not self._force.is_set() else "forced",
+        )
         return clean and not self._force.is_set()
 
     def run(self) -> int:
@@ -200,7 +217,10 @@ class NodeServer:
         floor = self.config.node.free_disk_floor_mb
 
         def listener() -> tuple[bool, dict[str, Any]]:
-            return receiver.listening, {"ports": receiver.ports, "associations": len(receiver.active_associations())}
+            return receiver.listening, {
+                "ports": receiver.ports,
+                "associations": len(receiver.active_associations()),
+            }
 
         def disk() -> tuple[bool, dict[str, Any]]:
             free = self.spool.free_mb()

@@ -91,7 +91,9 @@ class StowSender:
             if http_status not in PER_INSTANCE_HTTP or parsed is None:
                 verdict = Verdict.RETRY if http_status in TRANSIENT_HTTP else Verdict.DEAD
                 excerpt = exc.response.text[:BODY_EXCERPT].strip()
-                outcome = Outcome(verdict, f"STOW-RS to {url} answered HTTP {http_status}: {excerpt}")
+                outcome = Outcome(
+                    verdict, f"STOW-RS to {url} answered HTTP {http_status}: {excerpt}"
+                )
                 return dict.fromkeys(ids_by_uid.values(), outcome)
             response = parsed
         except (requests.ConnectionError, requests.Timeout) as exc:
@@ -112,7 +114,9 @@ def _response_dataset(response: requests.Response) -> Dataset | None:
         return None
 
 
-def _per_instance(response: Dataset, ids_by_uid: dict[str, int], http_status: int) -> dict[int, Outcome]:
+def _per_instance(
+    response: Dataset, ids_by_uid: dict[str, int], http_status: int
+) -> dict[int, Outcome]:
     outcomes: dict[int, Outcome] = {}
     for item in response.get("FailedSOPSequence", []):
         uid = str(item.get("ReferencedSOPInstanceUID", ""))

@@ -111,7 +111,9 @@ def _rescale(item: Dataset | None, ds: Dataset) -> tuple[float, float]:
     return slope, intercept
 
 
-def _group(ds: Dataset, per_frame: Dataset | None, shared: Dataset | None, name: str) -> Dataset | None:
+def _group(
+    ds: Dataset, per_frame: Dataset | None, shared: Dataset | None, name: str
+) -> Dataset | None:
     for holder in (per_frame, shared):
         if holder is not None and name in holder and len(holder[name].value):
             item: Dataset = holder[name].value[0]
@@ -126,7 +128,9 @@ def _frames_of(ds: Dataset, index: int) -> list[_Frame]:
         if pixels.ndim == 2:
             pixels = pixels[None]
         per_frames = ds.PerFrameFunctionalGroupsSequence
-        shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+        shared = (
+            ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+        )
         if len(per_frames) != n_frames or pixels.shape[0] != n_frames:
             raise InvalidInstance(
                 f"{_uid(ds)}: {n_frames} frames but {len(per_frames)} per-frame groups"
@@ -137,13 +141,21 @@ def _frames_of(ds: Dataset, index: int) -> list[_Frame]:
             pos_item = _group(ds, pf, shared, "PlanePositionSequence")
             ori_item = _group(ds, pf, shared, "PlaneOrientationSequence")
             if pos_item is None or ori_item is None:
-                raise InvalidInstance(f"{_uid(ds)}: frame {f + 1} has no plane position/orientation")
+                raise InvalidInstance(
+                    f"{_uid(ds)}: frame {f + 1} has no plane position/orientation"
+                )
             pos = _floats(pos_item.ImagePositionPatient, 3, "ImagePositionPatient", ds)
             ori = _floats(ori_item.ImageOrientationPatient, 6, "ImageOrientationPatient", ds)
             _check_orientation(ori, ds)
             spacing, thick = _spacing(_group(ds, pf, shared, "PixelMeasuresSequence"), ds)
-            slope, intercept = _rescale(_group(ds, pf, shared, "PixelValueTransformationSequence"), ds)
-            out.append(_Frame(pixels[f] * slope + intercept, pos, ori, spacing, thick, _uid(ds), f + 1, index))
+            slope, intercept = _rescale(
+                _group(ds, pf, shared, "PixelValueTransformationSequence"), ds
+            )
+            out.append(
+                _Frame(
+                    pixels[f] * slope + intercept, pos, ori, spacing, thick, _uid(ds), f + 1, index
+                )
+            )
         return out
     if n_frames != 1 or pixels.ndim != 2:
         raise InvalidInstance(f"{_uid(ds)}: multi-frame image without functional groups")
@@ -190,7 +202,9 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> tuple[Volume, list[Data
         frames.extend(_frames_of(ds, i))
     shapes = {fr.pixels.shape for fr in frames}
     if len(shapes) != 1:
-        raise InvalidInstance(f"series {next(iter(series))}: slices differ in size {sorted(shapes)}")
+        raise InvalidInstance(
+            f"series {next(iter(series))}: slices differ in size {sorted(shapes)}"
+        )
     sp0 = np.asarray(frames[0].spacing)
     for fr in frames:
         if np.any(np.abs(np.asarray(fr.spacing) - sp0) > SPACING_TOLERANCE * sp0):
@@ -204,9 +218,11 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> tuple[Volume, list[Data
     for a, b, ca, cb in zip(frames, frames[1:], centres, centres[1:], strict=False):
         normal = np.cross(a.orientation[:3], a.orientation[3:])
         same_plane = np.allclose(a.orientation, b.orientation, atol=COSINE_TOLERANCE)
-        if same_plane and np.linalg.norm(cb - ca) < DUPLICATE_POSITION_MM and abs(
-            float(np.dot(cb - ca, normal))
-        ) < DUPLICATE_POSITION_MM:
+        if (
+            same_plane
+            and np.linalg.norm(cb - ca) < DUPLICATE_POSITION_MM
+            and abs(float(np.dot(cb - ca, normal))) < DUPLICATE_POSITION_MM
+        ):
             raise InvalidInstance(
                 f"{a.sop_uid} and {b.sop_uid}: two slices at the same position "
                 "(several echoes or repeats in one series?)"
@@ -226,8 +242,12 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> tuple[Volume, list[Data
     for fr in frames:
         if fr.dataset_index not in seen:
             seen.append(fr.dataset_index)
-    logger.debug("series %s: %d slices from %d instances", volume.series_instance_uid,
-                 volume.n_slices, len(datasets))
+    logger.debug(
+        "series %s: %d slices from %d instances",
+        volume.series_instance_uid,
+        volume.n_slices,
+        len(datasets),
+    )
     return volume, [datasets[i] for i in seen]
 
 

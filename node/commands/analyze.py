@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: shipped)")
+    parser.add_argument(
+        "--weights", type=Path, default=None, help="weights folder (default: shipped)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
 
 
@@ -95,8 +97,12 @@ def run(args: argparse.Namespace) -> int:
     if not series:
         logger.error("no DICOM image series found under %s", [str(p) for p in args.paths])
         return 2
-    analyzer = Analyzer(device=args.device, batch_size=args.batch_size, weights_dir=args.weights,
-                        threads=args.threads)
+    analyzer = Analyzer(
+        device=args.device,
+        batch_size=args.batch_size,
+        weights_dir=args.weights,
+        threads=args.threads,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "measurements.csv"
     if csv_path.exists():
@@ -117,12 +123,17 @@ def run(args: argparse.Namespace) -> int:
                 progress.console.print(f"[red]series {uid}: {exc}")
                 progress.advance(task)
                 continue
-            write_results(result, args.out / safe_dirname(uid), slice_uids=volume.slice_uids,
-                          frame_numbers=volume.frame_numbers)
+            write_results(
+                result,
+                args.out / safe_dirname(uid),
+                slice_uids=volume.slice_uids,
+                frame_numbers=volume.frame_numbers,
+            )
             append_measurements_csv(result, csv_path)
             names = ", ".join(lv.level or f"#{lv.position}" for lv in result.levels) or "no levels"
-            progress.console.print(f"series {uid}: {volume.n_slices} slices, {names}, "
-                                   f"{len(result.flags)} flags")
+            progress.console.print(
+                f"series {uid}: {volume.n_slices} slices, {names}, {len(result.flags)} flags"
+            )
             progress.advance(task)
     print(f"{len(series) - failures}/{len(series)} series analysed; results in {args.out}")
     return 1 if failures else 0

@@ -58,13 +58,19 @@ def run(args: argparse.Namespace) -> int:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+    from node.reactor import use_race_free_requestors
+
+    use_race_free_requestors()
+
     peer = args.peer
     ae = AE(ae_title=args.aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
     ae.add_requested_context(Verification)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
-        print(f"echo {peer}: association failed (rejected, aborted or unreachable)", file=sys.stderr)
+        print(
+            f"echo {peer}: association failed (rejected, aborted or unreachable)", file=sys.stderr
+        )
         return EXIT_FAILED
     try:
         status = assoc.send_c_echo()

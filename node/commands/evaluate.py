@@ -20,11 +20,15 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, help="folder of phantom studies or real cases")
+    parser.add_argument(
+        "--data", required=True, type=Path, help="folder of phantom studies or real cases"
+    )
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: shipped)")
+    parser.add_argument(
+        "--weights", type=Path, default=None, help="weights folder (default: shipped)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
 
 
@@ -51,12 +55,16 @@ def phantom_cases(root: Path) -> Iterator[Any]:
         levels = []
         for lv in truth.get("levels", []):
             entry = dict(lv)
-            entry["slice_indices"] = sorted(index[u] for u in lv.get("slice_uids", []) if u in index)
+            entry["slice_indices"] = sorted(
+                index[u] for u in lv.get("slice_uids", []) if u in index
+            )
             if lv.get("mid_disc_uid") in index:
                 entry["mid_slice"] = index[lv["mid_disc_uid"]]
             levels.append(entry)
         yield EvalCase(
-            name=folder.name, volume=volume, truth_labels=labels,
+            name=folder.name,
+            volume=volume,
+            truth_labels=labels,
             truth={**truth, "slices": slices, "levels": levels},
             mode=str(truth.get("mode", "unknown")),
         )
@@ -89,7 +97,9 @@ def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
         truths.append(case.truth)
         names.append(case.name)
         n_slices += case.volume.n_slices
-        seconds += sum(result.timings_s.get(k, 0.0) for k in ("pre_process", "predict", "post_process"))
+        seconds += sum(
+            result.timings_s.get(k, 0.0) for k in ("pre_process", "predict", "post_process")
+        )
         logger.info("evaluated %s (%d slices)", case.name, case.volume.n_slices)
     report: dict[str, Any] = {
         "model": {"name": analyzer.card.name, "version": analyzer.card.version},
@@ -107,7 +117,8 @@ def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
         with_levels = [(p, t) for p, t in zip(predicted, truths, strict=True) if t.get("levels")]
         report["grades"] = (
             evaluate_grades([p for p, _ in with_levels], [t for _, t in with_levels])
-            if with_levels else None
+            if with_levels
+            else None
         )
     return report
 
@@ -128,8 +139,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(text)
     else:
-        print(f"{len(report['cases'])} series, {report['n_slices']} slices, model "
-              f"{report['model']['name']} {report['model']['version']}")
+        print(
+            f"{len(report['cases'])} series, {report['n_slices']} slices, model "
+            f"{report['model']['name']} {report['model']['version']}"
+        )
         for group in report["segmentation"]:
             print(f"\n## {group}\n")
             print(markdown_table(report["segmentation"], group))

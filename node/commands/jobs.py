@@ -28,10 +28,15 @@ SECONDS_PER_DAY = 86400.0
 
 def add_retry_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("job_ids", nargs="*", type=int, metavar="JOB_ID", help="failed job ids (see status)")
+    parser.add_argument(
+        "job_ids", nargs="*", type=int, metavar="JOB_ID", help="failed job ids (see status)"
+    )
     parser.add_argument("--all-failed", action="store_true", help="re-queue every failed job")
-    parser.add_argument("--dead-letters", action="store_true",
-                        help="also re-queue dead-lettered deliveries of the results")
+    parser.add_argument(
+        "--dead-letters",
+        action="store_true",
+        help="also re-queue dead-lettered deliveries of the results",
+    )
 
 
 def run_retry(args: argparse.Namespace) -> int:
@@ -56,7 +61,10 @@ def run_retry(args: argparse.Namespace) -> int:
             print(f"re-queued {len(ids)} job(s){': ' + ', '.join(map(str, ids)) if ids else ''}")
             missing = sorted(set(args.job_ids) - set(ids))
             if missing:
-                print(f"not failed or unknown, left alone: {', '.join(map(str, missing))}", file=sys.stderr)
+                print(
+                    f"not failed or unknown, left alone: {', '.join(map(str, missing))}",
+                    file=sys.stderr,
+                )
                 status = EXIT_USAGE
         if args.dead_letters:
             from node.outbox import requeue_dead_letters
@@ -70,8 +78,13 @@ def run_retry(args: argparse.Namespace) -> int:
 
 def add_purge_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--done-older-than", type=float, default=DEFAULT_PURGE_DAYS, metavar="DAYS",
-                        help=f"purge finished jobs older than DAYS (default {DEFAULT_PURGE_DAYS:g})")
+    parser.add_argument(
+        "--done-older-than",
+        type=float,
+        default=DEFAULT_PURGE_DAYS,
+        metavar="DAYS",
+        help=f"purge finished jobs older than DAYS (default {DEFAULT_PURGE_DAYS:g})",
+    )
     parser.add_argument("--files", action="store_true", help="also delete their results folders")
     parser.add_argument("--include-failed", action="store_true", help="also purge failed jobs")
     parser.add_argument("--include-skipped", action="store_true", help="also purge skipped jobs")
@@ -109,5 +122,8 @@ def run_purge(args: argparse.Namespace) -> int:
             if folder != root and folder.is_relative_to(root) and folder.is_dir():
                 shutil.rmtree(folder)
                 removed += 1
-    print(f"purged {len(purged)} job(s)" + (f", removed {removed} results folder(s)" if args.files else ""))
+    print(
+        f"purged {len(purged)} job(s)"
+        + (f", removed {removed} results folder(s)" if args.files else "")
+    )
     return 0

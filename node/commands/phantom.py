@@ -22,23 +22,45 @@ EXIT_ERROR = 2
 
 
 def add_phantom_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="output folder (one study folder per subject)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (output is deterministic for a seed)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder (one study folder per subject)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed (output is deterministic for a seed)"
+    )
     parser.add_argument("--subjects", type=int, default=1, help="number of subjects / studies")
     parser.add_argument("--levels", default="L3-L4,L4-L5,L5-S1", help="comma-separated disc levels")
-    parser.add_argument("--stenosis", default="random",
-                        help="none | mild | moderate | severe | random, or a Schizas grade A-D")
+    parser.add_argument(
+        "--stenosis",
+        default="random",
+        help="none | mild | moderate | severe | random, or a Schizas grade A-D",
+    )
     parser.add_argument("--mode", default="realistic", choices=("realistic", "randomised"))
     parser.add_argument("--matrix", type=int, default=320, help="axial matrix (square)")
     parser.add_argument("--spacing", type=float, default=0.7, help="axial pixel spacing (mm)")
-    parser.add_argument("--slices-per-block", type=int, default=None,
-                        help="axial slices per disc block, 3-5 (default: drawn per subject)")
-    parser.add_argument("--sagittal", action=argparse.BooleanOptionalAction, default=True,
-                        help="also write a sagittal T2 series")
-    parser.add_argument("--distractor", action=argparse.BooleanOptionalAction, default=True,
-                        help="also write a non-lumbar distractor series")
-    parser.add_argument("--continuous", action="store_true",
-                        help="a continuous axial stack instead of one tilted block per disc")
+    parser.add_argument(
+        "--slices-per-block",
+        type=int,
+        default=None,
+        help="axial slices per disc block, 3-5 (default: drawn per subject)",
+    )
+    parser.add_argument(
+        "--sagittal",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write a sagittal T2 series",
+    )
+    parser.add_argument(
+        "--distractor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write a non-lumbar distractor series",
+    )
+    parser.add_argument(
+        "--continuous",
+        action="store_true",
+        help="a continuous axial stack instead of one tilted block per disc",
+    )
 
 
 def run_phantom(args: argparse.Namespace) -> int:
@@ -46,10 +68,16 @@ def run_phantom(args: argparse.Namespace) -> int:
 
     try:
         opts = PhantomOptions(
-            seed=args.seed, subjects=args.subjects,
+            seed=args.seed,
+            subjects=args.subjects,
             levels=tuple(v.strip() for v in args.levels.split(",") if v.strip()),
-            stenosis=args.stenosis, mode=args.mode, matrix=args.matrix, spacing=args.spacing,
-            sagittal=args.sagittal, distractor=args.distractor, continuous=args.continuous,
+            stenosis=args.stenosis,
+            mode=args.mode,
+            matrix=args.matrix,
+            spacing=args.spacing,
+            sagittal=args.sagittal,
+            distractor=args.distractor,
+            continuous=args.continuous,
             slices_per_block=args.slices_per_block,
         )
         folders = write_phantom_studies(args.out, opts)
@@ -70,7 +98,9 @@ def add_contact_sheet_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_contact_sheet(args: argparse.Namespace) -> int:
     try:
-        render_contact_sheet(args.study, args.out, columns=args.columns, overlay=not args.no_overlay)
+        render_contact_sheet(
+            args.study, args.out, columns=args.columns, overlay=not args.no_overlay
+        )
     except (FileNotFoundError, ValueError) as exc:
         logger.error("contact-sheet: %s", exc)
         return EXIT_ERROR
@@ -94,7 +124,9 @@ def overlay_rgb(image: np.ndarray, labels: np.ndarray | None, alpha: float = 0.4
     return rgb.astype(np.uint8)
 
 
-def tile_sheet(tiles: list[tuple[np.ndarray, str]], columns: int, tile_px: int = 256) -> Image.Image:
+def tile_sheet(
+    tiles: list[tuple[np.ndarray, str]], columns: int, tile_px: int = 256
+) -> Image.Image:
     """Arrange RGB tiles with captions in a grid (PIL image)."""
     from PIL import Image, ImageDraw
 

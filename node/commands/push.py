@@ -46,10 +46,14 @@ class PushReport:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``push``."""
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="DICOM files or folders")
+    parser.add_argument(
+        "paths", nargs="+", type=Path, metavar="PATH", help="DICOM files or folders"
+    )
     parser.add_argument("--to", required=True, type=parse_peer, help="AE@host:port of the receiver")
     parser.add_argument("--aet", default=DEFAULT_CALLING_AE, help="calling AE title")
-    parser.add_argument("--timeout", type=float, default=30.0, help="network/DIMSE timeout in seconds")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="network/DIMSE timeout in seconds"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar; print failures only")
 
 
@@ -111,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
         TimeRemainingColumn,
     )
 
+    from node.reactor import use_race_free_requestors
+
     _config.STORE_SEND_CHUNKED_DATASET = True
+    use_race_free_requestors()
     console = Console(stderr=True)
     report = PushReport()
     items = collect(args.paths, report)
@@ -129,7 +136,9 @@ def run(args: argparse.Namespace) -> int:
         for batch in _batches(items):
             ae = AE(ae_title=args.aet)
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
-            for sop_class, syntax in sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in batch}):
+            for sop_class, syntax in sorted(
+                {(i.sop_class_uid, i.transfer_syntax_uid) for i in batch}
+            ):
                 ae.add_requested_context(sop_class, [syntax])
             assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
             if not assoc.is_established:
@@ -154,7 +163,9 @@ def run(args: argparse.Namespace) -> int:
     for path, reason in report.failed:
         if args.quiet or not any(i.path == path for i in items):
             console.print(f"FAILED  {path}: {reason}")
-    print(f"pushed {len(report.sent)} file(s) to {peer}; {len(report.failed)} failed, {len(report.skipped)} skipped")
+    print(
+        f"pushed {len(report.sent)} file(s) to {peer}; {len(report.failed)} failed, {len(report.skipped)} skipped"
+    )
     return EXIT_FAILED if report.failed else 0
 
 

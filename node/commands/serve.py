@@ -33,11 +33,18 @@ FLAG_KEYS: dict[str, str] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``serve`` (each overrides the file and the environment)."""
-    parser.add_argument("--config", type=Path, default=None, help=f"TOML configuration file (default: ${CONFIG_ENV}, else built-in defaults)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"TOML configuration file (default: ${CONFIG_ENV}, else built-in defaults)",
+    )
     parser.add_argument("--ae-title", help="override node.ae_title")
     parser.add_argument("--host", help="override node.host")
     parser.add_argument("--port", type=int, help="override node.port")
-    parser.add_argument("--state-dir", help="override node.state_dir (relative to the current directory)")
+    parser.add_argument(
+        "--state-dir", help="override node.state_dir (relative to the current directory)"
+    )
     parser.add_argument("--http-host", help="override http.host")
     parser.add_argument("--http-port", type=int, help="override http.port")
     parser.add_argument("--log-format", choices=("text", "json"), help="override logging.format")

@@ -30,8 +30,12 @@ DEFAULT_LIMIT = 20
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config`` and ``--state-dir``, shared by status, retry and purge."""
-    parser.add_argument("--config", type=Path, default=None,
-                        help=f"TOML configuration file (default: ${CONFIG_ENV}, else built-in defaults)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"TOML configuration file (default: ${CONFIG_ENV}, else built-in defaults)",
+    )
     parser.add_argument("--state-dir", default=None, help="override node.state_dir")
 
 
@@ -81,8 +85,12 @@ class ReadOnlyIndex:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
-                        help=f"recent series and failures to list (default {DEFAULT_LIMIT})")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_LIMIT,
+        help=f"recent series and failures to list (default {DEFAULT_LIMIT})",
+    )
 
 
 def _series_section(index: ReadOnlyIndex, limit: int) -> dict[str, Any]:
@@ -101,28 +109,32 @@ def _series_section(index: ReadOnlyIndex, limit: int) -> dict[str, Any]:
         groups = json.loads(row["echo_groups"]) if row["echo_groups"] else []
         instances = int(row["instance_count"])
         if live_counts and row["state"] == "open":
-            instances = int(index.execute(
-                "SELECT COUNT(*) FROM instances WHERE series_instance_uid = ?",
-                (row["series_instance_uid"],),
-            ).fetchone()[0])
-        recent.append({
-            "series_instance_uid": row["series_instance_uid"],
-            "study_instance_uid": row["study_instance_uid"],
-            "description": row["description"],
-            "modality": row["modality"],
-            "state": row["state"],
-            "reason": row["reason"],
-            "instances": instances,
-            "slices": int(row["slice_count"]),
-            "echo_groups": [
-                {k: g.get(k) for k in ("echo", "slices", "outcome", "reason")} for g in groups
-            ],
-            "calling_ae": row["calling_ae"],
-            "first_received_at": row["first_received_at"],
-            "last_received_at": row["last_received_at"],
-            "completed_at": row["completed_at"],
-            "completions": int(row["completions"]),
-        })
+            instances = int(
+                index.execute(
+                    "SELECT COUNT(*) FROM instances WHERE series_instance_uid = ?",
+                    (row["series_instance_uid"],),
+                ).fetchone()[0]
+            )
+        recent.append(
+            {
+                "series_instance_uid": row["series_instance_uid"],
+                "study_instance_uid": row["study_instance_uid"],
+                "description": row["description"],
+                "modality": row["modality"],
+                "state": row["state"],
+                "reason": row["reason"],
+                "instances": instances,
+                "slices": int(row["slice_count"]),
+                "echo_groups": [
+                    {k: g.get(k) for k in ("echo", "slices", "outcome", "reason")} for g in groups
+                ],
+                "calling_ae": row["calling_ae"],
+                "first_received_at": row["first_received_at"],
+                "last_received_at": row["last_received_at"],
+                "completed_at": row["completed_at"],
+                "completions": int(row["completions"]),
+            }
+        )
     return {"by_state": by_state, "recent": recent}
 
 
@@ -216,32 +228,46 @@ def render_text(data: dict[str, Any]) -> str:
     jobs_ = data["jobs"]
     lines.append(f"jobs: {_counts(jobs_['by_state'])}")
     for job in jobs_["active"]:
-        lines.append(f"  #{job['id']} {job['state']:<9} {job['series_instance_uid']} echo {job['echo']}"
-                     f" (attempt {job['attempts']})")
+        lines.append(
+            f"  #{job['id']} {job['state']:<9} {job['series_instance_uid']} echo {job['echo']}"
+            f" (attempt {job['attempts']})"
+        )
     series_ = data["series"]
     lines.append(f"series: {_counts(series_['by_state'])}")
     for s in series_["recent"]:
         desc = s["description"] or "(no description)"
-        lines.append(f"  {s['state']:<10} {s['series_instance_uid']}  {desc!r}  {s['instances']} inst,"
-                     f" {s['slices']} slices, last {_when(s['last_received_at'])}")
+        lines.append(
+            f"  {s['state']:<10} {s['series_instance_uid']}  {desc!r}  {s['instances']} inst,"
+            f" {s['slices']} slices, last {_when(s['last_received_at'])}"
+        )
         for g in s["echo_groups"]:
             if len(s["echo_groups"]) > 1 or g.get("outcome") != "analyse":
                 label = "series" if g["echo"] == 0 else f"echo {g['echo']}"
-                lines.append(f"      {label}: {g.get('outcome')} ({g.get('slices')} slices)"
-                             + (f": {g['reason']}" if g.get("outcome") != "analyse" and g.get("reason") else ""))
+                lines.append(
+                    f"      {label}: {g.get('outcome')} ({g.get('slices')} slices)"
+                    + (
+                        f": {g['reason']}"
+                        if g.get("outcome") != "analyse" and g.get("reason")
+                        else ""
+                    )
+                )
     if jobs_["failed"]:
         lines.append("failures:")
         for job in jobs_["failed"]:
-            lines.append(f"  #{job['id']} {job['series_instance_uid']} echo {job['echo']}"
-                         f" at {_when(job['updated_at'])}: {job['reason']}")
+            lines.append(
+                f"  #{job['id']} {job['series_instance_uid']} echo {job['echo']}"
+                f" at {_when(job['updated_at'])}: {job['reason']}"
+            )
     deliveries = data.get("deliveries")
     if deliveries:
         lines.append("deliveries:" + ("" if deliveries.get("destinations") else " none"))
         for name, per in sorted(deliveries.get("destinations", {}).items()):
             lines.append(f"  {name}: {_counts(per)}")
         for dead in deliveries.get("dead_letters", []):
-            lines.append(f"  dead letter {dead['kind']} {dead['sop_instance_uid']} -> {dead['destination']}:"
-                         f" {dead['last_error']}")
+            lines.append(
+                f"  dead letter {dead['kind']} {dead['sop_instance_uid']} -> {dead['destination']}:"
+                f" {dead['last_error']}"
+            )
     return "\n".join(lines)
 
 

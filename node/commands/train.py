@@ -10,37 +10,89 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="output folder (checkpoints, best/, last/)")
-    parser.add_argument("--steps", "--epochs", dest="steps", type=int, default=None,
-                        help="optimiser steps (default from the training config: 2400)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder (checkpoints, best/, last/)"
+    )
+    parser.add_argument(
+        "--steps",
+        "--epochs",
+        dest="steps",
+        type=int,
+        default=None,
+        help="optimiser steps (default from the training config: 2400)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the training subjects and batches")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the training subjects and batches"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--data", type=Path, default=None,
-                        help="folder of real labelled data (docs/segmentation.md) added to the phantoms")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder of real labelled data (docs/segmentation.md) added to the phantoms",
+    )
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--pool-subjects", type=int, default=None,
-                        help="phantom subjects rendered into the training pool")
-    parser.add_argument("--init", type=Path, default=None,
-                        help="start from these weights (a best/ or last/ folder) instead of random")
+    parser.add_argument(
+        "--pool-subjects",
+        type=int,
+        default=None,
+        help="phantom subjects rendered into the training pool",
+    )
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from these weights (a best/ or last/ folder) instead of random",
+    )
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    parser.add_argument("--small-structure-weight", type=float, default=None,
-                        help="cross-entropy weight of vertebral body, dural sac, epidural space")
-    parser.add_argument("--randomised-fraction", type=float, default=None,
-                        help="share of pool slices in randomised image mode (default 0.5)")
-    parser.add_argument("--severe-fraction", type=float, default=None,
-                        help="share of pool subjects with severe stenosis, Schizas C/D (default 0)")
-    parser.add_argument("--disc-fraction", type=float, default=None,
-                        help="share of pool slices at a disc (default 0.6; others mid-vertebral)")
-    parser.add_argument("--canal-weight", type=float, default=None,
-                        help="cross-entropy weight of dural sac and epidural space (overrides "
-                             "--small-structure-weight for them)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="wall-clock safety stop; best weights so far stay in OUT/best")
-    parser.add_argument("--task", choices=("segmentation", "grader"), default="segmentation",
-                        help="segmentation (default) or grader: the Schizas/rootlets grader "
-                             "(docs/grading.md; --pool-subjects = phantom subjects, --steps = epochs)")
+    parser.add_argument(
+        "--small-structure-weight",
+        type=float,
+        default=None,
+        help="cross-entropy weight of vertebral body, dural sac, epidural space",
+    )
+    parser.add_argument(
+        "--randomised-fraction",
+        type=float,
+        default=None,
+        help="share of pool slices in randomised image mode (default 0.5)",
+    )
+    parser.add_argument(
+        "--severe-fraction",
+        type=float,
+        default=None,
+        help="share of pool subjects with severe stenosis, Schizas C/D (default 0)",
+    )
+    parser.add_argument(
+        "--disc-fraction",
+        type=float,
+        default=None,
+        help="share of pool slices at a disc (default 0.6; others mid-vertebral)",
+    )
+    parser.add_argument(
+        "--canal-weight",
+        type=float,
+        default=None,
+        help="cross-entropy weight of dural sac and epidural space (overrides "
+        "--small-structure-weight for them)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch default)"
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="wall-clock safety stop; best weights so far stay in OUT/best",
+    )
+    parser.add_argument(
+        "--task",
+        choices=("segmentation", "grader"),
+        default="segmentation",
+        help="segmentation (default) or grader: the Schizas/rootlets grader "
+        "(docs/grading.md; --pool-subjects = phantom subjects, --steps = epochs)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     from ai.pipeline import choose_device
     from ai.train import TrainConfig, command_line, train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     overrides: dict[str, object] = {"seed": args.seed}
@@ -83,8 +137,15 @@ def run(args: argparse.Namespace) -> int:
         card: ModelCard = build_card(cfg, {})
         real = load_training_slices(args.data, card, volume_loader=_dicom_loader)
         logger.info("real data: %d labelled slices from %s", len(real[0]), args.data)
-    card = train(cfg, args.out, device=device, resume=args.resume, real_slices=real,
-                 max_minutes=args.max_minutes, command=command_line())
+    card = train(
+        cfg,
+        args.out,
+        device=device,
+        resume=args.resume,
+        real_slices=real,
+        max_minutes=args.max_minutes,
+        command=command_line(),
+    )
     logger.info("best weights: %s (%s %s)", args.out / "best", card.name, card.version)
     return 0
 
@@ -93,7 +154,9 @@ def _run_grader(args: argparse.Namespace) -> int:
     """Train the stenosis grader on phantoms (CPU, ai.train_grader); writes OUT/grader.*."""
     from ai.train_grader import TRAIN_SEED, train_grader
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     kwargs: dict[str, object] = {"threads": args.threads or 1, "seed": args.seed or TRAIN_SEED}
     if args.pool_subjects is not None:
         kwargs["n_subjects"] = args.pool_subjects
@@ -104,8 +167,11 @@ def _run_grader(args: argparse.Namespace) -> int:
     if args.max_minutes is not None:
         kwargs["time_budget_s"] = 60.0 * args.max_minutes
     card = train_grader(args.out, **kwargs)  # type: ignore[arg-type]
-    logger.info("grader written to %s: held-out macro-F1 %.3f", args.out,
-                card["evaluation"]["patch_level"]["macro_f1"])
+    logger.info(
+        "grader written to %s: held-out macro-F1 %.3f",
+        args.out,
+        card["evaluation"]["patch_level"]["macro_f1"],
+    )
     return 0
 
 

@@ -102,7 +102,9 @@ def encode_series(
         raise ValueError(
             f"result is for series {result.series_instance_uid}, volume for {volume.series_instance_uid}"
         )
-    identity = OutputIdentity.of(volume.series_instance_uid, volume.slice_uids, result.model_version)
+    identity = OutputIdentity.of(
+        volume.series_instance_uid, volume.slice_uids, result.model_version
+    )
     specs = plan_segments(result)
     seg: Dataset | None = None
     sr: Dataset | None = None
@@ -116,8 +118,13 @@ def encode_series(
         _tag(ds, "overlay")
         for ds in (
             build_overlay(
-                sources, volume, result, identity,
-                include_slices=include_overlay, include_summary=include_summary, now=now,
+                sources,
+                volume,
+                result,
+                identity,
+                include_slices=include_overlay,
+                include_summary=include_summary,
+                now=now,
             )
             if (include_overlay or include_summary)
             else []

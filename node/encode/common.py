@@ -135,7 +135,9 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str) -> FileMetaDataset:
 # Explicit VR little endian, defined lengths. Used where building thousands of pydicom
 # Dataset objects would dominate the encoding time (PS3.5 section 7.1.2 and 7.5).
 
-_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+_LONG_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
 _ITEM = struct.pack("<HH", 0xFFFE, 0xE000)
 
 
@@ -180,7 +182,11 @@ def enc_sequence(tag: int, items: Iterable[bytes]) -> bytes:
 
 def enc_code(tag: int, value: str, scheme: str, meaning: str) -> bytes:
     """A code sequence with one item (Code Value, Coding Scheme Designator, Code Meaning)."""
-    body = enc_str(0x00080100, "SH", value) + enc_str(0x00080102, "SH", scheme) + enc_str(0x00080104, "LO", meaning)
+    body = (
+        enc_str(0x00080100, "SH", value)
+        + enc_str(0x00080102, "SH", scheme)
+        + enc_str(0x00080104, "LO", meaning)
+    )
     return enc_sequence(tag, [body])
 
 

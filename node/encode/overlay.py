@@ -60,7 +60,9 @@ def render_slice(grey: np.ndarray, labels: np.ndarray, *, scale: int = 1) -> Ima
         rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
         labels = labels.repeat(scale, axis=0).repeat(scale, axis=1)
     boxes = ndimage.find_objects(labels)
-    present = [Label(v + 1) for v, box in enumerate(boxes) if box is not None and v + 1 < len(Label)]
+    present = [
+        Label(v + 1) for v, box in enumerate(boxes) if box is not None and v + 1 < len(Label)
+    ]
     for label in present:
         # work inside the label's bounding box (one pixel margin for the erosion)
         box = boxes[int(label) - 1]
@@ -78,7 +80,10 @@ def render_slice(grey: np.ndarray, labels: np.ndarray, *, scale: int = 1) -> Ima
     font = _font(_FONT_SIZE)
     if present:
         width = max(int(draw.textlength(DISPLAY_NAMES[label], font=font)) for label in present)
-        draw.rectangle([0, 0, width + _FONT_SIZE + 10, 6 + len(present) * (_FONT_SIZE + 3)], fill=(0, 0, 0, 150))
+        draw.rectangle(
+            [0, 0, width + _FONT_SIZE + 10, 6 + len(present) * (_FONT_SIZE + 3)],
+            fill=(0, 0, 0, 150),
+        )
     y = 4
     for label in present:
         draw.rectangle([4, y + 2, 4 + _FONT_SIZE - 4, y + _FONT_SIZE], fill=COLORS[label])
@@ -93,14 +98,32 @@ def summary_tables(result: SeriesResult) -> tuple[list[list[str]], list[list[str
 
     Each has a header row, then one row per level.
     """
-    grades = [["Level", "Schizas", "Severity", "DSCA mm2", "DSCA grade", "Content", "Grade conf.", "Level conf."]]
+    grades = [
+        [
+            "Level",
+            "Schizas",
+            "Severity",
+            "DSCA mm2",
+            "DSCA grade",
+            "Content",
+            "Grade conf.",
+            "Level conf.",
+        ]
+    ]
     muscles = [["Level"] + [_muscle_header(m) for m in MUSCLES]]
     for lv in sorted(result.levels, key=lambda lv: lv.position):
         name = lv.level if lv.level is not None else f"#{lv.position} (unlabelled)"
         st = lv.stenosis
         row = [name]
         if st is not None:
-            row += [st.schizas, st.severity, f"{st.dsca_mm2:.0f}", st.dsca_grade, st.rootlets, f"{st.confidence:.2f}"]
+            row += [
+                st.schizas,
+                st.severity,
+                f"{st.dsca_mm2:.0f}",
+                st.dsca_grade,
+                st.rootlets,
+                f"{st.confidence:.2f}",
+            ]
         else:
             row += ["-"] * 6
         grades.append(row + [f"{lv.level_confidence:.2f}"])
@@ -118,7 +141,9 @@ def summary_tables(result: SeriesResult) -> tuple[list[list[str]], list[list[str
 
 def _muscle_header(muscle: str) -> str:
     side = "L" if muscle.endswith("left") else "R"
-    short = {"psoas": "Psoas", "erector": "Erector sp.", "multifidus": "Multifidus"}[muscle.split("_")[0]]
+    short = {"psoas": "Psoas", "erector": "Erector sp.", "multifidus": "Multifidus"}[
+        muscle.split("_")[0]
+    ]
     return f"{short} {side}"
 
 
@@ -132,8 +157,12 @@ def render_summary(result: SeriesResult) -> Image.Image:
     height = max(256, line * n_lines + 40)
     image = Image.new("RGB", (SUMMARY_WIDTH, height), (0, 0, 0))
     draw = ImageDraw.Draw(image)
-    draw.text((12, 10), f"AI lumbar analysis - {result.model_name} {result.model_version}",
-              fill=(255, 255, 255), font=font)
+    draw.text(
+        (12, 10),
+        f"AI lumbar analysis - {result.model_name} {result.model_version}",
+        fill=(255, 255, 255),
+        font=font,
+    )
     y = 10 + 2 * line
     for table, columns, title in (
         (grades, [12, 200, 280, 400, 500, 620, 730, 850], "Central canal stenosis"),
@@ -150,8 +179,12 @@ def render_summary(result: SeriesResult) -> Image.Image:
     for flag in result.flags:
         draw.text((12, y), f"! {flag}", fill=(255, 120, 120), font=font)
         y += line
-    draw.text((12, height - line), DISCLAIMER + "; Schizas grade visual, DSCA cut-offs heuristic",
-              fill=(200, 200, 200), font=small)
+    draw.text(
+        (12, height - line),
+        DISCLAIMER + "; Schizas grade visual, DSCA cut-offs heuristic",
+        fill=(200, 200, 200),
+        font=small,
+    )
     return image
 
 
@@ -231,14 +264,27 @@ def build_overlay(
         for i, uid in enumerate(volume.slice_uids):
             image = render_slice(grey[i], result.labels[i], scale=scale)
             out.append(
-                _sc_dataset(image, first, identity, i, now=now, sources=[by_uid[uid]],
-                            comment=f"AI overlay of slice {i + 1} of {volume.n_slices}")
+                _sc_dataset(
+                    image,
+                    first,
+                    identity,
+                    i,
+                    now=now,
+                    sources=[by_uid[uid]],
+                    comment=f"AI overlay of slice {i + 1} of {volume.n_slices}",
+                )
             )
     if include_summary:
         out.append(
-            _sc_dataset(render_summary(result), first, identity, volume.n_slices, now=now,
-                        sources=[by_uid[uid] for uid in dict.fromkeys(volume.slice_uids)],
-                        comment="AI lumbar summary: per-level grades and measurements")
+            _sc_dataset(
+                render_summary(result),
+                first,
+                identity,
+                volume.n_slices,
+                now=now,
+                sources=[by_uid[uid] for uid in dict.fromkeys(volume.slice_uids)],
+                comment="AI lumbar summary: per-level grades and measurements",
+            )
         )
     logger.info("overlay for series %s: %d images", volume.series_instance_uid, len(out))
     return out

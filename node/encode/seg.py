@@ -132,7 +132,9 @@ def plan_segments(result: SeriesResult) -> list[SegmentSpec]:
             continue
         category, ptype, modifier = codes.LABEL_CODES[label]
         if label != Label.DISC:
-            specs.append(_spec(len(specs) + 1, label, DISPLAY_NAMES[label], category, ptype, modifier))
+            specs.append(
+                _spec(len(specs) + 1, label, DISPLAY_NAMES[label], category, ptype, modifier)
+            )
             continue
         disc_rows = (presence & (1 << int(Label.DISC))) > 0
         claimed: set[int] = set()
@@ -146,14 +148,29 @@ def plan_segments(result: SeriesResult) -> list[SegmentSpec]:
             else:
                 text = f"{DISPLAY_NAMES[label]} (level {lv.position} from caudal, unlabelled)"
             specs.append(
-                _spec(len(specs) + 1, label, text, category, codes.disc_code(lv.level), None,
-                      slices=own, level=lv.level)
+                _spec(
+                    len(specs) + 1,
+                    label,
+                    text,
+                    category,
+                    codes.disc_code(lv.level),
+                    None,
+                    slices=own,
+                    level=lv.level,
+                )
             )
         rest = tuple(int(i) for i in np.flatnonzero(disc_rows) if int(i) not in claimed)
         if rest:
             specs.append(
-                _spec(len(specs) + 1, label, DISPLAY_NAMES[label], category, codes.DISC_GENERIC,
-                      None, slices=rest)
+                _spec(
+                    len(specs) + 1,
+                    label,
+                    DISPLAY_NAMES[label],
+                    category,
+                    codes.DISC_GENERIC,
+                    None,
+                    slices=rest,
+                )
             )
     return specs
 
@@ -222,7 +239,9 @@ def _segment_item(spec: SegmentSpec, result: SeriesResult) -> Dataset:
     item.SegmentLabel = spec.text
     item.SegmentAlgorithmType = "AUTOMATIC"
     item.SegmentAlgorithmName = result.model_name
-    item.SegmentationAlgorithmIdentificationSequence = DicomSequence([algorithm_identification(result)])
+    item.SegmentationAlgorithmIdentificationSequence = DicomSequence(
+        [algorithm_identification(result)]
+    )
     item.RecommendedDisplayCIELabValue = rgb_to_dicom_lab(spec.rgb)
     prop = _code_item(spec.property_type)
     if spec.modifier is not None:
@@ -237,7 +256,9 @@ def pack_frames(labels: np.ndarray, specs: Sequence[SegmentSpec]) -> bytes:
     n, rows, cols = labels.shape
     if (rows * cols) % 8 == 0:
         buffer = np.empty(labels.shape, bool)
-        parts = [np.packbits(spec.mask(labels, buffer), bitorder="little").tobytes() for spec in specs]
+        parts = [
+            np.packbits(spec.mask(labels, buffer), bitorder="little").tobytes() for spec in specs
+        ]
         data = b"".join(parts)
     else:
         stacked = np.concatenate([spec.mask(labels) for spec in specs], axis=0)
@@ -328,7 +349,9 @@ def build_seg(
         shared.PlaneOrientationSequence = DicomSequence([orientation])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
 
-    ds[_T_PER_FRAME] = raw_sequence(_T_PER_FRAME, _per_frame_items(volume, by_uid, specs, not same_orientation))
+    ds[_T_PER_FRAME] = raw_sequence(
+        _T_PER_FRAME, _per_frame_items(volume, by_uid, specs, not same_orientation)
+    )
     ds.NumberOfFrames = len(specs) * n
     ds.PixelData = pack_frames(labels, specs)
     ds["PixelData"].VR = "OB"
@@ -346,7 +369,10 @@ def build_seg(
 
 
 def _per_frame_items(
-    volume: Volume, by_uid: dict[str, Dataset], specs: Sequence[SegmentSpec], per_frame_orientation: bool
+    volume: Volume,
+    by_uid: dict[str, Dataset],
+    specs: Sequence[SegmentSpec],
+    per_frame_orientation: bool,
 ) -> list[bytes]:
     derivation_code = enc_code(_T_DERIVATION_CODE, *_DERIVATION_SEGMENTATION)
     purpose = enc_code(_T_PURPOSE, *_PURPOSE_SOURCE)
@@ -354,20 +380,30 @@ def _per_frame_items(
     after: list[bytes] = []
     for i, uid in enumerate(volume.slice_uids):
         src = by_uid[uid]
-        ref = enc_str(_T_REF_SOP_CLASS, "UI", str(src.SOPClassUID)) + enc_str(_T_REF_SOP_INSTANCE, "UI", uid)
+        ref = enc_str(_T_REF_SOP_CLASS, "UI", str(src.SOPClassUID)) + enc_str(
+            _T_REF_SOP_INSTANCE, "UI", uid
+        )
         if int(getattr(src, "NumberOfFrames", 1) or 1) > 1:
             ref += enc_str(_T_REF_FRAME_NUMBER, "IS", str(volume.frame_numbers[i]))
         ref += enc_str(_T_SPATIAL_PRESERVED, "CS", "YES") + purpose
-        before.append(enc_sequence(_T_DERIVATION_IMAGE, [enc_sequence(_T_SOURCE_IMAGE, [ref]) + derivation_code]))
+        before.append(
+            enc_sequence(
+                _T_DERIVATION_IMAGE, [enc_sequence(_T_SOURCE_IMAGE, [ref]) + derivation_code]
+            )
+        )
         tail = enc_sequence(_T_PLANE_POSITION, [enc_ds(_T_IMAGE_POSITION, volume.positions[i])])
         if per_frame_orientation:
-            tail += enc_sequence(_T_PLANE_ORIENTATION, [enc_ds(_T_IMAGE_ORIENTATION, volume.orientations[i])])
+            tail += enc_sequence(
+                _T_PLANE_ORIENTATION, [enc_ds(_T_IMAGE_ORIENTATION, volume.orientations[i])]
+            )
         after.append(tail)
     items = []
     for spec in specs:
         ident = enc_sequence(_T_SEGMENT_IDENT, [enc_us(_T_REF_SEGMENT_NUMBER, spec.number)])
         for i in range(volume.n_slices):
-            content = enc_sequence(_T_FRAME_CONTENT, [enc_ul(_T_DIM_INDEX_VALUES, spec.number, i + 1)])
+            content = enc_sequence(
+                _T_FRAME_CONTENT, [enc_ul(_T_DIM_INDEX_VALUES, spec.number, i + 1)]
+            )
             items.append(before[i] + content + after[i] + ident)
     return items
 

@@ -65,7 +65,9 @@ def _segment_for(specs: Sequence[SegmentSpec], label: Label, lv: LevelResult) ->
     """The segment holding ``label`` at this level (the level's own disc segment if any)."""
     candidates = [s for s in specs if s.label == label]
     if label == Label.DISC:
-        own = [s for s in candidates if s.slices is not None and set(s.slices) & set(lv.slice_indices)]
+        own = [
+            s for s in candidates if s.slices is not None and set(s.slices) & set(lv.slice_indices)
+        ]
         candidates = own or candidates
     return candidates[0] if candidates else None
 
@@ -75,15 +77,26 @@ def _measurements(m: StructureMeasurement) -> list[hd.sr.Measurement]:
     if m.fcsa_mm2 is not None:
         out.append(hd.sr.Measurement(name=codes.FCSA, value=m.fcsa_mm2, unit=codes.UNIT_MM2))
     if m.fat_fraction_pct is not None:
-        out.append(hd.sr.Measurement(name=codes.FAT_FRACTION, value=m.fat_fraction_pct, unit=codes.UNIT_PERCENT))
+        out.append(
+            hd.sr.Measurement(
+                name=codes.FAT_FRACTION, value=m.fat_fraction_pct, unit=codes.UNIT_PERCENT
+            )
+        )
     if m.mean_si is not None:
         out.append(
             hd.sr.Measurement(
-                name=codes.T2_SIGNAL, value=m.mean_si, unit=codes.UNIT_ARBITRARY, derivation=codes.MEAN
+                name=codes.T2_SIGNAL,
+                value=m.mean_si,
+                unit=codes.UNIT_ARBITRARY,
+                derivation=codes.MEAN,
             )
         )
     if m.si_ratio_to_fat is not None:
-        out.append(hd.sr.Measurement(name=codes.SI_RATIO_TO_FAT, value=m.si_ratio_to_fat, unit=codes.UNIT_RATIO))
+        out.append(
+            hd.sr.Measurement(
+                name=codes.SI_RATIO_TO_FAT, value=m.si_ratio_to_fat, unit=codes.UNIT_RATIO
+            )
+        )
     return out
 
 
@@ -104,7 +117,9 @@ class _Context:
         self.seg = seg
         self.specs = specs
         self.identity = identity
-        self.algorithm = hd.sr.AlgorithmIdentification(name=result.model_name, version=result.model_version)
+        self.algorithm = hd.sr.AlgorithmIdentification(
+            name=result.model_name, version=result.model_version
+        )
 
     def referenced_segment(self, spec: SegmentSpec, lv: LevelResult) -> hd.sr.ReferencedSegment:
         slices = [i for i in lv.slice_indices if spec.slices is None or i in spec.slices]
@@ -135,18 +150,27 @@ class _Context:
         return hd.sr.TrackingIdentifier(uid=self.identity.tracking_uid(text), identifier=text[:64])
 
 
-def _structure_group(ctx: _Context, lv: LevelResult, key: str, m: StructureMeasurement) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
+def _structure_group(
+    ctx: _Context, lv: LevelResult, key: str, m: StructureMeasurement
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
     label = codes.STRUCTURE_LABEL.get(key)
     if label is None:
         return None
     spec = _segment_for(ctx.specs, label, lv)
     if spec is None:
-        logger.warning("no segment for %s at %s of series %s", key, level_name(lv), ctx.volume.series_instance_uid)
+        logger.warning(
+            "no segment for %s at %s of series %s",
+            key,
+            level_name(lv),
+            ctx.volume.series_instance_uid,
+        )
         return None
     laterality = next((code for suffix, code in _LATERALITY.items() if key.endswith(suffix)), None)
     qualitative = []
     if key in lv.kjaer_grade and lv.kjaer_grade[key] in codes.KJAER_VALUES:
-        qualitative.append(hd.sr.QualitativeEvaluation(codes.KJAER_GRADE, codes.KJAER_VALUES[lv.kjaer_grade[key]]))
+        qualitative.append(
+            hd.sr.QualitativeEvaluation(codes.KJAER_GRADE, codes.KJAER_VALUES[lv.kjaer_grade[key]])
+        )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=ctx.tracking(f"{level_name(lv)} {key}"),
         referenced_segment=ctx.referenced_segment(spec, lv),
@@ -159,13 +183,17 @@ def _structure_group(ctx: _Context, lv: LevelResult, key: str, m: StructureMeasu
     )
 
 
-def _level_group(ctx: _Context, lv: LevelResult) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
+def _level_group(
+    ctx: _Context, lv: LevelResult
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
     """The spinal canal at a level: stenosis grades, canal areas, confidences, asymmetry."""
     spec = _segment_for(ctx.specs, Label.DURAL_SAC, lv)
     if spec is None:
         return None
     measurements: list[hd.sr.Measurement] = [
-        hd.sr.Measurement(name=codes.LEVEL_CONFIDENCE, value=lv.level_confidence, unit=codes.UNIT_ONE)
+        hd.sr.Measurement(
+            name=codes.LEVEL_CONFIDENCE, value=lv.level_confidence, unit=codes.UNIT_ONE
+        )
     ]
     qualitative: list[hd.sr.QualitativeEvaluation] = []
     st = lv.stenosis
@@ -177,19 +205,29 @@ def _level_group(ctx: _Context, lv: LevelResult) -> hd.sr.VolumetricROIMeasureme
             hd.sr.QualitativeEvaluation(codes.SEVERITY, severity),
             hd.sr.QualitativeEvaluation(codes.SCHIZAS_GRADE, codes.SCHIZAS_VALUES[st.schizas]),
             hd.sr.QualitativeEvaluation(codes.DSCA_GRADE, codes.DSCA_VALUES[st.dsca_grade]),
-            hd.sr.QualitativeEvaluation(codes.CANAL_CONTENT, codes.CANAL_CONTENT_VALUES[st.rootlets]),
+            hd.sr.QualitativeEvaluation(
+                codes.CANAL_CONTENT, codes.CANAL_CONTENT_VALUES[st.rootlets]
+            ),
         ]
         measurements += [
             hd.sr.Measurement(name=codes.DSCA, value=st.dsca_mm2, unit=codes.UNIT_MM2),
-            hd.sr.Measurement(name=codes.GRADE_CONFIDENCE, value=st.confidence, unit=codes.UNIT_ONE),
-            hd.sr.Measurement(name=codes.ROOTLETS_PROBABILITY, value=st.rootlets_probability, unit=codes.UNIT_ONE),
+            hd.sr.Measurement(
+                name=codes.GRADE_CONFIDENCE, value=st.confidence, unit=codes.UNIT_ONE
+            ),
+            hd.sr.Measurement(
+                name=codes.ROOTLETS_PROBABILITY, value=st.rootlets_probability, unit=codes.UNIT_ONE
+            ),
         ]
     canal = lv.measurements.get("spinal_canal")
     if canal is not None:
-        measurements.append(hd.sr.Measurement(name=codes.CANAL_AREA, value=canal.csa_mm2, unit=codes.UNIT_MM2))
+        measurements.append(
+            hd.sr.Measurement(name=codes.CANAL_AREA, value=canal.csa_mm2, unit=codes.UNIT_MM2)
+        )
     for pair, value in sorted(lv.asymmetry_pct.items()):
         if pair in codes.ASYMMETRY:
-            measurements.append(hd.sr.Measurement(name=codes.ASYMMETRY[pair], value=value, unit=codes.UNIT_PERCENT))
+            measurements.append(
+                hd.sr.Measurement(name=codes.ASYMMETRY[pair], value=value, unit=codes.UNIT_PERCENT)
+            )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=ctx.tracking(f"{level_name(lv)} spinal canal"),
         referenced_segment=ctx.referenced_segment(spec, lv),
@@ -263,7 +301,9 @@ def build_sr(
     )
     copy_patient_study(first, sr)
     sr.CodingSchemeIdentificationSequence = DicomSequence([private_scheme_identification()])  # type: ignore[assignment]
-    logger.info("SR %s for series %s: %d groups", sr.SOPInstanceUID, volume.series_instance_uid, len(groups))
+    logger.info(
+        "SR %s for series %s: %d groups", sr.SOPInstanceUID, volume.series_instance_uid, len(groups)
+    )
     return sr
 
 

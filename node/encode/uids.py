@@ -58,7 +58,9 @@ class OutputIdentity:
         object.__setattr__(self, "instance_uids", tuple(sorted(set(self.instance_uids))))
 
     @classmethod
-    def of(cls, source_series_uid: str, instance_uids: Iterable[str], model_version: str) -> OutputIdentity:
+    def of(
+        cls, source_series_uid: str, instance_uids: Iterable[str], model_version: str
+    ) -> OutputIdentity:
         return cls(source_series_uid, tuple(instance_uids), model_version)
 
     def _entropy(self, *parts: str) -> list[str]:
@@ -74,11 +76,15 @@ class OutputIdentity:
         _check_kind(kind)
         if index < 0:
             raise ValueError(f"index must be >= 0, got {index}")
-        return str(generate_uid(prefix=UID_ROOT, entropy_srcs=self._entropy(kind, "instance", str(index))))
+        return str(
+            generate_uid(prefix=UID_ROOT, entropy_srcs=self._entropy(kind, "instance", str(index)))
+        )
 
     def tracking_uid(self, identifier: str) -> str:
         """Tracking Unique Identifier of an SR measurement group (stable across re-runs)."""
-        return str(generate_uid(prefix=UID_ROOT, entropy_srcs=self._entropy("tracking", identifier)))
+        return str(
+            generate_uid(prefix=UID_ROOT, entropy_srcs=self._entropy("tracking", identifier))
+        )
 
     def uid(self, *parts: str) -> str:
         """Any other UID that must stay stable (device observer, dimension organisation)."""

@@ -19,7 +19,10 @@ from node.reactor import (
     EventDrivenAssociation,
     EventDrivenDUL,
     EventDrivenRequestHandler,
+    RaceFreeAssociation,
     copy_contexts,
+    pause_point,
+    use_race_free_requestors,
 )
 
 #: generous bound for N request/response round trips; a reactor that waited for its
@@ -80,11 +83,12 @@ def _dataset() -> Dataset:
 
 def test_store_echo_release_through_event_driven_reactors(scp: tuple[ThreadedAssociationServer, list[Any]]) -> None:
     server, seen = scp
+    use_race_free_requestors()
     ae = AE(ae_title="SCU")
     ae.add_requested_context(Verification)
     ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="REACTOR")
-    assert assoc.is_established
+    assert assoc.is_established and isinstance(assoc, RaceFreeAssociation)
     accepted = server.active_associations
     assert len(accepted) == 1 and isinstance(accepted[0], EventDrivenAssociation)
     started = time.monotonic()
@@ -113,3 +117,43 @@ def test_peer_abort_ends_both_threads(scp: tuple[ThreadedAssociationServer, list
     accepted.join(5)
     assert not accepted.is_alive() and not accepted.dul.is_alive()
     assert accepted.is_aborted
+
+
+class _SenderClearsAfterFirstWait(threading.Event):
+    """A checkpoint whose first ``wait()`` returns (it is set) and then, before the reactor
+    can clear ``_is_paused``, lets a sender clear it: pynetdicom#875's interleaving."""
+
+    def __init__(self, assoc: Any, sender_saw_paused: list[bool]) -> None:
+        super().__init__()
+        self.set()
+        self._assoc = assoc
+        self._sender_saw_paused = sender_saw_paused
+        self.waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        result = super().wait(timeout)
+        self.waits += 1
+        if self.waits == 1:
+            self.clear()  # what send_c_echo() does first ...
+            self._sender_saw_paused.append(self._assoc._is_paused)  # ... then it polls this
+        return result
+
+
+def test_pause_point_parks_again_when_a_sender_cleared_the_checkpoint_in_between() -> None:
+    class Holder:
+        _is_paused = False
+
+    holder = Holder()
+    sender_saw_paused: list[bool] = []
+    checkpoint = _SenderClearsAfterFirstWait(holder, sender_saw_paused)
+    holder._reactor_checkpoint = checkpoint  # type: ignore[attr-defined]
+    reactor = threading.Thread(target=pause_point, args=(holder,), daemon=True)
+    reactor.start()
+    time.sleep(0.3)
+    # the sender saw the stale "paused" and goes on to send: the reactor must not run now
+    assert sender_saw_paused == [True]
+    assert reactor.is_alive(), "the reactor left its checkpoint while a sender was sending"
+    assert holder._is_paused and checkpoint.waits == 1
+    checkpoint.set()  # the sender got its response and lets the reactor go
+    reactor.join(5)
+    assert not reactor.is_alive() and not holder._is_paused
