@@ -7,12 +7,14 @@ core, and the shipped weights stay far below 20 MB.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,38 @@ class UNet(nn.Module):
             x = F.interpolate(red(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = dec(torch.cat([x, skip], dim=1))
         return self.head(x)  # type: ignore[no-any-return]
+
+
+def fold_batchnorm(model: UNet) -> UNet:
+    """An inference copy of ``model`` with every BatchNorm folded into the convolution before it.
+
+    In eval mode a BatchNorm is a fixed per-channel affine map, so it can be merged into
+    the preceding convolution's weights and bias: the outputs are equal up to float
+    rounding, and the separate memory-bound BatchNorm passes (about a fifth of a CPU
+    forward pass) disappear. The copy is in eval mode and must not be trained.
+    """
+    folded = copy.deepcopy(model).eval()
+    for module in folded.modules():
+        if not isinstance(module, _DoubleConv):
+            continue
+        layers: list[nn.Module] = []
+        pending: nn.Conv2d | None = None
+        for layer in module.block:
+            if isinstance(layer, nn.BatchNorm2d) and pending is not None:
+                layers.append(fuse_conv_bn_eval(pending, layer))
+                pending = None
+                continue
+            if pending is not None:
+                layers.append(pending)
+                pending = None
+            if isinstance(layer, nn.Conv2d):
+                pending = layer
+            else:
+                layers.append(layer)
+        if pending is not None:
+            layers.append(pending)
+        module.block = nn.Sequential(*layers)
+    return folded
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from ai.card import ModelCard, load_model
-from ai.inference import post_process, pre_process, predict, to_native
+from ai.inference import autocast_dtype, post_process, pre_process, predict, to_native
 from ai.labels import Label
 from ai.measure import measure_level, plausibility_flags
+from ai.model import fold_batchnorm
 from ai.results import LevelResult, SeriesResult, Stenosis
 from ai.volume import Volume
 
@@ -51,6 +52,9 @@ class Analyzer:
         Folder with ``seg.safetensors`` + ``seg-card.json`` (default: shipped weights).
     threads
         torch CPU threads (0: leave torch's default).
+    precision
+        ``auto``, ``float32`` or ``bfloat16``: the network's arithmetic (see
+        :func:`ai.inference.autocast_dtype`).
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class Analyzer:
         batch_size: int = 8,
         weights_dir: Path | str | None = None,
         threads: int = 0,
+        precision: str = "auto",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -69,7 +74,8 @@ class Analyzer:
         self.device = choose_device(device)
         self.batch_size = batch_size
         model, card = load_model(Path(weights_dir) if weights_dir is not None else None)
-        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+        self.autocast = autocast_dtype(self.device, precision)
+        self.model = fold_batchnorm(model).to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.card: ModelCard = card
         self.grader: Any = None
         self._setup_flags: list[str] = []
@@ -83,8 +89,8 @@ class Analyzer:
             logger.warning("stenosis grader not loaded: %s", exc)
             self._setup_flags.append(f"stenosis grader not loaded: {exc}")
         logger.info(
-            "analyzer ready: model %s %s on %s (batch %d)",
-            card.name, card.version, self.device, batch_size,
+            "analyzer ready: model %s %s on %s (batch %d, %s)",
+            card.name, card.version, self.device, batch_size, self.autocast or torch.float32,
         )
 
     def segment(self, volume: Volume) -> tuple[np.ndarray, list[str], dict[str, float]]:
@@ -92,7 +98,7 @@ class Analyzer:
         t0 = time.perf_counter()
         pre = pre_process(volume, self.card)
         t1 = time.perf_counter()
-        logits = predict(self.model, pre.images, self.device, self.batch_size)
+        logits = predict(self.model, pre.images, self.device, self.batch_size, self.autocast)
         t2 = time.perf_counter()
         raw = np.stack([to_native(logits[k], pre.grids[k]) for k in range(volume.n_slices)])
         labels, flags = post_process(raw, volume)

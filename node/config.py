@@ -190,10 +190,15 @@ class AiSection:
     workers: int = 1
     weights_dir: Path | None = None
     preload: bool = True
+    precision: str = "auto"
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise _Invalid("device", f"must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise _Invalid(
+                "precision", f"must be auto, float32 or bfloat16, got {self.precision!r}"
+            )
         _check_positive("batch_size", self.batch_size)
         _check_positive("threads", self.threads, allow_zero=True)
         _check_positive("workers", self.workers)

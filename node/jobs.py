@@ -516,6 +516,7 @@ class DefaultStages:
                 batch_size=self.config.ai.batch_size,
                 weights_dir=self.config.ai.weights_dir,
                 threads=self.config.ai.threads,
+                precision=self.config.ai.precision,
             )
             logger.info("analyser loaded in %.1f s", time.monotonic() - started)
         return self._analyzer

@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights", type=Path, default=None, help="weights folder (default: shipped)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="network arithmetic; auto: bfloat16 on CPUs with native bf16, float16 on CUDA",
+    )
 
 
 def collect_files(paths: Iterable[Path]) -> list[Path]:
@@ -102,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         weights_dir=args.weights,
         threads=args.threads,
+        precision=args.precision,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "measurements.csv"

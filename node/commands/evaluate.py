@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights", type=Path, default=None, help="weights folder (default: shipped)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="network arithmetic; auto: bfloat16 on CPUs with native bf16, float16 on CUDA",
+    )
 
 
 def phantom_cases(root: Path) -> Iterator[Any]:
@@ -128,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
     from ai.pipeline import Analyzer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    analyzer = Analyzer(device=args.device, weights_dir=args.weights, threads=args.threads)
+    analyzer = Analyzer(
+        device=args.device, weights_dir=args.weights, threads=args.threads, precision=args.precision
+    )
     report = evaluate(args.data, analyzer)
     if not report["cases"]:
         logger.error("no cases found under %s", args.data)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from ai.card import ModelCard, label_map
 from ai.inference import (
+    SliceGrid,
+    autocast_dtype,
     clean_components,
     fix_laterality,
     labels_to_model,
@@ -17,7 +20,7 @@ from ai.inference import (
     to_native,
 )
 from ai.labels import NUM_CLASSES, Label
-from ai.model import UNetConfig
+from ai.model import UNet, UNetConfig, fold_batchnorm
 
 AXIAL = np.array([1.0, 0, 0, 0, 1.0, 0])
 
@@ -121,3 +124,64 @@ def test_largest_component_and_laterality_swap() -> None:
     rotated = native[::-1, ::-1].copy()
     fixed_rot, notes_rot = fix_laterality(rotated, AXIAL, (1.0, 1.0))
     assert notes_rot == [] and (fixed_rot == rotated).all()
+
+
+def _dense_bilinear_argmax(logits: torch.Tensor, grid: SliceGrid) -> np.ndarray:
+    """Reference for to_native: every native pixel interpolated (slow, obviously right)."""
+    nr, nc = grid.native_shape
+    mr, mc = grid.model_shape
+    rc = np.stack(np.meshgrid(np.arange(nr, dtype=float), np.arange(nc, dtype=float), indexing="ij"), -1)
+    ij = grid.native_to_model(rc)
+    inside = (ij[..., 0] >= 0) & (ij[..., 0] <= mr - 1) & (ij[..., 1] >= 0) & (ij[..., 1] <= mc - 1)
+    g = torch.from_numpy(np.stack([ij[..., 1] / (mc - 1) * 2 - 1, ij[..., 0] / (mr - 1) * 2 - 1], -1)).float()
+    up = torch.nn.functional.grid_sample(logits[None].float(), g[None], mode="bilinear", align_corners=True)[0]
+    out = up.argmax(0).numpy().astype(np.uint8)
+    out[~inside] = 0
+    return out
+
+
+def test_to_native_equals_dense_bilinear_argmax_with_and_without_rotation() -> None:
+    card = _card(spacing=1.0, size=64)
+    torch.manual_seed(3)
+    logits = torch.nn.functional.avg_pool2d(torch.randn(1, NUM_CLASSES, 64, 64), 7, 1, 3)[0]
+    turned = np.array([np.cos(0.4), np.sin(0.4), 0, -np.sin(0.4), np.cos(0.4), 0])
+    for orientation, shape, spacing in [(AXIAL, (150, 130), 0.45), (turned, (150, 130), 0.45), (AXIAL, (40, 50), 1.3)]:
+        grid = slice_grid(orientation, (spacing, spacing), shape, card)
+        separable = grid.matrix[0, 1] == 0 and grid.matrix[1, 0] == 0
+        assert separable == (orientation is AXIAL)
+        got = to_native(logits, grid)
+        want = _dense_bilinear_argmax(logits, grid)
+        # float rounding may flip a pixel exactly on a tie; nothing more
+        assert (got != want).mean() < 1e-3, (shape, float((got != want).mean()))
+
+
+def test_folded_batchnorm_gives_the_same_logits() -> None:
+    model = UNet(UNetConfig(channels=(4, 8, 16)))
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                assert m.running_mean is not None and m.running_var is not None
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # original untouched
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), folded(x), atol=1e-4)
+
+
+def test_precision_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(cpu, "float32") is None
+    assert autocast_dtype(cpu, "bfloat16") is torch.bfloat16
+    assert autocast_dtype(cuda, "auto") is torch.float16
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    assert autocast_dtype(cpu, "auto") is torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    assert autocast_dtype(cpu, "auto") is None
+    with pytest.raises(ValueError, match="precision"):
+        autocast_dtype(cpu, "int8")
