@@ -77,6 +77,8 @@ MAX_ATTEMPTS = 3
 WORKER_POLL_S = 1.0
 #: how often the idle worker checks its stop and wake flags (s)
 WORKER_TICK_S = 0.05
+#: message on the worker -> parent pipe: a job put results in the outbox
+RESULTS_READY = b"results"
 #: the wake counter shared with the worker wraps at this value
 WAKE_MODULUS = 2**31
 #: Linux prctl option: signal sent to this process when its parent dies
@@ -668,6 +670,14 @@ def _die_with_parent() -> None:
         logger.warning("cannot set parent-death signal: %s", exc)
 
 
+def _tell_parent(results: Any) -> None:
+    """Send :data:`RESULTS_READY` to the parent; a parent gone is not this job's failure."""
+    try:
+        results.send_bytes(RESULTS_READY)
+    except OSError as exc:
+        logger.warning("cannot tell the node that results are ready: %s", exc)
+
+
 def _idle(stop: Any, wake: Any, seen: int) -> None:
     """Sleep up to :data:`WORKER_POLL_S`, returning early on a wake-up or a stop."""
     deadline = time.monotonic() + WORKER_POLL_S
@@ -682,11 +692,15 @@ def worker_main(
     wake: Any,
     log_level: str = "INFO",
     log_format: str = "text",
+    results: Any = None,
 ) -> None:
     """Entry point of the worker process: run queued jobs until ``stop.value`` is set.
 
     ``stop`` and ``wake`` are shared ``multiprocessing.RawValue`` flags (no locks, so a
     killed process never leaves them locked): ``wake.value`` changes when work is queued.
+    ``results`` is the write end of a pipe to the parent: :data:`RESULTS_READY` goes down
+    it whenever a job has put results in the outbox, so the exporter starts at once
+    instead of at its next poll.
     """
     parent = os.getppid()
     _die_with_parent()
@@ -711,6 +725,8 @@ def worker_main(
             job = process_one(db, config, stages)
             if job is None:
                 _idle(stop, wake, seen)
+            elif job.state == DONE and results is not None:
+                _tell_parent(results)
     finally:
         db.close()
         logger.info("worker %d stopped", os.getpid())

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: how often the watchdog checks the worker process and collects finished jobs (s)
 WATCHDOG_S = 2.0
+#: sent to the results relay by the node itself to end it
+_RELAY_STOP = b"stop"
 #: queued work with no job progress for this long makes ``/healthz`` report a stuck queue (s)
 QUEUE_STALL_S = 1800.0
 #: a completion that raised (index busy, unexpected data) is tried again after this (s)
@@ -118,6 +120,12 @@ class Orchestrator:
         # (a multiprocessing Event/Condition can deadlock its next set() in that case)
         self._stop = self._ctx.RawValue("b", 0)
         self._wake = self._ctx.RawValue("L", 0)
+        # worker -> node: "results are in the outbox" (a pipe: no lock, kernel-buffered)
+        self._results_reader, self._results_writer = self._ctx.Pipe(duplex=False)
+        self._results_listener: threading.Thread | None = None
+        #: called (on the listener thread) when the worker has put results in the outbox;
+        #: the server sets it to the exporter's ``wake``
+        self.on_results: Callable[[], None] | None = None
         self._worker: SpawnProcess | None = None
         self._stopping = False
         self._finished_watermark = 0.0
@@ -135,6 +143,10 @@ class Orchestrator:
         self._scheduler.start()
         self._reconcile_and_rearm()
         if self.run_worker:
+            self._results_listener = threading.Thread(
+                target=self._relay_results, name="lumbar-node-results", daemon=True
+            )
+            self._results_listener.start()
             self._start_worker()
         self._scheduler.add_job(self._watchdog, "interval", seconds=WATCHDOG_S, id="__watchdog__")
         logger.info("orchestrator started: %d open series re-armed", len(self._armed))
@@ -160,7 +172,30 @@ class Orchestrator:
                 worker.kill()
                 worker.join(5.0)
             self._worker = None
+        listener = self._results_listener
+        if listener is not None:
+            self._results_writer.send_bytes(_RELAY_STOP)
+            listener.join(5.0)
+            self._results_listener = None
         logger.info("orchestrator stopped")
+
+    def _relay_results(self) -> None:
+        """Pass the worker's "results ready" messages to :attr:`on_results` until stopped."""
+        while True:
+            try:
+                message = self._results_reader.recv_bytes()
+            except (EOFError, OSError) as exc:
+                logger.warning("results pipe closed (%s): export relies on its poll", exc)
+                return
+            if message == _RELAY_STOP:
+                return
+            callback = self.on_results
+            if callback is None:
+                continue
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - the relay must outlive a failing callback
+                logger.exception("results-ready callback failed; export relies on its poll")
 
     def wake_worker(self) -> None:
         """Tell the worker there is queued work (it also polls)."""
@@ -390,6 +425,7 @@ class Orchestrator:
                 self._wake,
                 self.config.logging.level.upper(),
                 self.config.logging.format,
+                self._results_writer,
             ),
             name="lumbar-node-worker",
             daemon=True,

@@ -106,6 +106,8 @@ class NodeServer:
         self.exporter = Exporter(self.db, self.config)
         register_export_metrics(self.db, self.exporter)
         self.exporter.start()
+        if hasattr(self.orchestrator, "on_results"):
+            self.orchestrator.on_results = self.exporter.wake
         self.receiver = Receiver(
             self.config, self.db, self.spool, on_stored=self.orchestrator.instance_stored
         )

@@ -100,3 +100,25 @@ def test_worker_process_analyses_while_receiving_and_survives_being_killed(tmp_p
         orch.shutdown(10.0)
         db.close()
     assert orch.worker_pid() is None
+
+
+def test_worker_tells_the_node_as_soon_as_results_are_in_the_outbox(tmp_path: Path) -> None:
+    config = make_config(tmp_path, quiet=0.2)
+    db = Database(config.index_path)
+    instances.ensure_schema(db)
+    (config.state_dir / "release").touch()
+    orch = Orchestrator(db, config, stages=f"{__name__}:GatedStages")
+    told: list[float] = []
+    orch.on_results = lambda: told.append(time.monotonic())
+    orch.start()
+    try:
+        for rec in _series("1.2.2000"):
+            insert_instance(db, rec)
+            orch.instance_stored(rec)
+        wait_for(lambda: jobs.job_counts(db)[jobs.DONE] == 1, what="the job to finish")
+        # the relay calls back once per finished job (the exporter's wake in the node)
+        wait_for(lambda: len(told) == 1, what="the results-ready message")
+    finally:
+        orch.shutdown(10.0)
+        db.close()
+    assert orch._results_listener is None  # the relay thread ended with the orchestrator
