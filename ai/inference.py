@@ -256,8 +256,8 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     """The autocast dtype of :func:`predict` for ``precision`` on ``device`` (None: float32).
 
     ``auto`` is float16 on CUDA, bfloat16 on CPUs with native bfloat16 (about 2.5x faster
-    than float32 here, with held-out Dice unchanged to three decimals: see
-    ``docs/segmentation.md``), else float32. ``float32`` and ``bfloat16`` force one.
+    than float32 here, held-out Dice within 0.002 of float32: see
+    ``docs/performance.md``), else float32. ``float32`` and ``bfloat16`` force one.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

@@ -93,9 +93,14 @@ def _deliveries(index: Path, series_uid: str) -> tuple[list[sqlite3.Row], sqlite
     conn = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=5.0)
     conn.row_factory = sqlite3.Row
     try:
-        rows = conn.execute("SELECT kind, state, done_at FROM deliveries WHERE series_uid = ?", (series_uid,)).fetchall()
+        rows = conn.execute(
+            "SELECT kind, state, created_at, done_at FROM deliveries WHERE series_uid = ?", (series_uid,)
+        ).fetchall()
         job = conn.execute(
-            "SELECT state, reason, slices, analyse_s, encode_s, export_s FROM jobs WHERE series_instance_uid = ? ORDER BY id DESC",
+            "SELECT j.state, j.reason, j.slices, j.analyse_s, j.encode_s, j.export_s, j.queued_at,"
+            " j.analysing_at, j.done_at, s.completed_at FROM jobs j"
+            " LEFT JOIN series s ON s.series_instance_uid = j.series_instance_uid"
+            " WHERE j.series_instance_uid = ? ORDER BY j.id DESC",
             (series_uid,),
         ).fetchone()
     except sqlite3.OperationalError:  # tables not created yet
@@ -103,6 +108,35 @@ def _deliveries(index: Path, series_uid: str) -> tuple[list[sqlite3.Row], sqlite
     finally:
         conn.close()
     return rows, job
+
+
+def _timeline(last_ack: float, job: sqlite3.Row, rows: list[sqlite3.Row]) -> dict[str, float | None]:
+    """Seconds after the last ACK at which each hand-off happened (where hand-off time goes)."""
+
+    def at(value: Any) -> float | None:
+        return None if value is None else round(float(value) - last_ack, 2)
+
+    return {
+        "series_complete": at(job["completed_at"]),
+        "job_queued": at(job["queued_at"]),
+        "job_picked_up": at(job["analysing_at"]),
+        "job_done": at(job["done_at"]),
+        "first_delivery_queued": at(min(float(r["created_at"]) for r in rows)),
+        "last_delivery_done": at(max(float(r["done_at"]) for r in rows)),
+    }
+
+
+def _wait_for_worker(node: harness.NodeProcess, deadline: float) -> None:
+    """Wait until the analysis worker has loaded its model (a node in service has).
+
+    Without this the first series waits for the model to load, which is start-up time,
+    not latency.
+    """
+    while time.monotonic() < deadline:
+        checks = node.health().get("checks", {})
+        if checks.get("queue", {}).get("worker_ready"):
+            return
+        time.sleep(POLL_S)
 
 
 def measure_one(node: harness.NodeProcess, folder: Path, work: Path, deadline: float) -> dict[str, Any]:
@@ -130,6 +164,7 @@ def measure_one(node: harness.NodeProcess, folder: Path, work: Path, deadline: f
                 "analyse_s": job["analyse_s"],
                 "encode_s": job["encode_s"],
                 "export_s": job["export_s"],
+                "timeline_s": _timeline(last_ack, job, rows),
             }
         time.sleep(POLL_S)
     return {"slices": sent.sent, "error": "deadline passed before every result was acknowledged", "log": node.log_tail(600)}
@@ -159,6 +194,7 @@ def run(budget_s: float = 140.0) -> dict[str, Any]:
             )
             try:
                 node.start()
+                _wait_for_worker(node, deadline)
                 for label, folder in (("15", fifteen), ("60", sixty)):
                     details[label] = measure_one(node, folder, work, deadline)
             finally:

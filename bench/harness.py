@@ -9,6 +9,7 @@ the host's loopback with random free ports. Every DCMTK process gets ``TCP_NODEL
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -344,6 +345,18 @@ class NodeProcess:
     def log_tail(self, chars: int = 2000) -> str:
         """The end of the node's log (for error messages)."""
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def health(self) -> dict[str, Any]:
+        """The JSON of ``/healthz`` (empty when unreachable; 503 still has a body)."""
+        url = f"http://127.0.0.1:{self.http_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=5.0) as response:  # noqa: S310 - loopback
+                return dict(json.loads(response.read()))
+        except urllib.error.HTTPError as exc:
+            return dict(json.loads(exc.read() or b"{}"))
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            logger.warning("cannot read the node's health: %s", exc)
+            return {}
 
     def metrics(self) -> str:
         """The Prometheus text of ``/metrics``."""

@@ -79,6 +79,8 @@ WORKER_POLL_S = 1.0
 WORKER_TICK_S = 0.05
 #: message on the worker -> parent pipe: a job put results in the outbox
 RESULTS_READY = b"results"
+#: message on the worker -> parent pipe: the worker has loaded its model and takes jobs
+WORKER_READY = b"ready"
 #: the wake counter shared with the worker wraps at this value
 WAKE_MODULUS = 2**31
 #: Linux prctl option: signal sent to this process when its parent dies
@@ -498,6 +500,17 @@ def _subset_volume(volume: Any, sources: list[Any], group: EchoGroup) -> tuple[A
     return sub, [s for s in sources if str(getattr(s, "SOPInstanceUID", "")) in uids] or sources
 
 
+def analysis_threads() -> int:
+    """torch threads of the analysis worker when ``[ai] threads = 0``: all usable cores but one.
+
+    The node's own process receives, assembles and exports while the worker analyses. On a
+    2-core host with both cores busy, two torch threads made the analysis 2x slower than
+    one (each parallel region waits for a thread that is not running; measured in
+    ``docs/performance.md``), so one core is left to the rest of the node.
+    """
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 class DefaultStages:
     """The real stages: volume_io + ai.pipeline + results_io, encode, outbox.
 
@@ -517,7 +530,7 @@ class DefaultStages:
                 device=self.config.ai.device,
                 batch_size=self.config.ai.batch_size,
                 weights_dir=self.config.ai.weights_dir,
-                threads=self.config.ai.threads,
+                threads=self.config.ai.threads or analysis_threads(),
                 precision=self.config.ai.precision,
             )
             logger.info("analyser loaded in %.1f s", time.monotonic() - started)
@@ -670,12 +683,13 @@ def _die_with_parent() -> None:
         logger.warning("cannot set parent-death signal: %s", exc)
 
 
-def _tell_parent(results: Any) -> None:
-    """Send :data:`RESULTS_READY` to the parent; a parent gone is not this job's failure."""
+def _tell_parent(results: Any, message: bytes = b"") -> None:
+    """Send ``message`` (default :data:`RESULTS_READY`) to the parent; a parent gone is
+    not this job's failure."""
     try:
-        results.send_bytes(RESULTS_READY)
+        results.send_bytes(message or RESULTS_READY)
     except OSError as exc:
-        logger.warning("cannot tell the node that results are ready: %s", exc)
+        logger.warning("cannot tell the node %r: %s", message or RESULTS_READY, exc)
 
 
 def _idle(stop: Any, wake: Any, seen: int) -> None:
@@ -698,9 +712,9 @@ def worker_main(
 
     ``stop`` and ``wake`` are shared ``multiprocessing.RawValue`` flags (no locks, so a
     killed process never leaves them locked): ``wake.value`` changes when work is queued.
-    ``results`` is the write end of a pipe to the parent: :data:`RESULTS_READY` goes down
-    it whenever a job has put results in the outbox, so the exporter starts at once
-    instead of at its next poll.
+    ``results`` is the write end of a pipe to the parent: :data:`WORKER_READY` goes down it
+    once the model is loaded, :data:`RESULTS_READY` whenever a job has put results in the
+    outbox, so the exporter starts at once instead of at its next poll.
     """
     parent = os.getppid()
     _die_with_parent()
@@ -719,6 +733,8 @@ def worker_main(
     if callable(warm_up):
         warm_up()
     logger.info("worker %d ready (stages %s)", os.getpid(), stages_spec)
+    if results is not None:
+        _tell_parent(results, WORKER_READY)
     try:
         while not stop.value:
             seen = wake.value

@@ -123,6 +123,7 @@ class Orchestrator:
         # worker -> node: "results are in the outbox" (a pipe: no lock, kernel-buffered)
         self._results_reader, self._results_writer = self._ctx.Pipe(duplex=False)
         self._results_listener: threading.Thread | None = None
+        self._worker_ready = False
         #: called (on the listener thread) when the worker has put results in the outbox;
         #: the server sets it to the exporter's ``wake``
         self.on_results: Callable[[], None] | None = None
@@ -189,6 +190,9 @@ class Orchestrator:
                 return
             if message == _RELAY_STOP:
                 return
+            if message == jobs.WORKER_READY:
+                self._worker_ready = True
+                continue
             callback = self.on_results
             if callback is None:
                 continue
@@ -416,6 +420,7 @@ class Orchestrator:
     # -- worker, watchdog, metrics -------------------------------------------------------
     def _start_worker(self) -> None:
         self._stop.value = 0
+        self._worker_ready = False
         worker = self._ctx.Process(
             target=jobs.worker_main,
             args=(
@@ -488,6 +493,8 @@ class Orchestrator:
         stalled = waiting > 0 and time.monotonic() - self._last_progress > QUEUE_STALL_S
         details: dict[str, Any] = {
             "worker_alive": alive,
+            # model loaded (ai.preload), jobs are taken without start-up delay
+            "worker_ready": alive and self._worker_ready,
             "jobs": {k: v for k, v in counts.items() if v},
             "open_series": len(self._open),
         }

@@ -118,6 +118,7 @@ def test_worker_tells_the_node_as_soon_as_results_are_in_the_outbox(tmp_path: Pa
         wait_for(lambda: jobs.job_counts(db)[jobs.DONE] == 1, what="the job to finish")
         # the relay calls back once per finished job (the exporter's wake in the node)
         wait_for(lambda: len(told) == 1, what="the results-ready message")
+        assert orch.health()[1]["worker_ready"]
     finally:
         orch.shutdown(10.0)
         db.close()
