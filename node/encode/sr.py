@@ -19,6 +19,7 @@ the lumbar spine as finding site, never with a guessed level.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Sequence
 
@@ -37,10 +38,10 @@ from node.encode.common import (
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
     MODEL_NAME,
-    copy_patient_study,
     private_scheme_identification,
 )
 from node.encode.seg import SegmentSpec
+from node.encode.sr_dataset import SRDocument, build_sr_dataset
 from node.encode.uids import SERIES_DESCRIPTION, OutputIdentity, series_number
 
 logger = logging.getLogger(__name__)
@@ -72,36 +73,13 @@ def _segment_for(specs: Sequence[SegmentSpec], label: Label, lv: LevelResult) ->
     return candidates[0] if candidates else None
 
 
-def _measurements(m: StructureMeasurement) -> list[hd.sr.Measurement]:
-    out = [hd.sr.Measurement(name=codes.AREA, value=m.csa_mm2, unit=codes.UNIT_MM2)]
-    if m.fcsa_mm2 is not None:
-        out.append(hd.sr.Measurement(name=codes.FCSA, value=m.fcsa_mm2, unit=codes.UNIT_MM2))
-    if m.fat_fraction_pct is not None:
-        out.append(
-            hd.sr.Measurement(
-                name=codes.FAT_FRACTION, value=m.fat_fraction_pct, unit=codes.UNIT_PERCENT
-            )
-        )
-    if m.mean_si is not None:
-        out.append(
-            hd.sr.Measurement(
-                name=codes.T2_SIGNAL,
-                value=m.mean_si,
-                unit=codes.UNIT_ARBITRARY,
-                derivation=codes.MEAN,
-            )
-        )
-    if m.si_ratio_to_fat is not None:
-        out.append(
-            hd.sr.Measurement(
-                name=codes.SI_RATIO_TO_FAT, value=m.si_ratio_to_fat, unit=codes.UNIT_RATIO
-            )
-        )
-    return out
-
-
 class _Context:
-    """What every group needs: sources, SEG identity, segments, the algorithm."""
+    """What every group needs: sources, SEG identity, segments, the algorithm.
+
+    Content items that repeat across groups (coded concepts, source image references,
+    finding sites, the algorithm and method items) are built once and shared: highdicom
+    does not modify them once built, and the tree is encoded to bytes without copying.
+    """
 
     def __init__(
         self,
@@ -120,6 +98,35 @@ class _Context:
         self.algorithm = hd.sr.AlgorithmIdentification(
             name=result.model_name, version=result.model_version
         )
+        #: source slice indices referenced by some group (the SR's evidence)
+        self.referenced: set[int] = set()
+        self._concepts: dict[tuple[str, str, str, str | None], hd.sr.CodedConcept] = {}
+        self._source_images: dict[int, hd.sr.SourceImageForSegmentation] = {}
+        self._sites: dict[tuple[str | None, str | None], hd.sr.FindingSite] = {}
+
+    def concept(self, code: Code) -> hd.sr.CodedConcept:
+        """``code`` as a highdicom CodedConcept, built once per report."""
+        key = (code.value, code.scheme_designator, code.meaning, code.scheme_version)
+        concept = self._concepts.get(key)
+        if concept is None:
+            concept = self._concepts[key] = hd.sr.CodedConcept.from_code(code)
+        return concept
+
+    def measurement(self, name: Code, value: float, unit: Code) -> hd.sr.Measurement:
+        return hd.sr.Measurement(name=self.concept(name), value=value, unit=self.concept(unit))
+
+    def qualitative(self, name: Code, value: Code) -> hd.sr.QualitativeEvaluation:
+        return hd.sr.QualitativeEvaluation(self.concept(name), self.concept(value))
+
+    def finding_site(self, level: str | None, laterality: Code | None) -> hd.sr.FindingSite:
+        key = (level, laterality.value if laterality is not None else None)
+        site = self._sites.get(key)
+        if site is None:
+            site = self._sites[key] = hd.sr.FindingSite(
+                self.concept(codes.level_site(level)),
+                laterality=self.concept(laterality) if laterality is not None else None,
+            )
+        return site
 
     def referenced_segment(self, spec: SegmentSpec, lv: LevelResult) -> hd.sr.ReferencedSegment:
         slices = [i for i in lv.slice_indices if spec.slices is None or i in spec.slices]
@@ -135,19 +142,45 @@ class _Context:
         )
 
     def source_image(self, index: int) -> hd.sr.SourceImageForSegmentation:
+        image = self._source_images.get(index)
+        if image is not None:
+            return image
         uid = self.volume.slice_uids[index]
         src = self.sources[uid]
         frames = None
         if int(getattr(src, "NumberOfFrames", 1) or 1) > 1:
             frames = [self.volume.frame_numbers[index]]
-        return hd.sr.SourceImageForSegmentation(
+        image = self._source_images[index] = hd.sr.SourceImageForSegmentation(
             referenced_sop_class_uid=str(src.SOPClassUID),
             referenced_sop_instance_uid=uid,
             referenced_frame_numbers=frames,
         )
+        self.referenced.add(index)
+        return image
 
     def tracking(self, text: str) -> hd.sr.TrackingIdentifier:
         return hd.sr.TrackingIdentifier(uid=self.identity.tracking_uid(text), identifier=text[:64])
+
+
+def _measurements(ctx: _Context, m: StructureMeasurement) -> list[hd.sr.Measurement]:
+    c = ctx.concept
+    out = [ctx.measurement(codes.AREA, m.csa_mm2, codes.UNIT_MM2)]
+    if m.fcsa_mm2 is not None:
+        out.append(ctx.measurement(codes.FCSA, m.fcsa_mm2, codes.UNIT_MM2))
+    if m.fat_fraction_pct is not None:
+        out.append(ctx.measurement(codes.FAT_FRACTION, m.fat_fraction_pct, codes.UNIT_PERCENT))
+    if m.mean_si is not None:
+        out.append(
+            hd.sr.Measurement(
+                name=c(codes.T2_SIGNAL),
+                value=m.mean_si,
+                unit=c(codes.UNIT_ARBITRARY),
+                derivation=c(codes.MEAN),
+            )
+        )
+    if m.si_ratio_to_fat is not None:
+        out.append(ctx.measurement(codes.SI_RATIO_TO_FAT, m.si_ratio_to_fat, codes.UNIT_RATIO))
+    return out
 
 
 def _structure_group(
@@ -169,16 +202,16 @@ def _structure_group(
     qualitative = []
     if key in lv.kjaer_grade and lv.kjaer_grade[key] in codes.KJAER_VALUES:
         qualitative.append(
-            hd.sr.QualitativeEvaluation(codes.KJAER_GRADE, codes.KJAER_VALUES[lv.kjaer_grade[key]])
+            ctx.qualitative(codes.KJAER_GRADE, codes.KJAER_VALUES[lv.kjaer_grade[key]])
         )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=ctx.tracking(f"{level_name(lv)} {key}"),
         referenced_segment=ctx.referenced_segment(spec, lv),
-        finding_type=spec.property_type,
-        method=codes.MEASUREMENT_METHOD,
+        finding_type=ctx.concept(spec.property_type),
+        method=ctx.concept(codes.MEASUREMENT_METHOD),
         algorithm_id=ctx.algorithm,
-        finding_sites=[hd.sr.FindingSite(codes.level_site(lv.level), laterality=laterality)],
-        measurements=_measurements(m),
+        finding_sites=[ctx.finding_site(lv.level, laterality)],
+        measurements=_measurements(ctx, m),
         qualitative_evaluations=qualitative or None,
     )
 
@@ -190,11 +223,7 @@ def _level_group(
     spec = _segment_for(ctx.specs, Label.DURAL_SAC, lv)
     if spec is None:
         return None
-    measurements: list[hd.sr.Measurement] = [
-        hd.sr.Measurement(
-            name=codes.LEVEL_CONFIDENCE, value=lv.level_confidence, unit=codes.UNIT_ONE
-        )
-    ]
+    measurements = [ctx.measurement(codes.LEVEL_CONFIDENCE, lv.level_confidence, codes.UNIT_ONE)]
     qualitative: list[hd.sr.QualitativeEvaluation] = []
     st = lv.stenosis
     if st is not None:
@@ -202,39 +231,29 @@ def _level_group(
         if st.schizas == "A" and st.dsca_grade == "normal":
             severity = codes.NORMAL
         qualitative += [
-            hd.sr.QualitativeEvaluation(codes.SEVERITY, severity),
-            hd.sr.QualitativeEvaluation(codes.SCHIZAS_GRADE, codes.SCHIZAS_VALUES[st.schizas]),
-            hd.sr.QualitativeEvaluation(codes.DSCA_GRADE, codes.DSCA_VALUES[st.dsca_grade]),
-            hd.sr.QualitativeEvaluation(
-                codes.CANAL_CONTENT, codes.CANAL_CONTENT_VALUES[st.rootlets]
-            ),
+            ctx.qualitative(codes.SEVERITY, severity),
+            ctx.qualitative(codes.SCHIZAS_GRADE, codes.SCHIZAS_VALUES[st.schizas]),
+            ctx.qualitative(codes.DSCA_GRADE, codes.DSCA_VALUES[st.dsca_grade]),
+            ctx.qualitative(codes.CANAL_CONTENT, codes.CANAL_CONTENT_VALUES[st.rootlets]),
         ]
         measurements += [
-            hd.sr.Measurement(name=codes.DSCA, value=st.dsca_mm2, unit=codes.UNIT_MM2),
-            hd.sr.Measurement(
-                name=codes.GRADE_CONFIDENCE, value=st.confidence, unit=codes.UNIT_ONE
-            ),
-            hd.sr.Measurement(
-                name=codes.ROOTLETS_PROBABILITY, value=st.rootlets_probability, unit=codes.UNIT_ONE
-            ),
+            ctx.measurement(codes.DSCA, st.dsca_mm2, codes.UNIT_MM2),
+            ctx.measurement(codes.GRADE_CONFIDENCE, st.confidence, codes.UNIT_ONE),
+            ctx.measurement(codes.ROOTLETS_PROBABILITY, st.rootlets_probability, codes.UNIT_ONE),
         ]
     canal = lv.measurements.get("spinal_canal")
     if canal is not None:
-        measurements.append(
-            hd.sr.Measurement(name=codes.CANAL_AREA, value=canal.csa_mm2, unit=codes.UNIT_MM2)
-        )
+        measurements.append(ctx.measurement(codes.CANAL_AREA, canal.csa_mm2, codes.UNIT_MM2))
     for pair, value in sorted(lv.asymmetry_pct.items()):
         if pair in codes.ASYMMETRY:
-            measurements.append(
-                hd.sr.Measurement(name=codes.ASYMMETRY[pair], value=value, unit=codes.UNIT_PERCENT)
-            )
+            measurements.append(ctx.measurement(codes.ASYMMETRY[pair], value, codes.UNIT_PERCENT))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=ctx.tracking(f"{level_name(lv)} spinal canal"),
         referenced_segment=ctx.referenced_segment(spec, lv),
-        finding_type=codes.VERTEBRAL_CANAL,
-        method=codes.MEASUREMENT_METHOD,
+        finding_type=ctx.concept(codes.VERTEBRAL_CANAL),
+        method=ctx.concept(codes.MEASUREMENT_METHOD),
         algorithm_id=ctx.algorithm,
-        finding_sites=[hd.sr.FindingSite(codes.level_site(lv.level))],
+        finding_sites=[ctx.finding_site(lv.level, None)],
         measurements=measurements,
         qualitative_evaluations=qualitative or None,
     )
@@ -247,9 +266,13 @@ def build_sr(
     seg: Dataset,
     specs: Sequence[SegmentSpec],
     identity: OutputIdentity,
+    *,
+    now: dt.datetime | None = None,
 ) -> Dataset | None:
     """Build the TID 1500 report; ``seg`` and ``specs`` are the SEG it refers to.
 
+    highdicom builds the content tree (and validates it against the templates);
+    :func:`node.encode.sr_dataset.build_sr_dataset` assembles the document around it.
     Returns ``None`` when the result has no level to report (TID 1500 needs at least one
     measurement group).
     """
@@ -278,28 +301,28 @@ def build_sr(
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=codes.PROCEDURE_REPORTED,
+        procedure_reported=ctx.concept(codes.PROCEDURE_REPORTED),
         imaging_measurements=groups,
     )
-    referenced = {ctx.volume.slice_uids[i] for lv in result.levels for i in lv.slice_indices}
+    # evidence: the SEG, then every slice of the reported levels and every slice the
+    # content references, in source order
+    referenced = {volume.slice_uids[i] for lv in result.levels for i in lv.slice_indices}
+    referenced |= {volume.slice_uids[i] for i in ctx.referenced}
     evidence = [seg] + [ds for uid, ds in by_uid.items() if uid in referenced]
     first = by_uid[volume.slice_uids[0]]
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
-        content=report,
+    document = SRDocument(
         series_instance_uid=identity.series_uid("sr"),
         series_number=series_number("sr", _series_number(first)),
         sop_instance_uid=identity.instance_uid("sr"),
         instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
         series_description=SERIES_DESCRIPTION["sr"],
+        manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME,
         device_serial_number=DEVICE_SERIAL_NUMBER,
     )
-    copy_patient_study(first, sr)
+    sr = build_sr_dataset(
+        report[0], document=document, source=first, evidence=evidence, now=now or dt.datetime.now()
+    )
     sr.CodingSchemeIdentificationSequence = DicomSequence([private_scheme_identification()])  # type: ignore[assignment]
     logger.info(
         "SR %s for series %s: %d groups", sr.SOPInstanceUID, volume.series_instance_uid, len(groups)
