@@ -102,6 +102,7 @@ class NodeSection:
     free_disk_floor_mb: int = 500
     max_instances_per_series: int = 2000
     max_pixels_per_frame: int = 4096 * 4096
+    max_instance_mb: int = 1024
     check_called_ae: bool = False
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
@@ -114,7 +115,12 @@ class NodeSection:
         _check_port("port", self.port)
         if self.max_pdu < MIN_PDU:
             raise _Invalid("max_pdu", f"must be >= {MIN_PDU} bytes (0 = unlimited is not allowed)")
-        for name in ("max_associations", "max_instances_per_series", "max_pixels_per_frame"):
+        for name in (
+            "max_associations",
+            "max_instances_per_series",
+            "max_pixels_per_frame",
+            "max_instance_mb",
+        ):
             _check_positive(name, getattr(self, name))
         _check_positive("free_disk_floor_mb", self.free_disk_floor_mb, allow_zero=True)
         for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "drain_timeout_s"):

@@ -332,6 +332,64 @@ def make_event_driven(assoc: Association) -> Association:
     return assoc
 
 
+#: largest PDU read whatever ``node.max_pdu`` is: an A-ASSOCIATE-RQ proposing every
+#: storage SOP class with many transfer syntaxes stays far below it
+MIN_PDU_READ_BYTES = 1 << 20
+
+
+class BoundedAssociationSocket(AssociationSocket):
+    """An association socket that refuses to read a PDU longer than ``max_read`` bytes.
+
+    pynetdicom reads a PDU of whatever length its header declares into memory. A read
+    above the bound raises :class:`OSError`, which pynetdicom's DUL treats as the
+    transport closing (Evt17): the association ends and its thread is freed.
+    """
+
+    max_read: int = MIN_PDU_READ_BYTES
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """pynetdicom's ``recv`` for lengths within the bound."""
+        if nr_bytes > self.max_read:
+            logger.error(
+                "peer %s declared a PDU of %d bytes (limit %d): association closed",
+                self.assoc.requestor.address, nr_bytes, self.max_read,
+            )
+            raise OSError(f"PDU of {nr_bytes} bytes exceeds the limit of {self.max_read}")
+        return super().recv(nr_bytes)
+
+
+def bound_message_size(assoc: Association, max_bytes: int) -> None:
+    """Abort the association when one DIMSE message's data passes ``max_bytes``.
+
+    pynetdicom buffers a whole C-STORE data set before the handler sees it; without a
+    bound a peer decides how much memory the node holds. The P-DATA of the message being
+    assembled is counted; past the bound the partial message is dropped and Evt19 (an
+    invalid PDU: A-P-ABORT) is put to the state machine, as pynetdicom does for a
+    message it cannot decode.
+    """
+    dimse = assoc.dimse
+    receive = dimse.receive_primitive
+    received = [0]
+
+    def bounded(primitive: Any) -> None:
+        if received[0] > max_bytes:
+            return  # already over: the abort is under way, drop the rest
+        received[0] += sum(len(item[1]) for item in primitive.presentation_data_value_list)
+        if received[0] > max_bytes:
+            logger.error(
+                "peer %s sent a DIMSE message of more than %d bytes: association aborted",
+                assoc.requestor.address, max_bytes,
+            )
+            dimse.message = None
+            dimse.dul.event_queue.put("Evt19")
+            return
+        receive(primitive)
+        if dimse.message is None:  # a message was completed: count the next one afresh
+            received[0] = 0
+
+    dimse.receive_primitive = bounded  # type: ignore[method-assign]
+
+
 def copy_contexts(contexts: list[PresentationContext]) -> list[PresentationContext]:
     """An independent copy of presentation contexts, without ``copy.deepcopy``.
 
@@ -357,7 +415,9 @@ class EventDrivenRequestHandler(RequestHandler):
         assoc = Association(self.ae, MODE_ACCEPTOR)
         assoc._server = server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
-        assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))
+        sock = BoundedAssociationSocket(assoc, client_socket=self.request)
+        sock.max_read = max(MIN_PDU_READ_BYTES, int(getattr(server, "max_pdu_read", 0)))
+        assoc.set_socket(sock)
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = server.ae_title
         assoc.acceptor.address_info = self.local
@@ -371,4 +431,7 @@ class EventDrivenRequestHandler(RequestHandler):
             elif isinstance(event, evt.NotificationEvent):
                 for handler in server._handlers[event]:
                     assoc.bind(event, handler[0], handler[1])
+        max_message = getattr(server, "max_message_bytes", None)
+        if max_message:
+            bound_message_size(assoc, int(max_message))
         return make_event_driven(assoc)

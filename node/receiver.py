@@ -61,6 +61,9 @@ from node.statuses import Status
 
 logger = logging.getLogger(__name__)
 
+#: bytes a PDU may exceed the advertised maximum length by (PDV item headers)
+PDU_SLACK_BYTES = 1024
+
 #: image storage SOP classes the node stores (everything else: SOP_CLASS_NOT_SUPPORTED)
 IMAGE_SOP_CLASSES: dict[str, str] = {
     "1.2.840.10008.5.1.4.1.1.4": "MR Image",
@@ -190,6 +193,10 @@ class NodeAssociationServer(ThreadedAssociationServer):
     daemon_threads = True
     tls_context: ssl.SSLContext | None = None
     handshake_timeout_s: float = 30.0
+    #: longest PDU read (node.reactor.BoundedAssociationSocket; at least 1 MiB)
+    max_pdu_read: int = 0
+    #: largest DIMSE message accepted before the association is aborted (bytes)
+    max_message_bytes: int = 0
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Set TCP_NODELAY, do the TLS handshake here (bounded), then run the association.
@@ -345,6 +352,8 @@ class Receiver:
         assert isinstance(server, NodeAssociationServer)
         server.tls_context = tls
         server.handshake_timeout_s = node.acse_timeout_s
+        server.max_pdu_read = node.max_pdu + PDU_SLACK_BYTES
+        server.max_message_bytes = node.max_instance_mb * 1024 * 1024
         thread = threading.Thread(
             target=server.serve_forever,
             kwargs={"poll_interval": 0.2},

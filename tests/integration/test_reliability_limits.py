@@ -4,13 +4,16 @@
   "local limit exceeded"), and accepted again once one closes;
 * ``node.max_instances_per_series``: the instance past the limit gets 0xA700;
 * ``node.max_pixels_per_frame``: a larger matrix gets 0xA900, smaller series still store;
-* ``node.max_pdu``: the node advertises it and DCMTK ``storescu`` fragments to it.
-  (Known gap, docs/reliability.md: a peer ignoring it is not aborted, pynetdicom reads any
-  PDU length; memory per association is bounded only by what the peer sends.)
+* ``node.max_pdu``: the node advertises it and DCMTK ``storescu`` fragments to it; a PDU
+  declaring more than ``max(max_pdu, 1 MiB)`` is not read: the connection is closed;
+* ``node.max_instance_mb``: a larger data set aborts its association before it is all
+  buffered, nothing is stored, and the next association stores normally.
 """
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,3 +107,36 @@ def test_max_pdu_is_advertised_and_honoured_by_storescu(node_factory: Callable[.
     assert "Max Send PDV: 16372" in result.stdout + result.stderr
     assert list(statuses.values()) == ["Success", "Success"]
     assert len(indexed(node.state_dir)) == 2
+
+
+def test_message_larger_than_max_instance_mb_aborts_and_the_node_goes_on(
+    node_factory: Callable[..., NodeProcess],
+) -> None:
+    node = node_factory(node={"max_instance_mb": 1}, series=INGEST_ONLY)
+    study = generate_uid()
+    big = make_mr_dataset(study_uid=study, series_uid=generate_uid(), rows=1024, columns=1024)  # 2 MiB
+    assoc = associate(node)
+    assert store(assoc, big) is None, "a 2 MiB data set must not be acknowledged"
+    deadline = time.monotonic() + 20.0
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert assoc.is_aborted
+    assert "DIMSE message of more than 1048576 bytes" in node.log_text()
+    assert big.SOPInstanceUID not in indexed(node.state_dir)
+    small = make_mr_dataset(study_uid=study, series_uid=generate_uid())
+    again = associate(node)
+    assert store(again, small) == 0
+    again.release()
+
+
+def test_pdu_longer_than_the_bound_is_not_read(node_factory: Callable[..., NodeProcess]) -> None:
+    # the handshake deadline (acse_timeout_s) would close the connection only after 60 s
+    node = node_factory(node={"acse_timeout_s": 60.0}, series=INGEST_ONLY)
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10.0) as sock:
+        # an A-ASSOCIATE-RQ header declaring 512 MiB, and nothing after it
+        sock.sendall(struct.pack(">BBL", 0x01, 0x00, 512 * 1024 * 1024))
+        started = time.monotonic()
+        assert sock.recv(1) == b"", "the node must close the connection, not wait for 512 MiB"
+        assert time.monotonic() - started < 10.0
+    assert "declared a PDU of 536870912 bytes" in node.log_text()
+    assert c_echo(node.port, node.ae_title) == 0
