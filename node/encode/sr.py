@@ -102,6 +102,7 @@ class _Context:
         self.referenced: set[int] = set()
         self._concepts: dict[tuple[str, str, str, str | None], hd.sr.CodedConcept] = {}
         self._source_images: dict[int, hd.sr.SourceImageForSegmentation] = {}
+        self._source_image_name: hd.sr.CodedConcept | None = None
         self._sites: dict[tuple[str | None, str | None], hd.sr.FindingSite] = {}
 
     def concept(self, code: Code) -> hd.sr.CodedConcept:
@@ -155,6 +156,12 @@ class _Context:
             referenced_sop_instance_uid=uid,
             referenced_frame_numbers=frames,
         )
+        # one name object for all of them: highdicom indexes every appended item by name
+        # in a dict, and equal names that are not the same object cost a slow __eq__
+        if self._source_image_name is None:
+            self._source_image_name = image.name
+        elif image.name == self._source_image_name:
+            image.ConceptNameCodeSequence = [self._source_image_name]
         self.referenced.add(index)
         return image
 

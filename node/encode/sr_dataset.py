@@ -99,35 +99,48 @@ def _encode_value(elem: DataElement) -> bytes | None:
     return None
 
 
-def encode_dataset(ds: Dataset, encodings: list[str]) -> bytes:
-    """Explicit VR Little Endian bytes of a dataset (an item body), defined lengths.
+class ContentEncoder:
+    """Explicit VR Little Endian bytes of datasets (item bodies), defined lengths.
 
-    Equivalent to pydicom's writer for what SR content items hold; ~20x faster because it
-    skips pydicom's per-dataset ambiguous-VR pass and per-element buffering.
+    Equivalent to pydicom's writer for what SR content items hold, and much faster: it
+    skips pydicom's per-dataset ambiguous-VR pass and per-element buffering, and encodes an
+    item shared by several parents (the same object: concepts, source image references,
+    finding sites) once. Only for a tree that does not change while it is encoded.
     """
-    parts: list[bytes] = []
-    for elem in ds.elements():
-        if isinstance(elem, RawDataElement):
-            elem = ds[elem.tag]
-        tag = int(elem.tag)
-        if elem.VR == "SQ":
-            parts.append(enc_element(tag, "SQ", encode_items(elem.value, encodings)))
-            continue
-        value = _encode_value(elem)
-        if value is not None:
-            parts.append(enc_element(tag, elem.VR, value))
-            continue
-        buffer = DicomBytesIO()
-        buffer.is_little_endian = True
-        buffer.is_implicit_VR = False
-        write_data_element(buffer, elem, encodings)
-        parts.append(buffer.getvalue())
-    return b"".join(parts)
 
+    def __init__(self, encodings: list[str]) -> None:
+        self.encodings = encodings
+        self._items: dict[int, bytes] = {}
 
-def encode_items(items: Iterable[Dataset], encodings: list[str]) -> bytes:
-    """The value of a sequence element: its items, each with a defined length."""
-    return b"".join(enc_item(encode_dataset(item, encodings)) for item in items)
+    def items(self, items: Iterable[Dataset]) -> bytes:
+        """The value of a sequence element: its items, each with a defined length."""
+        return b"".join(self.item(item) for item in items)
+
+    def item(self, ds: Dataset) -> bytes:
+        encoded = self._items.get(id(ds))
+        if encoded is None:
+            encoded = self._items[id(ds)] = enc_item(self.dataset(ds))
+        return encoded
+
+    def dataset(self, ds: Dataset) -> bytes:
+        parts: list[bytes] = []
+        for elem in ds.elements():
+            if isinstance(elem, RawDataElement):
+                elem = ds[elem.tag]
+            tag = int(elem.tag)
+            if elem.VR == "SQ":
+                parts.append(enc_element(tag, "SQ", self.items(elem.value)))
+                continue
+            value = _encode_value(elem)
+            if value is not None:
+                parts.append(enc_element(tag, elem.VR, value))
+                continue
+            buffer = DicomBytesIO()
+            buffer.is_little_endian = True
+            buffer.is_implicit_VR = False
+            write_data_element(buffer, elem, self.encodings)
+            parts.append(buffer.getvalue())
+        return b"".join(parts)
 
 
 def raw_content_sequence(
@@ -135,7 +148,7 @@ def raw_content_sequence(
 ) -> RawDataElement:
     """A ``ContentSequence`` element pre-encoded from ``items`` (pydicom parses it on access)."""
     encodings = convert_encodings(character_set or "ISO_IR 6")
-    value = encode_items(items, encodings)
+    value = ContentEncoder(encodings).items(items)
     return RawDataElement(Tag(_T_CONTENT_SEQUENCE), "SQ", len(value), value, 0, False, True)
 
 

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
-from encode_synthetic import SyntheticSeries, make_series
+from encode_synthetic import SyntheticSeries, make_result, make_series
 from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -39,6 +40,7 @@ from node.encode.common import (
 from node.encode.seg import SegmentSpec, build_seg, plan_segments
 from node.encode.sr import _LATERALITY, _segment_for, build_sr, level_name
 from node.encode.uids import SERIES_DESCRIPTION, OutputIdentity, series_number
+from node.volume_io import volume_from_datasets
 
 #: Top-level attributes that legitimately differ between two builds.
 _CREATION_TIMES = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime"}
@@ -350,3 +352,29 @@ def _with_meta(ds: Dataset) -> Dataset:
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     return ds
+
+
+def test_same_as_highdicom_for_an_enhanced_mr_source() -> None:
+    """A multi-frame source: the source image references carry frame numbers."""
+    base = make_series(blocks=((0.0, 0.0, 4),), levels=("L4-L5",))
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(
+        legacy_datasets=base.datasets, series_instance_uid=hd.UID(), series_number=7,
+        sop_instance_uid=hd.UID(), instance_number=1,
+    )
+    enhanced.Manufacturer = "Synthetic"
+    volume, sources = volume_from_datasets([_roundtrip(enhanced)])
+    assert len(set(volume.slice_uids)) == 1 and volume.n_slices == 4
+    # the volume's frame order, as indices of the original slices (matched by position)
+    order = [int(np.argmin(np.abs(base.volume.positions[:, 2] - z))) for z in volume.positions[:, 2]]
+    assert sorted(order) == [0, 1, 2, 3]
+    result = make_result(volume.series_instance_uid, base.result.labels[order], [list(range(4))], ["L4-L5"])
+    new, ref, _source = _both(SyntheticSeries(sources, volume, result))
+    _assert_equivalent(new, ref, sources[0])
+    refs = [
+        item.ReferencedSOPSequence[0]
+        for group in new.ContentSequence[-1].ContentSequence
+        for item in group.ContentSequence
+        if item.ValueType == "IMAGE" and item.ConceptNameCodeSequence[0].CodeValue == "121233"
+    ]
+    assert {str(r.ReferencedSOPInstanceUID) for r in refs} == set(volume.slice_uids)
+    assert {int(r.ReferencedFrameNumber) for r in refs} == {1, 2, 3, 4}
