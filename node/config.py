@@ -103,6 +103,7 @@ class NodeSection:
     max_instances_per_series: int = 2000
     max_pixels_per_frame: int = 4096 * 4096
     max_instance_mb: int = 1024
+    max_pending_connections: int = 64
     check_called_ae: bool = False
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
@@ -120,6 +121,7 @@ class NodeSection:
             "max_instances_per_series",
             "max_pixels_per_frame",
             "max_instance_mb",
+            "max_pending_connections",
         ):
             _check_positive(name, getattr(self, name))
         _check_positive("free_disk_floor_mb", self.free_disk_floor_mb, allow_zero=True)

@@ -61,6 +61,8 @@ from node.statuses import Status
 
 logger = logging.getLogger(__name__)
 
+#: DUL state of a connection that has not sent its A-ASSOCIATE-RQ yet (PS3.8 9.2)
+AWAITING_REQUEST = "Sta2"
 #: bytes a PDU may exceed the advertised maximum length by (PDV item headers)
 PDU_SLACK_BYTES = 1024
 
@@ -197,6 +199,40 @@ class NodeAssociationServer(ThreadedAssociationServer):
     max_pdu_read: int = 0
     #: largest DIMSE message accepted before the association is aborted (bytes)
     max_message_bytes: int = 0
+    #: connections without an A-ASSOCIATE-RQ yet, beyond which new ones are closed at once
+    max_pending: int = 64
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._starting = 0  # accepted, association thread not yet running (TLS handshake...)
+        self._starting_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Refuse a connection while :attr:`max_pending` others have not asked to associate.
+
+        Each connection costs a thread until its A-ASSOCIATE-RQ (or ``acse_timeout_s``);
+        without a bound a connection flood could exhaust threads and memory. Associated
+        peers are not counted (``node.max_associations`` bounds those).
+        """
+        with self._starting_lock:
+            waiting = sum(
+                1
+                for a in self.active_associations
+                # Sta2: transport open, awaiting A-ASSOCIATE-RQ (a peer that went away is
+                # back in Sta1 while its thread still waits up to acse_timeout_s)
+                if a.is_alive() and a.dul.state_machine.current_state == AWAITING_REQUEST
+            )
+            if self._starting + waiting >= self.max_pending:
+                logger.warning(
+                    "connection from %s closed: %d connections are waiting to associate"
+                    " (node.max_pending_connections)",
+                    client_address[0],
+                    self._starting + waiting,
+                )
+                metrics.ASSOCIATIONS.labels(result="too_many_pending").inc()
+                return False
+            self._starting += 1
+        return True
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Set TCP_NODELAY, do the TLS handshake here (bounded), then run the association.
@@ -206,6 +242,13 @@ class NodeAssociationServer(ThreadedAssociationServer):
         not a peer that trickles one byte at a time (which pynetdicom's ARTIM timer does not
         see while it reads a PDU), so a deadline timer shuts such a connection down.
         """
+        try:
+            self._run_connection(request, client_address)
+        finally:
+            with self._starting_lock:
+                self._starting -= 1
+
+    def _run_connection(self, request: Any, client_address: Any) -> None:
         sock: socket.socket = request
         current = [sock]
         deadline = threading.Timer(
@@ -354,6 +397,7 @@ class Receiver:
         server.handshake_timeout_s = node.acse_timeout_s
         server.max_pdu_read = node.max_pdu + PDU_SLACK_BYTES
         server.max_message_bytes = node.max_instance_mb * 1024 * 1024
+        server.max_pending = node.max_pending_connections
         thread = threading.Thread(
             target=server.serve_forever,
             kwargs={"poll_interval": 0.2},

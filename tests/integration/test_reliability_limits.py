@@ -7,7 +7,9 @@
 * ``node.max_pdu``: the node advertises it and DCMTK ``storescu`` fragments to it; a PDU
   declaring more than ``max(max_pdu, 1 MiB)`` is not read: the connection is closed;
 * ``node.max_instance_mb``: a larger data set aborts its association before it is all
-  buffered, nothing is stored, and the next association stores normally.
+  buffered, nothing is stored, and the next association stores normally;
+* ``node.max_pending_connections``: connections past it that have not asked to associate
+  are closed at once; slots come back when waiting connections go.
 """
 
 from __future__ import annotations
@@ -140,3 +142,25 @@ def test_pdu_longer_than_the_bound_is_not_read(node_factory: Callable[..., NodeP
         assert time.monotonic() - started < 10.0
     assert "declared a PDU of 536870912 bytes" in node.log_text()
     assert c_echo(node.port, node.ae_title) == 0
+
+
+def test_connections_past_max_pending_are_closed_and_slots_come_back(
+    node_factory: Callable[..., NodeProcess],
+) -> None:
+    node = node_factory(node={"max_pending_connections": 3, "acse_timeout_s": 60.0}, series=INGEST_ONLY)
+    idle = [socket.create_connection(("127.0.0.1", node.port), timeout=10.0) for _ in range(3)]
+    try:
+        time.sleep(0.5)  # let the node accept them
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10.0) as extra:
+            assert extra.recv(1) == b"", "a 4th waiting connection must be closed at once"
+        assert "3 connections are waiting to associate" in node.log_text()
+        idle.pop().close()
+        deadline = time.monotonic() + 15.0
+        status = c_echo(node.port, node.ae_title)
+        while status != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status = c_echo(node.port, node.ae_title)
+        assert status == 0, "a freed slot must let an association in"
+    finally:
+        for sock in idle:
+            sock.close()
