@@ -110,7 +110,7 @@ def encode_series(
     sr: Dataset | None = None
     if specs:
         seg = _tag(build_seg(sources, volume, result, identity, now=now), "seg")
-        report = build_sr(sources, volume, result, seg, specs, identity)
+        report = build_sr(sources, volume, result, seg, specs, identity, now=now)
         sr = _tag(report, "sr") if report is not None else None
     else:
         logger.warning("series %s: empty label map, no SEG and no SR", volume.series_instance_uid)

@@ -39,6 +39,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes as dcodes
 from pydicom.tag import Tag
 from pydicom.uid import Comprehensive3DSRStorage
+from pydicom.valuerep import DT
 
 from node.encode.common import copy_patient_study, enc_element, enc_item, file_meta
 
@@ -239,14 +240,16 @@ def acquisition_equipment(source: Dataset) -> hd.ContributingEquipment | None:
     )
 
 
-def contributing_equipment(source: Dataset) -> DicomSequence:
+def contributing_equipment(source: Dataset, now: dt.datetime) -> DicomSequence:
     """The scanner of the source images (when it names a manufacturer) and highdicom, the
-    library that built the content tree."""
+    library that built the content tree, contributing at ``now``."""
     items: list[Dataset] = []
     scanner = acquisition_equipment(source)
     if scanner is not None:
         items.append(scanner)
-    items.append(hd.ContributingEquipment.for_highdicom())
+    library = hd.ContributingEquipment.for_highdicom()
+    library.ContributionDateTime = DT(now)
+    items.append(library)
     return DicomSequence(items)
 
 
@@ -270,7 +273,7 @@ def build_sr_dataset(
         Every instance the content references (SEG first, then source images), all of the
         source's study.
     now
-        Instance creation and content date/time.
+        Instance creation, content and contribution date/time.
     """
     study_uid = str(source.StudyInstanceUID)
     ds = Dataset()
@@ -290,7 +293,7 @@ def build_sr_dataset(
     ds.Manufacturer = document.manufacturer
     ds.ManufacturerModelName = document.manufacturer_model_name
     ds.DeviceSerialNumber = document.device_serial_number
-    ds.ContributingEquipmentSequence = contributing_equipment(source)
+    ds.ContributingEquipmentSequence = contributing_equipment(source, now)
     ds.CompletionFlag = "COMPLETE"
     ds.VerificationFlag = "UNVERIFIED"
     ds.PreliminaryFlag = "PRELIMINARY"

@@ -378,3 +378,23 @@ def test_same_as_highdicom_for_an_enhanced_mr_source() -> None:
     ]
     assert {str(r.ReferencedSOPInstanceUID) for r in refs} == set(volume.slice_uids)
     assert {int(r.ReferencedFrameNumber) for r in refs} == {1, 2, 3, 4}
+
+
+def test_implicit_vr_and_deflated_writes_give_the_same_dataset() -> None:
+    """The pre-encoded content is Explicit VR: other syntaxes re-encode it (export may
+    negotiate Implicit VR Little Endian, or deflate)."""
+    series = make_series(levels=("L4-L5", None))
+    identity = OutputIdentity.of(series.volume.series_instance_uid, series.volume.slice_uids, "1.0.0")
+    seg = build_seg(series.datasets, series.volume, series.result, identity)
+    specs = plan_segments(series.result)
+    now = dt.datetime(2026, 1, 2, 3, 4, 5)
+    reference = build_sr(series.datasets, series.volume, series.result, seg, specs, identity, now=now)
+    assert reference is not None
+    explicit = _roundtrip(reference)
+    for syntax in (pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.DeflatedExplicitVRLittleEndian):
+        sr = build_sr(series.datasets, series.volume, series.result, seg, specs, identity, now=now)
+        assert sr is not None
+        sr.file_meta.TransferSyntaxUID = syntax
+        other = _roundtrip(sr)
+        assert other.file_meta.TransferSyntaxUID == syntax
+        assert differences(other, explicit) == []
