@@ -228,7 +228,8 @@ def differences(a: Dataset, b: Dataset, path: str = "", skip: frozenset[str] = f
                 continue
             for k, (ia, ib) in enumerate(zip(ea.value, eb.value, strict=True)):
                 out += differences(ia, ib, f"{where}[{k}].")
-        elif ea.value != eb.value:
+        elif ea.value != eb.value or str(ea.value) != str(eb.value):
+            # str() too: DS values that are equal numbers may still be written differently
             out.append(f"{where}: {ea.value!r} != {eb.value!r}")
     return out
 
