@@ -11,6 +11,7 @@ SEG-blind viewer shows.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -76,21 +77,44 @@ def render_slice(grey: np.ndarray, labels: np.ndarray, *, scale: int = 1) -> Ima
         edge = mask & ~ndimage.binary_erosion(mask, border_value=0)
         patch[edge] = colour
     image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(image, "RGBA")
-    font = _font(_FONT_SIZE)
     if present:
-        width = max(int(draw.textlength(DISPLAY_NAMES[label], font=font)) for label in present)
-        draw.rectangle(
-            [0, 0, width + _FONT_SIZE + 10, 6 + len(present) * (_FONT_SIZE + 3)],
-            fill=(0, 0, 0, 150),
-        )
+        legend = _legend(tuple(present))
+        image.paste(legend, (0, 0), legend)
+    disclaimer = _disclaimer()
+    image.paste(disclaimer, (4, image.height - _FONT_SIZE - 4), disclaimer)
+    return image
+
+
+@functools.lru_cache(maxsize=128)
+def _legend(present: tuple[Label, ...]) -> Image.Image:
+    """The legend of one set of structures (RGBA: a translucent box, swatches, names).
+
+    Rendered once per set and pasted on every slice showing that set: drawing the text
+    was a fifth of the overlay's time.
+    """
+    font = _font(_FONT_SIZE)
+    probe = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
+    width = max(int(probe.textlength(DISPLAY_NAMES[label], font=font)) for label in present)
+    size = (width + _FONT_SIZE + 11, 7 + len(present) * (_FONT_SIZE + 3))
+    layer = Image.new("RGBA", size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
     y = 4
     for label in present:
         draw.rectangle([4, y + 2, 4 + _FONT_SIZE - 4, y + _FONT_SIZE], fill=COLORS[label])
         draw.text((4 + _FONT_SIZE, y), DISPLAY_NAMES[label], fill=(255, 255, 255), font=font)
         y += _FONT_SIZE + 3
-    draw.text((4, image.height - _FONT_SIZE - 4), DISCLAIMER, fill=(255, 255, 255), font=font)
-    return image
+    return Image.alpha_composite(Image.new("RGBA", size, (0, 0, 0, 150)), layer)
+
+
+@functools.lru_cache(maxsize=1)
+def _disclaimer() -> Image.Image:
+    """The burned-in disclaimer line (RGBA, transparent around the text), rendered once."""
+    font = _font(_FONT_SIZE)
+    probe = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
+    left, top, right, bottom = probe.textbbox((0, 0), DISCLAIMER, font=font)
+    layer = Image.new("RGBA", (int(right) + 1, int(bottom) + 1), (255, 255, 255, 0))
+    ImageDraw.Draw(layer).text((0, 0), DISCLAIMER, fill=(255, 255, 255, 255), font=font)
+    return layer
 
 
 def summary_tables(result: SeriesResult) -> tuple[list[list[str]], list[list[str]]]:
