@@ -55,6 +55,11 @@ class Analyzer:
     precision
         ``auto``, ``float32`` or ``bfloat16``: the network's arithmetic (see
         :func:`ai.inference.autocast_dtype`).
+    refine
+        Run the canal refiner (:mod:`ai.canal_refine`) after post-processing; missing or
+        invalid refiner weights leave the coarse masks and add a setup flag.
+    refiner_dir
+        Folder with ``canal.safetensors`` + ``canal-card.json`` (default: shipped weights).
     """
 
     def __init__(
@@ -64,6 +69,8 @@ class Analyzer:
         weights_dir: Path | str | None = None,
         threads: int = 0,
         precision: str = "auto",
+        refine: bool = True,
+        refiner_dir: Path | str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -88,10 +95,25 @@ class Analyzer:
         except (FileNotFoundError, ValueError, OSError) as exc:
             logger.warning("stenosis grader not loaded: %s", exc)
             self._setup_flags.append(f"stenosis grader not loaded: {exc}")
+        self.refiner: Any = None
+        if refine:
+            self._load_refiner(refiner_dir)
         logger.info(
             "analyzer ready: model %s %s on %s (batch %d, %s)",
             card.name, card.version, self.device, batch_size, self.autocast or torch.float32,
         )
+
+    def _load_refiner(self, refiner_dir: Path | str | None) -> None:
+        try:
+            from ai.canal_refine import CanalRefiner, RefinerError
+        except ImportError:
+            self._setup_flags.append("canal refiner module unavailable: coarse canal masks")
+            return
+        try:
+            self.refiner = CanalRefiner.load(refiner_dir, self.device)
+        except (FileNotFoundError, RefinerError, OSError) as exc:
+            logger.warning("canal refiner not loaded: %s", exc)
+            self._setup_flags.append(f"canal refiner not loaded ({exc}): coarse canal masks")
 
     def segment(self, volume: Volume) -> tuple[np.ndarray, list[str], dict[str, float]]:
         """Native-grid label volume, post-processing flags and timings (s)."""
@@ -103,7 +125,11 @@ class Analyzer:
         raw = np.stack([to_native(logits[k], pre.grids[k]) for k in range(volume.n_slices)])
         labels, flags = post_process(raw, volume)
         t3 = time.perf_counter()
-        return labels, flags, {"pre_process": t1 - t0, "predict": t2 - t1, "post_process": t3 - t2}
+        timings = {"pre_process": t1 - t0, "predict": t2 - t1, "post_process": t3 - t2}
+        if self.refiner is not None:
+            labels, _ = self.refiner.refine(labels, volume)
+            timings["refine"] = time.perf_counter() - t3
+        return labels, flags, timings
 
     def analyze(self, volume: Volume) -> SeriesResult:
         """Everything the analysis says about one series."""

@@ -88,16 +88,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--task",
-        choices=("segmentation", "grader"),
+        choices=("segmentation", "grader", "canal"),
         default="segmentation",
-        help="segmentation (default) or grader: the Schizas/rootlets grader "
-        "(docs/grading.md; --pool-subjects = phantom subjects, --steps = epochs)",
+        help="segmentation (default), grader: the Schizas/rootlets grader "
+        "(docs/grading.md; --pool-subjects = phantom subjects, --steps = epochs), or canal: "
+        "the canal refiner (docs/segmentation.md; --pool-subjects = truth-mask subjects)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "task", "segmentation") == "grader":
         return _run_grader(args)
+    if getattr(args, "task", "segmentation") == "canal":
+        return _run_canal(args)
     import dataclasses
 
     import torch
@@ -171,6 +174,38 @@ def _run_grader(args: argparse.Namespace) -> int:
         "grader written to %s: held-out macro-F1 %.3f",
         args.out,
         card["evaluation"]["patch_level"]["macro_f1"],
+    )
+    return 0
+
+
+def _run_canal(args: argparse.Namespace) -> int:
+    """Train the canal refiner on phantom crops (CPU, ai.train_canal); writes OUT/best, OUT/last."""
+    import dataclasses
+
+    from ai.train_canal import CanalTrainConfig, command_line, train_canal
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides: dict[str, object] = {}
+    if args.seed:
+        overrides["seed"] = args.seed
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    if args.pool_subjects is not None:
+        overrides["subjects"] = args.pool_subjects
+    if args.lr is not None:
+        overrides["lr"] = args.lr
+    cfg = dataclasses.replace(CanalTrainConfig(), **overrides)  # type: ignore[arg-type]
+    card = train_canal(
+        args.out, cfg, threads=args.threads or 1, max_minutes=args.max_minutes,
+        resume=args.resume, command=command_line(), init_dir=args.init,
+    )
+    logger.info(
+        "canal refiner written to %s/best: validation sac Dice %s",
+        args.out, card["evaluation"]["validation"]["all"],
     )
     return 0
 

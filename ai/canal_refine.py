@@ -1,0 +1,503 @@
+"""Canal refinement: a second, high-resolution cascade stage for the dural sac and epidural space.
+
+The coarse segmentation network sees 1.0 mm pixels, so half a pixel of boundary error on a
+150 mm2 dural sac is ~20 % of its area. The refiner re-reads, on every slice where the
+coarse stage found a canal, a canal-centred patch of :data:`PATCH_MM` mm at
+:data:`PATCH_PX` px (about 0.32 mm per pixel) with three channels: the normalised image and
+the coarse dural-sac and epidural-space masks. A small U-Net predicts {other, dural sac,
+epidural space} on the patch; its probabilities are resampled bilinearly onto the native
+pixels inside the patch, where they replace the coarse canal labels:
+
+* only pixels within :data:`BAND_MM` of the coarse canal may change (the vertebral body,
+  disc or muscles far from the canal are never touched), and the dural sac only within
+  :data:`SAC_BAND_MM` of the coarse sac (no coarse sac: no sac is added);
+* a pixel the refiner adds to the canal must carry a label that borders the canal
+  (:data:`ADDABLE_LABELS`: background, disc, vertebral body, posterior elements);
+* a pixel it takes out of the canal gets the nearest non-canal coarse label;
+* the refined sac is kept as its largest connected component (other sac pieces become
+  epidural space).
+
+The patch is laid out in the canonical frame of :mod:`ai.inference` (rows toward
+posterior, columns toward the patient's left, whatever the acquisition's orientation).
+Weights and card: ``ai/weights/canal.safetensors`` + ``canal-card.json`` (name
+:data:`MODEL_NAME`), checked (schema, geometry, label map, SHA-256) at load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.nn import functional as F
+
+from ai.inference import canonical_axes
+from ai.labels import Label
+from ai.model import UNet, UNetConfig
+from ai.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "lumbar-canal-refiner"
+WEIGHTS_FILE = "canal.safetensors"
+CARD_FILE = "canal-card.json"
+#: Folder of the shipped weights.
+SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: Side of the square patch around the canal centre (mm).
+PATCH_MM = 36.0
+#: Side of the patch (pixels): 0.321 mm per pixel.
+PATCH_PX = 112
+#: Refiner classes, in output-channel order.
+CLASSES: tuple[str, ...] = ("other", "dural_sac", "epidural_space")
+#: Refiner class -> segmentation label (``other`` has none).
+CLASS_LABELS: tuple[int | None, ...] = (None, int(Label.DURAL_SAC), int(Label.EPIDURAL_SPACE))
+#: Changes are allowed only this close (mm) to the coarse canal (dural sac + epidural space).
+BAND_MM = 3.0
+#: The refined dural sac stays this close (mm) to the coarse sac: the refiner moves the sac's
+#: boundary, it does not invent or inflate a sac (a compressed, Schizas D sac in unusual
+#: contrast is where an unconstrained refiner over-reaches).
+SAC_BAND_MM = 1.0
+#: Coarse labels that may become canal (the canal's neighbours); muscles and fat never do.
+ADDABLE_LABELS: tuple[int, ...] = (
+    int(Label.BACKGROUND),
+    int(Label.DISC),
+    int(Label.VERTEBRAL_BODY),
+    int(Label.POSTERIOR_ELEMENTS),
+    int(Label.DURAL_SAC),
+    int(Label.EPIDURAL_SPACE),
+)
+#: Intensity percentiles mapped to 0 and 1 inside the patch.
+NORM_LOW_PCT = 1.0
+NORM_HIGH_PCT = 99.0
+#: Minimum coarse sac pixels for the sac centroid to centre the patch (as the grader).
+MIN_SAC_PX = 4
+#: Hard ceiling on the refiner weights (bytes).
+MAX_WEIGHTS_BYTES = 5 * 1024 * 1024
+#: Slices per forward pass.
+BATCH = 16
+CANAL_LABELS = (int(Label.DURAL_SAC), int(Label.EPIDURAL_SPACE))
+
+
+class RefinerError(ValueError):
+    """The refiner card is invalid or does not match its weights."""
+
+
+@dataclass(frozen=True)
+class RefinerConfig:
+    """Patch geometry and network (recorded in the card)."""
+
+    patch_mm: float = PATCH_MM
+    patch_px: int = PATCH_PX
+    channels: tuple[int, ...] = (12, 24, 48, 64)
+    band_mm: float = BAND_MM
+    sac_band_mm: float = SAC_BAND_MM
+
+    def __post_init__(self) -> None:
+        if not 10.0 <= self.patch_mm <= 80.0:
+            raise RefinerError(f"patch_mm {self.patch_mm} outside 10-80 mm")
+        if self.patch_px < 16:
+            raise RefinerError("patch_px must be >= 16")
+        if self.band_mm <= 0 or self.sac_band_mm < 0:
+            raise RefinerError("band_mm must be > 0 and sac_band_mm >= 0")
+        if self.patch_px % self.unet_config.divisor:
+            raise RefinerError(f"patch_px must be a multiple of {self.unet_config.divisor}")
+
+    @property
+    def mm_per_px(self) -> float:
+        return self.patch_mm / self.patch_px
+
+    @property
+    def unet_config(self) -> UNetConfig:
+        return UNetConfig(in_channels=3, num_classes=len(CLASSES), channels=self.channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "patch_mm": self.patch_mm,
+            "patch_px": self.patch_px,
+            "mm_per_px": round(self.mm_per_px, 5),
+            "channels": list(self.channels),
+            "band_mm": self.band_mm,
+            "sac_band_mm": self.sac_band_mm,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RefinerConfig:
+        try:
+            return cls(
+                patch_mm=float(d["patch_mm"]),
+                patch_px=int(d["patch_px"]),
+                channels=tuple(int(c) for c in d["channels"]),
+                band_mm=float(d.get("band_mm", BAND_MM)),
+                sac_band_mm=float(d.get("sac_band_mm", SAC_BAND_MM)),
+            )
+        except (KeyError, TypeError) as exc:
+            raise RefinerError(f"refiner config is malformed: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- patch geometry
+
+
+def canal_centre(labels_2d: np.ndarray) -> tuple[float, float] | None:
+    """Canal centre ``(row, col)``: dural sac centroid, else sac + epidural space; else None.
+
+    Same rule as :func:`ai.grading_model.canal_centre` (kept here so the refiner does not
+    depend on the grader's module).
+    """
+    sac = labels_2d == int(Label.DURAL_SAC)
+    if int(sac.sum()) >= MIN_SAC_PX:
+        r, c = np.nonzero(sac)
+        return float(r.mean()), float(c.mean())
+    canal = sac | (labels_2d == int(Label.EPIDURAL_SPACE))
+    if canal.any():
+        r, c = np.nonzero(canal)
+        return float(r.mean()), float(c.mean())
+    return None
+
+
+def patch_matrix(
+    pixel_spacing: tuple[float, float],
+    mm_per_px: float,
+    orientation: np.ndarray | None = None,
+    *,
+    rotation_deg: float = 0.0,
+    scale: float = 1.0,
+    flip_lr: bool = False,
+) -> np.ndarray:
+    """2x2 matrix: native ``(row, col)`` pixel offset per patch ``(row, col)`` pixel step.
+
+    With ``orientation`` (the slice's 6 direction cosines) the patch rows run toward
+    posterior and its columns toward the patient's left (:func:`ai.inference.canonical_axes`);
+    without it, along the native rows and columns. ``rotation_deg``, ``scale`` and
+    ``flip_lr`` are training augmentations.
+    """
+    rs, cs = pixel_spacing
+    step = mm_per_px * scale
+    if orientation is None:
+        # patch row step: +1 native row; patch column step: +1 native column (in mm)
+        axes_mm = np.eye(2)
+    else:
+        ori = np.asarray(orientation, dtype=np.float64).reshape(6)
+        row_dir = ori[:3] / np.linalg.norm(ori[:3])  # direction of increasing column index
+        col_dir = ori[3:] / np.linalg.norm(ori[3:])  # direction of increasing row index
+        u, v = canonical_axes(ori)
+        # columns of axes_mm: native (row, col) mm displacement of one patch row / column step
+        axes_mm = np.array([[np.dot(v, col_dir), np.dot(u, col_dir)],
+                            [np.dot(v, row_dir), np.dot(u, row_dir)]])
+    theta = np.radians(rotation_deg)
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    flip = np.diag([1.0, -1.0 if flip_lr else 1.0])
+    to_px = np.diag([1.0 / rs, 1.0 / cs])
+    return step * to_px @ axes_mm @ rot @ flip  # type: ignore[no-any-return]
+
+
+def patch_coords(
+    centre_px: tuple[float, float], matrix: np.ndarray, patch_px: int
+) -> np.ndarray:
+    """Native ``(2, n, n)`` (row, col) coordinates of every patch pixel."""
+    half = (patch_px - 1) / 2.0
+    offs = np.arange(patch_px, dtype=np.float64) - half
+    ii, jj = np.meshgrid(offs, offs, indexing="ij")
+    rows = centre_px[0] + matrix[0, 0] * ii + matrix[0, 1] * jj
+    cols = centre_px[1] + matrix[1, 0] * ii + matrix[1, 1] * jj
+    return np.stack([rows, cols])
+
+
+def native_to_patch(
+    rows: np.ndarray, cols: np.ndarray, centre_px: tuple[float, float], matrix: np.ndarray,
+    patch_px: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous patch ``(i, j)`` of native pixels ``(rows, cols)`` (inverse of :func:`patch_coords`)."""
+    inv = np.linalg.inv(matrix)
+    dr = rows - centre_px[0]
+    dc = cols - centre_px[1]
+    half = (patch_px - 1) / 2.0
+    return inv[0, 0] * dr + inv[0, 1] * dc + half, inv[1, 0] * dr + inv[1, 1] * dc + half
+
+
+def normalise_patch_image(patch: np.ndarray) -> np.ndarray:
+    """Map the patch's 1st..99th intensity percentiles to 0..1 (clipped to [-0.5, 1.5])."""
+    lo, hi = np.percentile(patch, [NORM_LOW_PCT, NORM_HIGH_PCT])
+    scale = float(hi - lo)
+    if scale <= 1e-6:
+        return np.zeros_like(patch, dtype=np.float32)
+    return np.clip((patch - lo) / scale, -0.5, 1.5).astype(np.float32)
+
+
+def patch_input(
+    image: np.ndarray, labels_2d: np.ndarray, coords: np.ndarray
+) -> np.ndarray:
+    """Network input ``(3, n, n)`` float32: normalised image, sac mask, epidural-space mask.
+
+    Bilinear sampling of the image and of each binary mask at ``coords``
+    (:func:`patch_coords`); outside the slice the image repeats its edge, the masks are 0.
+    """
+    img = ndimage.map_coordinates(image.astype(np.float32), coords, order=1, mode="nearest")
+    sac = ndimage.map_coordinates(
+        (labels_2d == int(Label.DURAL_SAC)).astype(np.float32), coords, order=1, mode="constant"
+    )
+    epi = ndimage.map_coordinates(
+        (labels_2d == int(Label.EPIDURAL_SPACE)).astype(np.float32), coords, order=1,
+        mode="constant",
+    )
+    return np.stack([normalise_patch_image(img), sac, epi]).astype(np.float32)
+
+
+def probs_to_native(
+    probs: torch.Tensor, shape: tuple[int, int], centre_px: tuple[float, float],
+    matrix: np.ndarray,
+) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray]:
+    """Bilinear patch probabilities ``(C, n, n)`` on the native pixels the patch covers.
+
+    Returns the native bounding box, the sampled probabilities ``(C, h, w)`` in it and a
+    boolean ``(h, w)`` mask of the pixels inside the patch.
+    """
+    n = int(probs.shape[-1])
+    corners = patch_coords(centre_px, matrix, n)[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+    r0 = max(0, int(np.floor(corners[0].min())))
+    r1 = min(shape[0], int(np.ceil(corners[0].max())) + 1)
+    c0 = max(0, int(np.floor(corners[1].min())))
+    c1 = min(shape[1], int(np.ceil(corners[1].max())) + 1)
+    box = (slice(r0, max(r0, r1)), slice(c0, max(c0, c1)))
+    rr, cc = np.meshgrid(np.arange(r0, max(r0, r1), dtype=np.float64),
+                         np.arange(c0, max(c0, c1), dtype=np.float64), indexing="ij")
+    pi, pj = native_to_patch(rr, cc, centre_px, matrix, n)
+    inside = (pi >= 0) & (pi <= n - 1) & (pj >= 0) & (pj <= n - 1)
+    grid = np.stack([pj / (n - 1) * 2.0 - 1.0, pi / (n - 1) * 2.0 - 1.0], axis=-1)
+    sampled = F.grid_sample(
+        probs[None].float(), torch.from_numpy(grid.astype(np.float32))[None],
+        mode="bilinear", padding_mode="border", align_corners=True,
+    )[0]
+    return box, sampled.numpy(), inside
+
+
+# --------------------------------------------------------------------------- label merge
+
+
+def merge_refined(
+    labels_2d: np.ndarray,
+    refined_class: np.ndarray,
+    box: tuple[slice, slice],
+    inside: np.ndarray,
+    pixel_spacing: tuple[float, float],
+    band_mm: float = BAND_MM,
+    sac_band_mm: float = SAC_BAND_MM,
+) -> np.ndarray:
+    """Coarse labels with the refiner's canal classes written in (rules: module docstring).
+
+    ``refined_class`` ``(h, w)`` holds refiner class indices (:data:`CLASSES`) on the
+    native box ``box``; only pixels in ``inside`` and within ``band_mm`` of the coarse
+    canal may change, and pixels become dural sac only within ``sac_band_mm`` of the
+    coarse sac.
+    """
+    out = labels_2d.copy()
+    canal = np.isin(labels_2d, CANAL_LABELS)
+    if not canal.any():
+        return out
+    sub = labels_2d[box]
+    dist = ndimage.distance_transform_edt(~canal[box], sampling=pixel_spacing)
+    allowed = inside & (dist <= band_mm)
+    new = sub.copy()
+    coarse_sac = sub == int(Label.DURAL_SAC)
+    if coarse_sac.any():
+        sac_ok = ndimage.distance_transform_edt(~coarse_sac, sampling=pixel_spacing) <= sac_band_mm
+    else:
+        sac_ok = np.zeros(sub.shape, dtype=bool)
+    sac_new = allowed & (refined_class == 1) & np.isin(sub, ADDABLE_LABELS) & sac_ok
+    epi_new = allowed & (refined_class == 2) & np.isin(sub, ADDABLE_LABELS)
+    new[sac_new] = int(Label.DURAL_SAC)
+    new[epi_new] = int(Label.EPIDURAL_SPACE)
+    removed = allowed & (refined_class == 0) & np.isin(sub, CANAL_LABELS)
+    canal_box = canal[box]
+    if removed.any():
+        if canal_box.all():  # no non-canal pixel in the box: nothing to borrow a label from
+            removed[:] = False
+        else:
+            _, idx = ndimage.distance_transform_edt(canal_box, return_indices=True)
+            rr, cc = np.nonzero(removed)
+            new[rr, cc] = sub[idx[0][rr, cc], idx[1][rr, cc]]
+    # one dural sac: other sac pieces become epidural space
+    sac = new == int(Label.DURAL_SAC)
+    lab, n = ndimage.label(sac)
+    if n > 1:
+        sizes = ndimage.sum_labels(sac, lab, index=np.arange(1, n + 1))
+        new[sac & (lab != int(np.argmax(sizes)) + 1)] = int(Label.EPIDURAL_SPACE)
+    out[box] = new
+    return out
+
+
+# --------------------------------------------------------------------------- the refiner
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def validate_card(card: dict[str, Any]) -> RefinerConfig:
+    """Raise :class:`RefinerError` naming the first missing or malformed card field."""
+    for key in ("name", "version", "config", "classes", "label_map", "weights_sha256",
+                "training", "evaluation", "intended_use"):
+        if key not in card:
+            raise RefinerError(f"refiner card is missing {key!r}")
+    if card["name"] != MODEL_NAME:
+        raise RefinerError(f"refiner card name {card['name']!r} != {MODEL_NAME!r}")
+    if tuple(card["classes"]) != CLASSES:
+        raise RefinerError(f"refiner card classes {card['classes']} != {list(CLASSES)}")
+    expected = {c: (Label(v).name if v is not None else None) for c, v in zip(CLASSES, CLASS_LABELS, strict=True)}
+    if card["label_map"] != expected:
+        raise RefinerError(f"refiner card label map {card['label_map']} != {expected}")
+    if not isinstance(card["version"], str) or not card["version"]:
+        raise RefinerError("refiner card version must be a non-empty string")
+    return RefinerConfig.from_dict(card["config"])
+
+
+def label_map_of_classes() -> dict[str, str | None]:
+    """Refiner class -> segmentation label name (card field ``label_map``)."""
+    return {c: (Label(v).name if v is not None else None) for c, v in zip(CLASSES, CLASS_LABELS, strict=True)}
+
+
+def save_refiner(model: UNet, card: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Write ``canal.safetensors`` and ``canal-card.json`` (with the weights' SHA-256)."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / WEIGHTS_FILE
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = weights.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"name": str(card["name"]), "version": str(card["version"])})
+    tmp.replace(weights)
+    card = {**card, "weights_sha256": sha256_file(weights)}
+    validate_card(card)
+    tmp_card = out_dir / (CARD_FILE + ".tmp")
+    tmp_card.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    tmp_card.replace(out_dir / CARD_FILE)
+    return card
+
+
+class CanalRefiner:
+    """The loaded refinement network; :meth:`refine` applies it to a label volume."""
+
+    def __init__(self, model: UNet, card: dict[str, Any], device: torch.device | None = None) -> None:
+        self.config = validate_card(card)
+        if model.config != self.config.unet_config:
+            raise RefinerError("refiner model does not match its card's architecture")
+        self.card = card
+        self.device = device or torch.device("cpu")
+        self.model = model.to(self.device).eval()
+
+    @property
+    def name(self) -> str:
+        return str(self.card["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.card["version"])
+
+    @classmethod
+    def load(
+        cls, weights_dir: Path | str | None = None, device: str | torch.device = "cpu"
+    ) -> CanalRefiner:
+        """Load and verify ``canal.safetensors`` + ``canal-card.json`` (default: shipped).
+
+        Raises
+        ------
+        FileNotFoundError
+            Weights or card missing.
+        RefinerError
+            Invalid card, checksum mismatch, oversized weights or tensors that do not
+            fit the card's architecture.
+        """
+        from safetensors.torch import load_file
+
+        folder = Path(weights_dir) if weights_dir is not None else SHIPPED_WEIGHTS_DIR
+        card_path = folder / CARD_FILE
+        weights = folder / WEIGHTS_FILE
+        if not card_path.is_file() or not weights.is_file():
+            raise FileNotFoundError(f"canal refiner weights or card missing in {folder}")
+        try:
+            card = json.loads(card_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RefinerError(f"cannot read refiner card {card_path}: {exc}") from exc
+        config = validate_card(card)
+        size = weights.stat().st_size
+        if size > MAX_WEIGHTS_BYTES:
+            raise RefinerError(f"refiner weights are {size} bytes, above {MAX_WEIGHTS_BYTES}")
+        digest = sha256_file(weights)
+        if digest != card["weights_sha256"]:
+            raise RefinerError(
+                f"refiner weights checksum {digest[:12]} differs from the card's "
+                f"{str(card['weights_sha256'])[:12]}"
+            )
+        model = UNet(config.unet_config)
+        state = load_file(str(weights))
+        expected = model.state_dict()
+        if set(state) != set(expected) or any(
+            tuple(state[k].shape) != tuple(v.shape) for k, v in expected.items()
+        ):
+            raise RefinerError("refiner weights do not fit the card's architecture")
+        model.load_state_dict(state)
+        logger.info("loaded canal refiner %s %s from %s", card["name"], card["version"], folder)
+        return cls(model, card, torch.device(device))
+
+    def predict_patches(self, patches: np.ndarray) -> torch.Tensor:
+        """Softmax probabilities ``(n, 3, px, px)`` (CPU float32) of input patches."""
+        outs: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for s in range(0, len(patches), BATCH):
+                x = torch.from_numpy(patches[s : s + BATCH]).to(self.device)
+                outs.append(torch.softmax(self.model(x).float(), dim=1).cpu())
+        if not outs:
+            return torch.zeros((0, len(CLASSES), self.config.patch_px, self.config.patch_px))
+        return torch.cat(outs)
+
+    def refine(self, labels: np.ndarray, volume: Volume) -> tuple[np.ndarray, int]:
+        """Refined copy of ``labels`` ``(n, rows, cols)`` and the number of slices refined."""
+        if labels.shape != volume.pixels.shape:
+            raise ValueError(f"labels {labels.shape} and volume {volume.pixels.shape} differ")
+        out = labels.copy()
+        todo: list[tuple[int, tuple[float, float], np.ndarray]] = []
+        inputs: list[np.ndarray] = []
+        for k in range(volume.n_slices):
+            centre = canal_centre(labels[k])
+            if centre is None:
+                continue
+            matrix = patch_matrix(volume.pixel_spacing, self.config.mm_per_px, volume.orientations[k])
+            coords = patch_coords(centre, matrix, self.config.patch_px)
+            inputs.append(patch_input(volume.pixels[k], labels[k], coords))
+            todo.append((k, centre, matrix))
+        if not todo:
+            return out, 0
+        probs = self.predict_patches(np.stack(inputs))
+        for (k, centre, matrix), p in zip(todo, probs, strict=True):
+            out[k] = refine_slice_from_probs(
+                labels[k], p, centre, matrix, volume.pixel_spacing, self.config.band_mm,
+                self.config.sac_band_mm,
+            )
+        return out, len(todo)
+
+
+def refine_slice_from_probs(
+    labels_2d: np.ndarray,
+    probs: torch.Tensor,
+    centre_px: tuple[float, float],
+    matrix: np.ndarray,
+    pixel_spacing: tuple[float, float],
+    band_mm: float = BAND_MM,
+    sac_band_mm: float = SAC_BAND_MM,
+) -> np.ndarray:
+    """Merge one slice's patch probabilities ``(3, n, n)`` into its coarse labels."""
+    box, sampled, inside = probs_to_native(probs, labels_2d.shape, centre_px, matrix)  # type: ignore[arg-type]
+    if sampled.size == 0:
+        return labels_2d.copy()
+    return merge_refined(
+        labels_2d, sampled.argmax(axis=0), box, inside, pixel_spacing, band_mm, sac_band_mm
+    )
