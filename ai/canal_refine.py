@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from ai.inference import canonical_axes
 from ai.labels import Label
-from ai.model import UNet, UNetConfig
+from ai.model import UNet, UNetConfig, fold_batchnorm
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -236,16 +236,28 @@ def patch_input(
 
     Bilinear sampling of the image and of each binary mask at ``coords``
     (:func:`patch_coords`); outside the slice the image repeats its edge, the masks are 0.
+    Only the slice's bounding box of ``coords`` is read (one ``grid_sample`` per kind).
     """
-    img = ndimage.map_coordinates(image.astype(np.float32), coords, order=1, mode="nearest")
-    sac = ndimage.map_coordinates(
-        (labels_2d == int(Label.DURAL_SAC)).astype(np.float32), coords, order=1, mode="constant"
+    rows, cols = image.shape
+    r0 = int(np.clip(np.floor(coords[0].min()) - 1, 0, rows - 1))
+    r1 = int(np.clip(np.ceil(coords[0].max()) + 2, r0 + 1, rows))
+    c0 = int(np.clip(np.floor(coords[1].min()) - 1, 0, cols - 1))
+    c1 = int(np.clip(np.ceil(coords[1].max()) + 2, c0 + 1, cols))
+    lab = labels_2d[r0:r1, c0:c1]
+    img = torch.from_numpy(np.ascontiguousarray(image[r0:r1, c0:c1], dtype=np.float32))
+    masks = torch.from_numpy(
+        np.stack([lab == int(Label.DURAL_SAC), lab == int(Label.EPIDURAL_SPACE)]).astype(np.float32)
     )
-    epi = ndimage.map_coordinates(
-        (labels_2d == int(Label.EPIDURAL_SPACE)).astype(np.float32), coords, order=1,
-        mode="constant",
-    )
-    return np.stack([normalise_patch_image(img), sac, epi]).astype(np.float32)
+    h, w = lab.shape
+    # grid_sample (align_corners=True): x = col / (w - 1) * 2 - 1; a 1-pixel crop maps to 0
+    gx = (coords[1] - c0) / max(w - 1, 1) * 2.0 - 1.0
+    gy = (coords[0] - r0) / max(h - 1, 1) * 2.0 - 1.0
+    grid = torch.from_numpy(np.stack([gx, gy], axis=-1).astype(np.float32))[None]
+    img_p = F.grid_sample(img[None, None], grid, mode="bilinear", padding_mode="border",
+                          align_corners=True)[0, 0].numpy()
+    mask_p = F.grid_sample(masks[None], grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=True)[0].numpy()
+    return np.concatenate([normalise_patch_image(img_p)[None], mask_p]).astype(np.float32)
 
 
 def probs_to_native(
@@ -392,7 +404,10 @@ class CanalRefiner:
             raise RefinerError("refiner model does not match its card's architecture")
         self.card = card
         self.device = device or torch.device("cpu")
-        self.model = model.to(self.device).eval()
+        #: the network as trained (state dict = the weights file), e.g. to fine-tune from
+        self.net = model
+        # inference copy: BatchNorm folded into the convolutions, channels-last (CPU speed)
+        self.model = fold_batchnorm(model).to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @property
     def name(self) -> str:
@@ -454,6 +469,7 @@ class CanalRefiner:
         with torch.inference_mode():
             for s in range(0, len(patches), BATCH):
                 x = torch.from_numpy(patches[s : s + BATCH]).to(self.device)
+                x = x.contiguous(memory_format=torch.channels_last)
                 outs.append(torch.softmax(self.model(x).float(), dim=1).cpu())
         if not outs:
             return torch.zeros((0, len(CLASSES), self.config.patch_px, self.config.patch_px))

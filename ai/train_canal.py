@@ -448,7 +448,7 @@ def train_canal(
         from ai.canal_refine import CanalRefiner
 
         init = CanalRefiner.load(init_dir)
-        model.load_state_dict(init.model.state_dict())
+        model.load_state_dict(init.net.state_dict())
         logger.info("initialised from %s (%s)", init_dir, str(init.card["weights_sha256"])[:12])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1,
