@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ai.card import ModelCard, load_model
-from ai.inference import autocast_dtype, post_process, pre_process, predict, to_native
+from ai.inference import autocast_dtype, post_process, pre_process, predict_labels
 from ai.labels import Label
 from ai.measure import measure_level, plausibility_flags
 from ai.model import fold_batchnorm
@@ -120,9 +120,8 @@ class Analyzer:
         t0 = time.perf_counter()
         pre = pre_process(volume, self.card)
         t1 = time.perf_counter()
-        logits = predict(self.model, pre.images, self.device, self.batch_size, self.autocast)
+        raw = predict_labels(self.model, pre, self.device, self.batch_size, self.autocast)
         t2 = time.perf_counter()
-        raw = np.stack([to_native(logits[k], pre.grids[k]) for k in range(volume.n_slices)])
         labels, flags = post_process(raw, volume)
         t3 = time.perf_counter()
         timings = {"pre_process": t1 - t0, "predict": t2 - t1, "post_process": t3 - t2}
