@@ -25,7 +25,6 @@ Weights and card: ``ai/weights/canal.safetensors`` + ``canal-card.json`` (name
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -37,6 +36,8 @@ import torch
 from scipy import ndimage
 from torch.nn import functional as F
 
+from ai.canal_patch import canal_centre, normalise_patch_image
+from ai.card import sha256_file
 from ai.inference import canonical_axes
 from ai.labels import Label
 from ai.model import UNet, UNetConfig, fold_batchnorm
@@ -73,10 +74,6 @@ ADDABLE_LABELS: tuple[int, ...] = (
     int(Label.EPIDURAL_SPACE),
 )
 #: Intensity percentiles mapped to 0 and 1 inside the patch.
-NORM_LOW_PCT = 1.0
-NORM_HIGH_PCT = 99.0
-#: Minimum coarse sac pixels for the sac centroid to centre the patch (as the grader).
-MIN_SAC_PX = 4
 #: Hard ceiling on the refiner weights (bytes).
 MAX_WEIGHTS_BYTES = 5 * 1024 * 1024
 #: Slices per forward pass.
@@ -143,23 +140,6 @@ class RefinerConfig:
 # --------------------------------------------------------------------------- patch geometry
 
 
-def canal_centre(labels_2d: np.ndarray) -> tuple[float, float] | None:
-    """Canal centre ``(row, col)``: dural sac centroid, else sac + epidural space; else None.
-
-    Same rule as :func:`ai.grading_model.canal_centre` (kept here so the refiner does not
-    depend on the grader's module).
-    """
-    sac = labels_2d == int(Label.DURAL_SAC)
-    if int(sac.sum()) >= MIN_SAC_PX:
-        r, c = np.nonzero(sac)
-        return float(r.mean()), float(c.mean())
-    canal = sac | (labels_2d == int(Label.EPIDURAL_SPACE))
-    if canal.any():
-        r, c = np.nonzero(canal)
-        return float(r.mean()), float(c.mean())
-    return None
-
-
 def patch_matrix(
     pixel_spacing: tuple[float, float],
     mm_per_px: float,
@@ -218,15 +198,6 @@ def native_to_patch(
     dc = cols - centre_px[1]
     half = (patch_px - 1) / 2.0
     return inv[0, 0] * dr + inv[0, 1] * dc + half, inv[1, 0] * dr + inv[1, 1] * dc + half
-
-
-def normalise_patch_image(patch: np.ndarray) -> np.ndarray:
-    """Map the patch's 1st..99th intensity percentiles to 0..1 (clipped to [-0.5, 1.5])."""
-    lo, hi = np.percentile(patch, [NORM_LOW_PCT, NORM_HIGH_PCT])
-    scale = float(hi - lo)
-    if scale <= 1e-6:
-        return np.zeros_like(patch, dtype=np.float32)
-    return np.clip((patch - lo) / scale, -0.5, 1.5).astype(np.float32)
 
 
 def patch_input(
@@ -344,14 +315,6 @@ def merge_refined(
 
 
 # --------------------------------------------------------------------------- the refiner
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def validate_card(card: dict[str, Any]) -> RefinerConfig:

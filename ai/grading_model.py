@@ -26,6 +26,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from ai.canal_patch import canal_centre, normalise_patch_image
 from ai.labels import Label
 from ai.results import SCHIZAS_GRADES
 
@@ -37,9 +38,6 @@ PATCH_MM = 40.0
 PATCH_PX = 64
 #: Input channels: normalised image, dural-sac mask, epidural-space mask.
 IN_CHANNELS = 3
-#: Intensity percentiles mapped to 0 and 1 inside the patch (robust to outliers).
-NORM_LOW_PCT = 1.0
-NORM_HIGH_PCT = 99.0
 #: Names of the weight and card files in the weights folder.
 WEIGHTS_FILE = "grader.safetensors"
 CARD_FILE = "grader-card.json"
@@ -124,33 +122,6 @@ class SchizasNet(nn.Module):
 
 
 # --------------------------------------------------------------------------- patches
-
-
-def canal_centre(labels_2d: np.ndarray) -> tuple[float, float] | None:
-    """Centre ``(row, col)`` in pixels of the canal: dural sac, else sac + epidural space.
-
-    The dural sac centroid is used when the sac has at least a few pixels (it stays
-    central even in severe stenosis); otherwise the whole canal; ``None`` when neither
-    is segmented.
-    """
-    sac = labels_2d == int(Label.DURAL_SAC)
-    if int(sac.sum()) >= 4:
-        r, c = np.nonzero(sac)
-        return float(r.mean()), float(c.mean())
-    canal = sac | (labels_2d == int(Label.EPIDURAL_SPACE))
-    if canal.any():
-        r, c = np.nonzero(canal)
-        return float(r.mean()), float(c.mean())
-    return None
-
-
-def normalise_patch_image(patch: np.ndarray) -> np.ndarray:
-    """Map the patch's 1st..99th intensity percentiles to 0..1 (clipped to [-0.5, 1.5])."""
-    lo, hi = np.percentile(patch, [NORM_LOW_PCT, NORM_HIGH_PCT])
-    scale = float(hi - lo)
-    if scale <= 1e-6:
-        return np.zeros_like(patch, dtype=np.float32)
-    return np.clip((patch - lo) / scale, -0.5, 1.5).astype(np.float32)
 
 
 def extract_patch(

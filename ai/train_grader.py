@@ -213,6 +213,9 @@ def model_segmenter(weights_dir: Path | str | None = None, threads: int = 1) -> 
         return analyzer.segment(volume)[0][0]
 
     tag = f"{analyzer.card.name}-{analyzer.card.version}-{str(getattr(analyzer.card, 'weights_sha256', ''))[:12]}"
+    refiner = getattr(analyzer, "refiner", None)
+    if refiner is not None:  # the masks depend on the refiner too: cached samples must say so
+        tag += f"+{refiner.name}-{refiner.version}-{str(refiner.card.get('weights_sha256', ''))[:12]}"
     return segment, tag
 
 
