@@ -371,6 +371,8 @@ class CanalRefiner:
         self.net = model
         # inference copy: BatchNorm folded into the convolutions, channels-last (CPU speed)
         self.model = fold_batchnorm(model).to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        #: autocast dtype of the forward pass (None: float32); the Analyzer sets its own
+        self.autocast: torch.dtype | None = None
 
     @property
     def name(self) -> str:
@@ -433,7 +435,13 @@ class CanalRefiner:
             for s in range(0, len(patches), BATCH):
                 x = torch.from_numpy(patches[s : s + BATCH]).to(self.device)
                 x = x.contiguous(memory_format=torch.channels_last)
-                outs.append(torch.softmax(self.model(x).float(), dim=1).cpu())
+                with torch.autocast(
+                    device_type=self.device.type,
+                    dtype=self.autocast or torch.float32,
+                    enabled=self.autocast is not None,
+                ):
+                    logits = self.model(x)
+                outs.append(torch.softmax(logits.float(), dim=1).cpu())
         if not outs:
             return torch.zeros((0, len(CLASSES), self.config.patch_px, self.config.patch_px))
         return torch.cat(outs)

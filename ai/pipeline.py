@@ -111,6 +111,7 @@ class Analyzer:
             return
         try:
             self.refiner = CanalRefiner.load(refiner_dir, self.device)
+            self.refiner.autocast = self.autocast
         except (FileNotFoundError, RefinerError, OSError) as exc:
             logger.warning("canal refiner not loaded: %s", exc)
             self._setup_flags.append(f"canal refiner not loaded ({exc}): coarse canal masks")
