@@ -61,8 +61,6 @@ from node.statuses import Status
 
 logger = logging.getLogger(__name__)
 
-#: DUL state of a connection that has not sent its A-ASSOCIATE-RQ yet (PS3.8 9.2)
-AWAITING_REQUEST = "Sta2"
 #: bytes a PDU may exceed the advertised maximum length by (PDV item headers)
 PDU_SLACK_BYTES = 1024
 
@@ -185,6 +183,19 @@ class SlotCountingAE(AE):
         ]
 
 
+def _waiting_for_request(assoc: Association) -> bool:
+    """True from the association's start until its A-ASSOCIATE-RQ arrives or its peer goes.
+
+    A peer that went away ends the DUL thread (pynetdicom then leaves the association
+    thread waiting up to ``acse_timeout_s``); before the DUL has started the connection is
+    still waiting. Computed from the association's own state each time, so no count can
+    leak.
+    """
+    if not assoc.is_alive() or assoc.requestor.primitive is not None:
+        return False
+    return not assoc._started_dul or assoc.dul.is_alive()
+
+
 class NodeAssociationServer(ThreadedAssociationServer):
     """Association server whose accept loop never blocks on a client.
 
@@ -215,13 +226,7 @@ class NodeAssociationServer(ThreadedAssociationServer):
         peers are not counted (``node.max_associations`` bounds those).
         """
         with self._starting_lock:
-            waiting = sum(
-                1
-                for a in self.active_associations
-                # Sta2: transport open, awaiting A-ASSOCIATE-RQ (a peer that went away is
-                # back in Sta1 while its thread still waits up to acse_timeout_s)
-                if a.is_alive() and a.dul.state_machine.current_state == AWAITING_REQUEST
-            )
+            waiting = sum(1 for a in self.active_associations if _waiting_for_request(a))
             if self._starting + waiting >= self.max_pending:
                 logger.warning(
                     "connection from %s closed: %d connections are waiting to associate"
