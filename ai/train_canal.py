@@ -28,7 +28,6 @@ import json
 import logging
 import pickle
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -563,8 +562,3 @@ def _card(cfg: CanalTrainConfig, rcfg: RefinerConfig, training: dict[str, Any], 
         "intended_use": ("research: refines the dural sac / epidural space of lumbar-seg-unet on axial T2 "
                          "slices; trained on synthetic phantoms only, not validated on patient data"),
     }
-
-
-def command_line() -> str:
-    """This process's command line (recorded in the card)."""
-    return " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))

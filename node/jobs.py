@@ -683,13 +683,12 @@ def _die_with_parent() -> None:
         logger.warning("cannot set parent-death signal: %s", exc)
 
 
-def _tell_parent(results: Any, message: bytes = b"") -> None:
-    """Send ``message`` (default :data:`RESULTS_READY`) to the parent; a parent gone is
-    not this job's failure."""
+def _tell_parent(results: Any, message: bytes = RESULTS_READY) -> None:
+    """Send ``message`` to the parent; a parent gone is not this job's failure."""
     try:
-        results.send_bytes(message or RESULTS_READY)
+        results.send_bytes(message)
     except OSError as exc:
-        logger.warning("cannot tell the node %r: %s", message or RESULTS_READY, exc)
+        logger.warning("cannot tell the node %r: %s", message, exc)
 
 
 def _idle(stop: Any, wake: Any, seen: int) -> None:

@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, Protocol
 
@@ -53,6 +54,9 @@ class OrchestratorLike(Protocol):
 
     def shutdown(self, timeout_s: float) -> None: ...
 
+    #: called when the analysis worker has put results in the outbox (the exporter's wake)
+    on_results: Callable[[], None] | None
+
 
 class _NoOrchestrator:
     """Stand-in used only while ``node/orchestrator.py`` does not exist: receive-only node."""
@@ -65,6 +69,8 @@ class _NoOrchestrator:
 
     def shutdown(self, timeout_s: float) -> None:
         return None
+
+    on_results: Callable[[], None] | None = None
 
 
 def make_orchestrator(db: Database, config: NodeConfig) -> OrchestratorLike:
@@ -106,8 +112,7 @@ class NodeServer:
         self.exporter = Exporter(self.db, self.config)
         register_export_metrics(self.db, self.exporter)
         self.exporter.start()
-        if hasattr(self.orchestrator, "on_results"):
-            self.orchestrator.on_results = self.exporter.wake
+        self.orchestrator.on_results = self.exporter.wake
         self.receiver = Receiver(
             self.config, self.db, self.spool, on_stored=self.orchestrator.instance_stored
         )

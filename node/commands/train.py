@@ -96,7 +96,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _given(args: argparse.Namespace, names: dict[str, str]) -> dict[str, object]:
+    """``{field: value}`` for each option in ``names`` (option -> config field) that was given."""
+    return {
+        field: getattr(args, option)
+        for option, field in names.items()
+        if getattr(args, option, None) is not None
+    }
+
+
 def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if getattr(args, "task", "segmentation") == "grader":
         return _run_grader(args)
     if getattr(args, "task", "segmentation") == "canal":
@@ -108,27 +120,23 @@ def run(args: argparse.Namespace) -> int:
     from ai.pipeline import choose_device
     from ai.train import TrainConfig, command_line, train
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     overrides: dict[str, object] = {"seed": args.seed}
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
-    if args.pool_subjects is not None:
-        overrides["pool_subjects"] = args.pool_subjects
+    overrides.update(
+        _given(
+            args,
+            {
+                name: name
+                for name in (
+                    "steps", "batch_size", "pool_subjects", "lr", "small_structure_weight",
+                    "randomised_fraction", "severe_fraction", "disc_fraction", "canal_weight",
+                )
+            },
+        )
+    )
     if args.init is not None:
         overrides["init_from"] = str(args.init)
-    if args.lr is not None:
-        overrides["lr"] = args.lr
-    if args.small_structure_weight is not None:
-        overrides["small_structure_weight"] = args.small_structure_weight
-    for name in ("randomised_fraction", "severe_fraction", "disc_fraction", "canal_weight"):
-        if getattr(args, name, None) is not None:
-            overrides[name] = getattr(args, name)
     cfg = dataclasses.replace(TrainConfig(), **overrides)  # type: ignore[arg-type]
     device = choose_device(args.device)
     real = None
@@ -157,16 +165,10 @@ def _run_grader(args: argparse.Namespace) -> int:
     """Train the stenosis grader on phantoms (CPU, ai.train_grader); writes OUT/grader.*."""
     from ai.train_grader import TRAIN_SEED, train_grader
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     kwargs: dict[str, object] = {"threads": args.threads or 1, "seed": args.seed or TRAIN_SEED}
-    if args.pool_subjects is not None:
-        kwargs["n_subjects"] = args.pool_subjects
-    if args.steps is not None:
-        kwargs["epochs"] = args.steps
-    if args.batch_size is not None:
-        kwargs["batch_size"] = args.batch_size
+    kwargs.update(
+        _given(args, {"pool_subjects": "n_subjects", "steps": "epochs", "batch_size": "batch_size"})
+    )
     if args.max_minutes is not None:
         kwargs["time_budget_s"] = 60.0 * args.max_minutes
     card = train_grader(args.out, **kwargs)  # type: ignore[arg-type]
@@ -182,22 +184,14 @@ def _run_canal(args: argparse.Namespace) -> int:
     """Train the canal refiner on phantom crops (CPU, ai.train_canal); writes OUT/best, OUT/last."""
     import dataclasses
 
-    from ai.train_canal import CanalTrainConfig, command_line, train_canal
+    from ai.train import command_line
+    from ai.train_canal import CanalTrainConfig, train_canal
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    overrides = _given(
+        args, {"steps": "steps", "batch_size": "batch_size", "pool_subjects": "subjects", "lr": "lr"}
     )
-    overrides: dict[str, object] = {}
     if args.seed:
         overrides["seed"] = args.seed
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
-    if args.pool_subjects is not None:
-        overrides["subjects"] = args.pool_subjects
-    if args.lr is not None:
-        overrides["lr"] = args.lr
     cfg = dataclasses.replace(CanalTrainConfig(), **overrides)  # type: ignore[arg-type]
     card = train_canal(
         args.out, cfg, threads=args.threads or 1, max_minutes=args.max_minutes,
