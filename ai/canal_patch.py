@@ -27,13 +27,22 @@ def canal_centre(labels_2d: np.ndarray) -> tuple[float, float] | None:
     """
     sac = labels_2d == int(Label.DURAL_SAC)
     if int(sac.sum()) >= MIN_SAC_PX:
-        r, c = np.nonzero(sac)
-        return float(r.mean()), float(c.mean())
+        return _centroid(sac)
     canal = sac | (labels_2d == int(Label.EPIDURAL_SPACE))
     if canal.any():
-        r, c = np.nonzero(canal)
-        return float(r.mean()), float(c.mean())
+        return _centroid(canal)
     return None
+
+
+def _centroid(mask: np.ndarray) -> tuple[float, float]:
+    """Mean (row, col) of a non-empty mask, from its row and column sums (no index arrays)."""
+    per_row = mask.sum(axis=1, dtype=np.int64)
+    per_col = mask.sum(axis=0, dtype=np.int64)
+    total = float(per_row.sum())
+    return (
+        float(per_row @ np.arange(mask.shape[0])) / total,
+        float(per_col @ np.arange(mask.shape[1])) / total,
+    )
 
 
 def normalise_patch_image(patch: np.ndarray) -> np.ndarray:

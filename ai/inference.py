@@ -160,17 +160,93 @@ def resample_to_model(
     """
     img = np.asarray(image, dtype=np.float32)
     if mode == "bilinear":
-        f_r, f_c = grid.downsampling
-        if max(f_r, f_c) > ANTIALIAS_FACTOR:
-            sigma = (
-                ANTIALIAS_SIGMA_PER_FACTOR * f_r if f_r > ANTIALIAS_FACTOR else 0.0,
-                ANTIALIAS_SIGMA_PER_FACTOR * f_c if f_c > ANTIALIAS_FACTOR else 0.0,
-            )
+        operators = _separable_operators(grid.matrix.tobytes(), grid.native_shape, grid.model_shape)
+        if operators is not None:
+            rows_op, cols_op = operators
+            out_sep = rows_op @ torch.from_numpy(img) @ cols_op.T
+            return out_sep.numpy(), _sampling_grid(
+                grid.matrix.tobytes(), grid.native_shape, grid.model_shape
+            )[1].copy()
+        sigma = antialias_sigma(grid)
+        if max(sigma) > 0.0:
             img = ndimage.gaussian_filter(img, sigma=sigma, mode="nearest")
     g, inside = _sampling_grid(grid.matrix.tobytes(), grid.native_shape, grid.model_shape)
     t = torch.from_numpy(img)[None, None]
     out = F.grid_sample(t, g, mode=mode, padding_mode="zeros", align_corners=True)
     return out[0, 0].numpy(), inside.copy()
+
+
+def antialias_sigma(grid: SliceGrid) -> tuple[float, float]:
+    """Gaussian sigma (native pixels) along native rows and columns before down-sampling."""
+    f_r, f_c = grid.downsampling
+    if max(f_r, f_c) <= ANTIALIAS_FACTOR:
+        return 0.0, 0.0
+    return (
+        ANTIALIAS_SIGMA_PER_FACTOR * f_r if f_r > ANTIALIAS_FACTOR else 0.0,
+        ANTIALIAS_SIGMA_PER_FACTOR * f_c if f_c > ANTIALIAS_FACTOR else 0.0,
+    )
+
+
+def _gaussian_operator(n: int, sigma: float) -> np.ndarray:
+    """``(n, n)`` matrix of ``scipy.ndimage.gaussian_filter1d(..., mode="nearest")``.
+
+    Same kernel as scipy (radius ``int(4 sigma + 0.5)``, normalised); edge pixels repeat.
+    """
+    if sigma <= 0.0:
+        return np.eye(n)
+    radius = int(4.0 * sigma + 0.5)
+    taps = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (taps / sigma) ** 2)
+    kernel /= kernel.sum()
+    op = np.zeros((n, n))
+    rows = np.arange(n)
+    for t, w in zip(taps, kernel, strict=True):
+        np.add.at(op, (rows, np.clip(rows + t, 0, n - 1)), w)
+    return op
+
+
+def _linear_operator(positions: np.ndarray, n: int) -> np.ndarray:
+    """``(len(positions), n)`` linear interpolation at ``positions``; zero outside ``[0, n-1]``.
+
+    What ``grid_sample(mode="bilinear", padding_mode="zeros", align_corners=True)`` does
+    along one axis.
+    """
+    op = np.zeros((len(positions), n))
+    lo = np.floor(positions).astype(np.int64)
+    frac = positions - lo
+    rows = np.arange(len(positions))
+    for idx, w in ((lo, 1.0 - frac), (lo + 1, frac)):
+        ok = (idx >= 0) & (idx < n)
+        np.add.at(op, (rows[ok], idx[ok]), w[ok])
+    return op
+
+
+@functools.lru_cache(maxsize=8)
+def _separable_operators(
+    matrix_bytes: bytes, native_shape: tuple[int, int], model_shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Row and column operators ``R``, ``C`` with ``R @ image @ C.T`` = anti-alias + resample.
+
+    Only for grids without in-plane rotation (the usual axial slice; ``None`` otherwise):
+    there the Gaussian low-pass and the bilinear sampling act on rows and columns
+    separately, so both fold into two small matrices and a slice costs two matrix
+    products instead of a full-resolution filter and a ``grid_sample`` (same result up
+    to float rounding). Cached per grid like :func:`_sampling_grid`.
+    """
+    matrix = np.frombuffer(matrix_bytes, dtype=np.float64).reshape(2, 2)
+    if matrix[0, 1] != 0 or matrix[1, 0] != 0:
+        return None
+    grid = SliceGrid(matrix=matrix, native_shape=native_shape, model_shape=model_shape)
+    sigma = antialias_sigma(grid)
+    ops = []
+    for axis in (0, 1):
+        model_idx = np.arange(model_shape[axis], dtype=np.float64) - grid.model_centre[axis]
+        positions = matrix[axis, axis] * model_idx + grid.native_centre[axis]
+        op = _linear_operator(positions, native_shape[axis]) @ _gaussian_operator(
+            native_shape[axis], sigma[axis]
+        )
+        ops.append(torch.from_numpy(op.astype(np.float32)))
+    return ops[0], ops[1]
 
 
 @functools.lru_cache(maxsize=8)
@@ -340,7 +416,7 @@ def to_native(logits: torch.Tensor, grid: SliceGrid) -> np.ndarray:
     dc = np.arange(nc, dtype=np.float32) - rc0[1]
     out = np.zeros((nr, nc), dtype=np.uint8)
     lg = logits.float().numpy()
-    model_labels = lg.argmax(axis=0).astype(np.uint8)
+    model_labels = _argmax_classes(lg)
     # uniform[i, j]: the 2x2 block with top-left (i, j) has one label
     lab_p = np.pad(model_labels, ((0, 1), (0, 1)), mode="edge")
     uniform = (
@@ -358,13 +434,15 @@ def to_native(logits: torch.Tensor, grid: SliceGrid) -> np.ndarray:
         pi, pj = fi[rows], fj[cols]
         i0 = np.clip(np.floor(pi).astype(np.int64), 0, mr - 1)
         j0 = np.clip(np.floor(pj).astype(np.int64), 0, mc - 1)
-        labels = model_labels[np.ix_(i0, j0)]
-        mixed_r, mixed_c = np.nonzero(~uniform[np.ix_(i0, j0)])
+        # rows and cols are contiguous runs (fi, fj are linear): plain slices, and
+        # take() along one axis at a time is much cheaper than fancy np.ix_ indexing.
+        labels = model_labels.take(i0, axis=0).take(j0, axis=1)
+        mixed_r, mixed_c = np.nonzero(uniform.take(i0, axis=0).take(j0, axis=1) == 0)
         if mixed_r.size:
             labels[mixed_r, mixed_c] = _interpolated_argmax(
                 lg, i0[mixed_r], j0[mixed_c], pi[mixed_r], pj[mixed_c]
             )
-        out[np.ix_(rows, cols)] = labels
+        out[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = labels
         return out
     fi = inv[0, 0] * dr[:, None] + inv[0, 1] * dc[None, :] + mc0[0]
     fj = inv[1, 0] * dr[:, None] + inv[1, 1] * dc[None, :] + mc0[1]
@@ -379,6 +457,18 @@ def to_native(logits: torch.Tensor, grid: SliceGrid) -> np.ndarray:
     if mixed.any():
         flat[mixed] = _interpolated_argmax(lg, i0[mixed], j0[mixed], pi[mixed], pj[mixed])
     out[inside] = flat
+    return out
+
+
+def _argmax_classes(lg: np.ndarray) -> np.ndarray:
+    """``lg.argmax(axis=0)`` as uint8 (first maximum wins), by a running maximum over the
+    classes: numpy's arg-max along a strided first axis is several times slower."""
+    best = lg[0].copy()
+    out = np.zeros(lg.shape[1:], dtype=np.uint8)
+    for c in range(1, lg.shape[0]):
+        better = lg[c] > best
+        np.maximum(best, lg[c], out=best)
+        out[better] = c
     return out
 
 
@@ -447,14 +537,22 @@ def clean_components(labels: np.ndarray, pixel_area_mm2: float) -> np.ndarray:
 
 
 def label_stats(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel count ``(NUM_CLASSES,)`` and centroid ``(NUM_CLASSES, 2)`` of every label, one pass."""
+    """Pixel count ``(NUM_CLASSES,)`` and centroid ``(NUM_CLASSES, 2)`` of every label.
+
+    Two integer histograms, of (row, label) and of (column, label), give every count and
+    both coordinate sums without float-weighted passes over the slice.
+    """
     n = len(Label)
-    flat = labels.ravel().astype(np.int64)
-    counts = np.bincount(flat, minlength=n)[:n].astype(np.float64)
-    rows = np.repeat(np.arange(labels.shape[0], dtype=np.float64), labels.shape[1])
-    cols = np.tile(np.arange(labels.shape[1], dtype=np.float64), labels.shape[0])
-    sr = np.bincount(flat, weights=rows, minlength=n)[:n]
-    sc = np.bincount(flat, weights=cols, minlength=n)[:n]
+    if labels.size and int(labels.max()) >= n:
+        raise ValueError(f"label values must be below {n}")
+    n_rows, n_cols = labels.shape
+    lab = labels.astype(np.intp)
+    per_row = np.bincount((lab + (n * np.arange(n_rows))[:, None]).ravel(), minlength=n_rows * n)
+    per_col = np.bincount((lab + (n * np.arange(n_cols))[None, :]).ravel(), minlength=n_cols * n)
+    per_row = per_row.reshape(n_rows, n)
+    counts = per_row.sum(axis=0).astype(np.float64)
+    sr = np.arange(n_rows, dtype=np.float64) @ per_row
+    sc = np.arange(n_cols, dtype=np.float64) @ per_col.reshape(n_cols, n)
     with np.errstate(invalid="ignore", divide="ignore"):
         centroids = np.stack([sr / counts, sc / counts], axis=1)
     return counts, centroids

@@ -9,9 +9,12 @@ import torch
 from ai.card import ModelCard, label_map
 from ai.inference import (
     SliceGrid,
+    _argmax_classes,
+    antialias_sigma,
     autocast_dtype,
     clean_components,
     fix_laterality,
+    label_stats,
     labels_to_model,
     normalise,
     pre_process_slice,
@@ -185,3 +188,78 @@ def test_precision_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert autocast_dtype(cpu, "auto") is None
     with pytest.raises(ValueError, match="precision"):
         autocast_dtype(cpu, "int8")
+
+
+def _filter_then_grid_sample(image: np.ndarray, grid: SliceGrid) -> np.ndarray:
+    """The reference pre-processing: scipy Gaussian low-pass, then bilinear grid_sample."""
+    from scipy import ndimage
+
+    sigma = antialias_sigma(grid)
+    img = image.astype(np.float32)
+    if max(sigma) > 0:
+        img = ndimage.gaussian_filter(img, sigma=sigma, mode="nearest")
+    rc = grid.model_to_native(
+        np.stack(np.meshgrid(np.arange(grid.model_shape[0]), np.arange(grid.model_shape[1]), indexing="ij"), -1).astype(float)
+    )
+    gx = rc[..., 1] / (grid.native_shape[1] - 1) * 2 - 1
+    gy = rc[..., 0] / (grid.native_shape[0] - 1) * 2 - 1
+    g = torch.from_numpy(np.stack([gx, gy], -1).astype(np.float32))[None]
+    out = torch.nn.functional.grid_sample(
+        torch.from_numpy(img)[None, None], g, mode="bilinear", padding_mode="zeros", align_corners=True
+    )
+    return out[0, 0].numpy()
+
+
+@pytest.mark.parametrize(
+    ("orientation", "shape", "spacing"),
+    [
+        (AXIAL, (200, 180), 0.4),  # down-sampled 2.5x: anti-aliased
+        (np.array([-1.0, 0, 0, 0, -1.0, 0]), (90, 110), 0.7),  # flipped axes
+        (np.array([1.0, 0, 0, 0, 0.9, -0.43589]), (120, 100), 0.5),  # tilted block
+        (AXIAL, (40, 30), 1.3),  # up-sampled, field of view smaller than the model grid
+    ],
+)
+def test_separable_resampling_equals_filter_then_grid_sample(
+    orientation: np.ndarray, shape: tuple[int, int], spacing: float
+) -> None:
+    card = _card(spacing=1.0, size=64)
+    grid = slice_grid(orientation, (spacing, spacing * 1.1), shape, card)
+    assert grid.matrix[0, 1] == 0 and grid.matrix[1, 0] == 0
+    image = np.random.default_rng(5).random(shape).astype(np.float32) * 1000
+    got, inside = resample_to_model(image, grid)
+    want = _filter_then_grid_sample(image, grid)
+    assert np.abs(got - want).max() < 0.05  # float32 rounding on values up to 1000
+    assert inside.shape == got.shape and inside.any()
+
+
+def test_label_stats_and_argmax_equal_their_plain_numpy_definitions() -> None:
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, NUM_CLASSES, (70, 90)).astype(np.uint8)
+    labels[labels == int(Label.DISC)] = 0  # an absent label: count 0, centroid NaN
+    counts, centroids = label_stats(labels)
+    for lab in range(NUM_CLASSES):
+        r, c = np.nonzero(labels == lab)
+        assert counts[lab] == r.size
+        if r.size:
+            assert np.allclose(centroids[lab], [r.mean(), c.mean()])
+        else:
+            assert np.isnan(centroids[lab]).all()
+    with pytest.raises(ValueError, match="below"):
+        label_stats(np.full((3, 3), NUM_CLASSES, dtype=np.uint8))
+    logits = rng.random((NUM_CLASSES, 40, 50)).astype(np.float32)
+    logits[3, :5] = logits[7, :5] = 2.0  # ties: the first class wins, as in numpy
+    assert np.array_equal(_argmax_classes(logits), logits.argmax(axis=0))
+
+
+def test_canal_centre_is_the_centroid_of_the_sac_else_the_canal() -> None:
+    from ai.canal_patch import canal_centre
+
+    labels = np.zeros((60, 70), np.uint8)
+    assert canal_centre(labels) is None
+    labels[10:13, 20:30] = Label.EPIDURAL_SPACE
+    labels[40, 50] = Label.DURAL_SAC  # below MIN_SAC_PX: the whole canal is used
+    r, c = np.nonzero(np.isin(labels, [Label.DURAL_SAC, Label.EPIDURAL_SPACE]))
+    assert np.allclose(canal_centre(labels), (r.mean(), c.mean()))
+    labels[30:34, 5:9] = Label.DURAL_SAC
+    r, c = np.nonzero(labels == Label.DURAL_SAC)
+    assert np.allclose(canal_centre(labels), (r.mean(), c.mean()))
