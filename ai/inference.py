@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -516,15 +517,21 @@ def _drop_small(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     return np.isin(lab, keep)
 
 
-def clean_components(labels: np.ndarray, pixel_area_mm2: float) -> np.ndarray:
+def clean_components(
+    labels: np.ndarray,
+    pixel_area_mm2: float,
+    boxes: Sequence[tuple[slice, slice] | None] | None = None,
+) -> np.ndarray:
     """Largest connected component per single-part structure; tiny specks dropped for others.
 
     Removed pixels become background (the union of the kept structures is never grown).
-    Each label is processed inside its bounding box only (speed on large matrices).
+    Each label is processed inside its bounding box only (speed on large matrices);
+    ``boxes``: ``ndimage.find_objects(labels)`` when the caller has it.
     """
     out = labels.copy()
     min_px = max(1, int(round(MIN_COMPONENT_MM2 / pixel_area_mm2)))
-    boxes = ndimage.find_objects(labels)
+    if boxes is None:
+        boxes = ndimage.find_objects(labels)
     for lab in (*SINGLE_COMPONENT_LABELS, *MULTI_COMPONENT_LABELS):
         if lab > len(boxes) or boxes[lab - 1] is None:
             continue
@@ -536,25 +543,38 @@ def clean_components(labels: np.ndarray, pixel_area_mm2: float) -> np.ndarray:
     return out
 
 
-def label_stats(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def label_stats(
+    labels: np.ndarray, boxes: Sequence[tuple[slice, slice] | None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Pixel count ``(NUM_CLASSES,)`` and centroid ``(NUM_CLASSES, 2)`` of every label.
 
-    Two integer histograms, of (row, label) and of (column, label), give every count and
-    both coordinate sums without float-weighted passes over the slice.
+    Each structure is summed inside its bounding box only (``boxes``: as
+    ``ndimage.find_objects(labels)`` returns them, or any boxes that still contain every
+    pixel of their label, e.g. those taken before :func:`clean_components` removed some).
+    Background (0) gets its count; its centroid is NaN.
     """
     n = len(Label)
-    if labels.size and int(labels.max()) >= n:
+    if boxes is None:
+        boxes = ndimage.find_objects(labels)
+    if len(boxes) >= n:
         raise ValueError(f"label values must be below {n}")
-    n_rows, n_cols = labels.shape
-    lab = labels.astype(np.intp)
-    per_row = np.bincount((lab + (n * np.arange(n_rows))[:, None]).ravel(), minlength=n_rows * n)
-    per_col = np.bincount((lab + (n * np.arange(n_cols))[None, :]).ravel(), minlength=n_cols * n)
-    per_row = per_row.reshape(n_rows, n)
-    counts = per_row.sum(axis=0).astype(np.float64)
-    sr = np.arange(n_rows, dtype=np.float64) @ per_row
-    sc = np.arange(n_cols, dtype=np.float64) @ per_col.reshape(n_cols, n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        centroids = np.stack([sr / counts, sc / counts], axis=1)
+    counts = np.zeros(n, dtype=np.float64)
+    centroids = np.full((n, 2), np.nan)
+    for index, box in enumerate(boxes):
+        if box is None:
+            continue
+        mask = labels[box] == index + 1
+        per_row = mask.sum(axis=1, dtype=np.int64)
+        per_col = mask.sum(axis=0, dtype=np.int64)
+        count = int(per_row.sum())
+        if count == 0:
+            continue
+        counts[index + 1] = count
+        centroids[index + 1] = (
+            box[0].start + float(per_row @ np.arange(mask.shape[0])) / count,
+            box[1].start + float(per_col @ np.arange(mask.shape[1])) / count,
+        )
+    counts[0] = labels.size - counts[1:].sum()
     return counts, centroids
 
 
@@ -607,13 +627,14 @@ def fix_laterality(
     labels: np.ndarray,
     orientation: np.ndarray,
     pixel_spacing: tuple[float, float],
+    boxes: Sequence[tuple[slice, slice] | None] | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Swap a left/right pair whose centroids lie on the wrong sides of the midline.
 
     Returns the corrected labels and one message per swapped or inconsistent pair (both
-    structures on one side is flagged, not changed).
+    structures on one side is flagged, not changed). ``boxes``: see :func:`label_stats`.
     """
-    counts, centroids = label_stats(labels)
+    counts, centroids = label_stats(labels, boxes)
     left_dir, midline = patient_left_direction(labels, orientation, pixel_spacing, (counts, centroids))
     if midline is None:
         return labels, []
@@ -659,8 +680,11 @@ def post_process(
     out = np.empty_like(labels)
     flags: list[str] = []
     for k in range(labels.shape[0]):
-        cleaned = clean_components(labels[k], volume.pixel_area_mm2)
-        fixed, notes = fix_laterality(cleaned, volume.orientations[k], volume.pixel_spacing)
+        boxes = ndimage.find_objects(labels[k])  # cleaning only removes: still valid after
+        cleaned = clean_components(labels[k], volume.pixel_area_mm2, boxes)
+        fixed, notes = fix_laterality(
+            cleaned, volume.orientations[k], volume.pixel_spacing, boxes
+        )
         out[k] = fixed
         flags.extend(f"slice {k}: {note}" for note in notes)
     return out, flags

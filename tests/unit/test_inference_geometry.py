@@ -233,6 +233,8 @@ def test_separable_resampling_equals_filter_then_grid_sample(
 
 
 def test_label_stats_and_argmax_equal_their_plain_numpy_definitions() -> None:
+    from scipy import ndimage
+
     rng = np.random.default_rng(2)
     labels = rng.integers(0, NUM_CLASSES, (70, 90)).astype(np.uint8)
     labels[labels == int(Label.DISC)] = 0  # an absent label: count 0, centroid NaN
@@ -240,10 +242,19 @@ def test_label_stats_and_argmax_equal_their_plain_numpy_definitions() -> None:
     for lab in range(NUM_CLASSES):
         r, c = np.nonzero(labels == lab)
         assert counts[lab] == r.size
-        if r.size:
+        if lab == 0:
+            assert np.isnan(centroids[0]).all()  # background: count only
+        elif r.size:
             assert np.allclose(centroids[lab], [r.mean(), c.mean()])
         else:
             assert np.isnan(centroids[lab]).all()
+    # boxes taken before pixels were removed still give the same statistics
+    boxes = ndimage.find_objects(labels)
+    trimmed = labels.copy()
+    trimmed[::3] = 0
+    want = label_stats(trimmed)
+    got = label_stats(trimmed, boxes)
+    assert np.array_equal(got[0], want[0]) and np.allclose(got[1], want[1], equal_nan=True)
     with pytest.raises(ValueError, match="below"):
         label_stats(np.full((3, 3), NUM_CLASSES, dtype=np.uint8))
     logits = rng.random((NUM_CLASSES, 40, 50)).astype(np.float32)
