@@ -416,8 +416,10 @@ def to_native(logits: torch.Tensor, grid: SliceGrid) -> np.ndarray:
     dr = np.arange(nr, dtype=np.float32) - rc0[0]
     dc = np.arange(nc, dtype=np.float32) - rc0[1]
     out = np.zeros((nr, nc), dtype=np.uint8)
-    lg = logits.float().numpy()
-    model_labels = _argmax_classes(lg)
+    # (H, W, classes): free for the model's channels-last output, and both the arg-max
+    # and the gathers below then read each pixel's class scores contiguously.
+    lg = logits.float().permute(1, 2, 0).contiguous().numpy()
+    model_labels = lg.argmax(axis=-1).astype(np.uint8)
     # uniform[i, j]: the 2x2 block with top-left (i, j) has one label
     lab_p = np.pad(model_labels, ((0, 1), (0, 1)), mode="edge")
     uniform = (
@@ -461,34 +463,23 @@ def to_native(logits: torch.Tensor, grid: SliceGrid) -> np.ndarray:
     return out
 
 
-def _argmax_classes(lg: np.ndarray) -> np.ndarray:
-    """``lg.argmax(axis=0)`` as uint8 (first maximum wins), by a running maximum over the
-    classes: numpy's arg-max along a strided first axis is several times slower."""
-    best = lg[0].copy()
-    out = np.zeros(lg.shape[1:], dtype=np.uint8)
-    for c in range(1, lg.shape[0]):
-        better = lg[c] > best
-        np.maximum(best, lg[c], out=best)
-        out[better] = c
-    return out
-
-
 def _interpolated_argmax(
     lg: np.ndarray, i0: np.ndarray, j0: np.ndarray, pi: np.ndarray, pj: np.ndarray
 ) -> np.ndarray:
-    """Arg-max of the logits ``lg`` bilinearly interpolated at model points ``(pi, pj)``."""
-    mr, mc = lg.shape[1:]
-    di = (pi - i0).astype(np.float32)
-    dj = (pj - j0).astype(np.float32)
+    """Arg-max of the logits ``lg`` ``(H, W, classes)`` bilinearly interpolated at model
+    points ``(pi, pj)`` (``i0``, ``j0``: their floors)."""
+    mr, mc = lg.shape[:2]
+    di = (pi - i0).astype(np.float32)[:, None]
+    dj = (pj - j0).astype(np.float32)[:, None]
     i1 = np.minimum(i0 + 1, mr - 1)
     j1 = np.minimum(j0 + 1, mc - 1)
     val = (
-        lg[:, i0, j0] * ((1 - di) * (1 - dj))
-        + lg[:, i1, j0] * (di * (1 - dj))
-        + lg[:, i0, j1] * ((1 - di) * dj)
-        + lg[:, i1, j1] * (di * dj)
+        lg[i0, j0] * ((1 - di) * (1 - dj))
+        + lg[i1, j0] * (di * (1 - dj))
+        + lg[i0, j1] * ((1 - di) * dj)
+        + lg[i1, j1] * (di * dj)
     )
-    return val.argmax(axis=0).astype(np.uint8)
+    return val.argmax(axis=1).astype(np.uint8)
 
 
 def labels_to_model(labels: np.ndarray, grid: SliceGrid) -> np.ndarray:
