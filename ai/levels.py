@@ -301,6 +301,8 @@ def find_levels(
         cue = cues[k]
         evidence: dict[str, Any] = {
             "pelvis_area_mm2": round(cue.pelvis_area_mm2, 1),
+            "pelvis_observable": cue.pelvis_observable,
+            "cord_observable": cue.cord_observable,
             "cord_fraction": round(cue.cord_fraction, 3),
             "muscle_log_ratios": [round(v, 3) for v in cue.muscle_log_ratios] if cue.muscle_log_ratios else None,
             "sagittal": LEVEL_NAMES[sagittal[k]] if k in sagittal else None,

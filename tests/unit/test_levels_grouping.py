@@ -56,6 +56,15 @@ def _slice(kind: str, disc_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     fat = (rr >= 110) & (rr < 120) & (cc >= 30) & (cc < 98)
     lab[fat] = int(Label.SUBCUTANEOUS_FAT)
     img[fat] = 1.0
+    # T2 reference tissues (the image cues check their contrast premises on them):
+    # lamina behind the canal and the multifidus on either side, dark muscle.
+    lamina = (rr >= 80) & (rr < 84) & (cc >= 54) & (cc < 74)
+    lab[lamina] = int(Label.POSTERIOR_ELEMENTS)
+    img[lamina] = 0.3
+    for side, c0 in ((Label.MULTIFIDUS_RIGHT, 44), (Label.MULTIFIDUS_LEFT, 76)):
+        muscle = (rr >= 86) & (rr < 104) & (cc >= c0) & (cc < c0 + 8)
+        lab[muscle] = int(side)
+        img[muscle] = 0.2
     return lab, img
 
 
@@ -185,6 +194,26 @@ def test_cord_at_top_level_names_l1_l2_downwards() -> None:
     assert [lv.level for lv in found] == ["L3-L4", "L2-L3", "L1-L2"]
     assert found[2].evidence["cord_fraction"] > 0.2
     assert found[0].evidence["cord_fraction"] == 0
+
+
+def test_image_cues_are_no_evidence_when_the_contrast_is_not_t2() -> None:
+    """Wings and cord drawn in, but the muscle is as bright as the fat (not T2 contrast):
+    both cues are set aside and the levels stay unnamed instead of being named from cues
+    whose premise fails (before the check, absent wings read as evidence against L5-S1)."""
+    vol, labels, _ = _continuous()
+    pixels = vol.pixels.copy()
+    for i in (5, 6, 7):
+        _add_iliac_wings(pixels[i])
+    for i in (25, 26, 27):
+        _add_cord(pixels[i])
+    muscle = np.isin(labels, [int(Label.MULTIFIDUS_LEFT), int(Label.MULTIFIDUS_RIGHT)])
+    pixels[muscle] = 0.95
+    vol = _volume(list(vol.centres()[:, 2]), [0.0] * vol.n_slices, pixels)
+    found = find_levels(labels, vol)
+    assert [lv.level for lv in found] == [None, None, None]
+    assert all(not lv.evidence["pelvis_observable"] for lv in found)
+    assert all(not lv.evidence["cord_observable"] for lv in found)
+    assert found[0].evidence["pelvis_area_mm2"] == 0 and found[2].evidence["cord_fraction"] == 0
 
 
 def test_sagittal_hint_names_matching_levels() -> None:
