@@ -42,6 +42,9 @@ LEVEL_SETS: tuple[tuple[tuple[str, ...], float], ...] = (
 )
 #: Share of series drawn as a continuous untilted stack instead of angled blocks.
 CONTINUOUS_FRACTION = 0.25
+#: Randomised mode: pixel spacing range (mm) and field of view (mm) of a series.
+RANDOMISED_SPACING_MM = (0.45, 0.9)
+RANDOMISED_FOV_MM = 260.0
 
 
 @dataclass
@@ -83,6 +86,14 @@ def phantom_series(
     plan = plan_continuous(subject) if continuous else plan_blocks(subject, per_block)
     rotation = float(rng.normal(0.0, 2.0))
     fov_shift = (float(rng.normal(0.0, 3.0)), 8.0 + float(rng.normal(0.0, 3.0)))
+    # One acquisition per series: in randomised mode, render_slice would otherwise draw
+    # a new pixel spacing, field of view and contrast for every slice (no scanner does).
+    grid: dict[str, Any] = {}
+    if mode == "randomised":
+        spacing_mm = float(rng.uniform(*RANDOMISED_SPACING_MM))
+        side = int(np.ceil(RANDOMISED_FOV_MM / spacing_mm / 16.0)) * 16
+        grid = {"pixel_spacing": spacing_mm, "matrix": (side, side),
+                "contrast_seed": int(rng.integers(2**31))}
     images: list[np.ndarray] = []
     label_maps: list[np.ndarray] = []
     positions: list[tuple[float, float, float]] = []
@@ -91,7 +102,7 @@ def phantom_series(
     spacing: tuple[float, float] = (1.0, 1.0)
     for ps in plan:
         sl = render_slice(subject, ps.level, ps.kind, mode, rng, rotation_deg=rotation,
-                          offset_mm=ps.offset_mm, fov_shift_mm=fov_shift)
+                          offset_mm=ps.offset_mm, fov_shift_mm=fov_shift, **grid)
         spacing = (float(sl.pixel_spacing[0]), float(sl.pixel_spacing[1]))
         positions.append(ps.position_of_first_pixel(sl.canal_centre_px, spacing))
         orientations.append((*ps.row_dir, *ps.col_dir))
