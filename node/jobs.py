@@ -537,7 +537,9 @@ class DefaultStages:
         return self._analyzer
 
     def warm_up(self) -> None:
-        """Load the model now (``ai.preload``), so the first series does not wait for it.
+        """Load the model and the result encoders now (``ai.preload``), so the first series
+        after a start does not wait for them (importing highdicom and the encoders takes
+        about a second).
 
         A model that cannot be loaded is logged here and fails each job with the reason
         later; the worker keeps running so receiving and the queue stay visible.
@@ -548,6 +550,10 @@ class DefaultStages:
             self._get_analyzer()
         except (OSError, ValueError, RuntimeError, ImportError) as exc:
             logger.error("analyser could not be loaded at start-up: %s", exc)
+        try:
+            import node.encode  # noqa: F401  (import cost paid before the first series)
+        except ImportError as exc:
+            logger.error("result encoders could not be imported at start-up: %s", exc)
 
     def analyse(self, ctx: JobContext) -> Analysis:
         from node.results_io import write_results

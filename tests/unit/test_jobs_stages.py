@@ -150,3 +150,24 @@ def test_subset_volume_keeps_one_echo_of_a_multi_frame_instance() -> None:
     assert sub.n_slices == 2 and sub.frame_numbers == (2, 4)
     assert np.array_equal(sub.pixels, volume.pixels[[1, 3]])
     assert sources == ["header"]
+
+
+def test_warm_up_loads_the_model_and_imports_the_encoders(tmp_path: Path) -> None:
+    """The first series after a start must not pay for the model load or the encoders'
+    imports (about a second of highdicom): both happen before the worker says ready."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from node.config import load_config\n"
+        "from node.jobs import DefaultStages\n"
+        f"cfg = load_config(None, overrides={{'node.state_dir': {str(tmp_path / 'state')!r}}})\n"
+        "stages = DefaultStages(cfg)\n"
+        "assert 'node.encode' not in sys.modules and 'highdicom' not in sys.modules\n"
+        "stages.warm_up()\n"
+        "assert stages._analyzer is not None\n"
+        "assert 'node.encode' in sys.modules and 'highdicom' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
