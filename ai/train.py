@@ -91,6 +91,10 @@ class TrainConfig:
     #: cross-entropy weight of the dural sac and epidural space when > 0 (overrides
     #: ``small_structure_weight`` for those two labels)
     canal_weight: float = 0.0
+    #: cross-entropy weight of the disc when > 0 (else 1). The vertebral body carries
+    #: ``small_structure_weight``; on contrast that barely separates the two, an unweighted
+    #: disc loses its ambiguous pixels to the vertebral body.
+    disc_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -102,8 +106,8 @@ class TrainConfig:
         for name in ("randomised_fraction", "severe_fraction", "disc_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1]")
-        if self.canal_weight < 0:
-            raise ValueError("canal_weight must be >= 0")
+        if self.canal_weight < 0 or self.disc_weight < 0:
+            raise ValueError("canal_weight and disc_weight must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -451,6 +455,8 @@ def train(
     if cfg.canal_weight > 0:
         for lab in CANAL_STRUCTURES:
             ce_weight[int(lab)] = cfg.canal_weight
+    if cfg.disc_weight > 0:
+        ce_weight[int(Label.DISC)] = cfg.disc_weight
     loss_acc = 0.0
     last_val = state.step
     while state.step < cfg.steps:

@@ -78,6 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--small-structure-weight for them)",
     )
     parser.add_argument(
+        "--disc-weight",
+        type=float,
+        default=None,
+        help="cross-entropy weight of the disc (default 1; the vertebral body has --small-structure-weight)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch default)"
     )
     parser.add_argument(
@@ -131,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
                 for name in (
                     "steps", "batch_size", "pool_subjects", "lr", "small_structure_weight",
                     "randomised_fraction", "severe_fraction", "disc_fraction", "canal_weight",
+                    "disc_weight",
                 )
             },
         )
