@@ -337,6 +337,20 @@ def _pool_sampling(cfg: TrainConfig) -> dict[str, float]:
     return {name: float(getattr(cfg, name)) for name in POOL_SAMPLING_DEFAULTS}
 
 
+def class_weights(cfg: TrainConfig) -> torch.Tensor:
+    """Cross-entropy weight per label: 1, ``small_structure_weight`` for the small
+    structures and the vertebral body, then ``canal_weight`` / ``disc_weight`` when set."""
+    weight = torch.ones(NUM_CLASSES)
+    for lab in SMALL_STRUCTURES:
+        weight[int(lab)] = cfg.small_structure_weight
+    if cfg.canal_weight > 0:
+        for lab in CANAL_STRUCTURES:
+            weight[int(lab)] = cfg.canal_weight
+    if cfg.disc_weight > 0:
+        weight[int(Label.DISC)] = cfg.disc_weight
+    return weight
+
+
 def validate(
     model: UNet, images: np.ndarray, labels: np.ndarray, device: torch.device
 ) -> dict[str, float]:
@@ -449,14 +463,7 @@ def train(
     t0 = time.perf_counter() - state.elapsed_s
     n = len(images)
     use_amp = device.type == "cuda"
-    ce_weight = torch.ones(NUM_CLASSES, device=device)
-    for lab in SMALL_STRUCTURES:
-        ce_weight[int(lab)] = cfg.small_structure_weight
-    if cfg.canal_weight > 0:
-        for lab in CANAL_STRUCTURES:
-            ce_weight[int(lab)] = cfg.canal_weight
-    if cfg.disc_weight > 0:
-        ce_weight[int(Label.DISC)] = cfg.disc_weight
+    ce_weight = class_weights(cfg).to(device)
     loss_acc = 0.0
     last_val = state.step
     while state.step < cfg.steps:

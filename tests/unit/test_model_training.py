@@ -86,6 +86,23 @@ def test_pool_sampling_options_validated_and_keyed() -> None:
     severe = dataclasses.replace(CFG, severe_fraction=0.4, randomised_fraction=0.6)
     assert _pool_key(severe)["severe_fraction"] == 0.4
     assert _pool_key(severe)["randomised_fraction"] == 0.6
-    for bad in ({"severe_fraction": 1.5}, {"randomised_fraction": -0.1}, {"canal_weight": -1.0}):
+    for bad in ({"severe_fraction": 1.5}, {"randomised_fraction": -0.1}, {"canal_weight": -1.0},
+                {"disc_weight": -1.0}):
         with pytest.raises(ValueError):
             dataclasses.replace(CFG, **bad)  # type: ignore[arg-type]
+
+
+def test_class_weights_of_the_loss() -> None:
+    import dataclasses
+
+    from ai.train import class_weights
+
+    plain = class_weights(dataclasses.replace(CFG, small_structure_weight=5.0))
+    assert plain[int(Label.VERTEBRAL_BODY)] == plain[int(Label.DURAL_SAC)] == 5.0
+    assert plain[int(Label.DISC)] == plain[int(Label.PSOAS_LEFT)] == 1.0  # old runs unchanged
+    tuned = class_weights(
+        dataclasses.replace(CFG, small_structure_weight=5.0, canal_weight=8.0, disc_weight=5.0)
+    )
+    assert tuned[int(Label.DISC)] == tuned[int(Label.VERTEBRAL_BODY)] == 5.0
+    assert tuned[int(Label.DURAL_SAC)] == tuned[int(Label.EPIDURAL_SPACE)] == 8.0
+    assert tuned[int(Label.PSOAS_LEFT)] == 1.0
