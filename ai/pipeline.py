@@ -173,11 +173,21 @@ class Analyzer:
             series_instance_uid=volume.series_instance_uid,
             model_name=self.card.name,
             model_version=self.card.version,
+            models=self.models(),
             labels=labels,
             levels=levels,
             flags=flags,
             timings_s=timings,
         )
+
+    def models(self) -> list[dict[str, str]]:
+        """Every model this analyzer runs, in pipeline order (provenance of each result)."""
+        out = [{"role": "segmentation", "name": self.card.name, "version": self.card.version}]
+        if self.refiner is not None:
+            out.append({"role": "canal refinement", "name": self.refiner.name, "version": self.refiner.version})
+        if self.grader is not None:
+            out.append({"role": "stenosis grading", "name": self.grader.name, "version": self.grader.version})
+        return out
 
     def _levels(self, labels: np.ndarray, volume: Volume, flags: list[str]) -> list[Any]:
         try:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-RESULTS_SCHEMA_VERSION = "1.0"
+RESULTS_SCHEMA_VERSION = "1.1"
 
 SCHIZAS_GRADES: tuple[str, ...] = ("A", "B", "C", "D")
 DSCA_GRADES: tuple[str, ...] = ("normal", "relative", "absolute")
@@ -119,12 +119,22 @@ class SeriesResult:
     levels: list[LevelResult] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: every model that contributed, in pipeline order: ``{"role", "name", "version"}``
+    #: (segmentation, canal refiner, stenosis grader); empty when not recorded
+    models: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def models_line(self) -> str:
+        """``name version`` of every contributing model, joined for captions."""
+        models = self.models or [{"name": self.model_name, "version": self.model_version}]
+        return " + ".join(f"{m['name']} {m['version']}" for m in models)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": RESULTS_SCHEMA_VERSION,
             "series_instance_uid": self.series_instance_uid,
             "model": {"name": self.model_name, "version": self.model_version},
+            "models": [dict(m) for m in self.models],
             "levels": [lv.to_dict() for lv in self.levels],
             "flags": list(self.flags),
             "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},

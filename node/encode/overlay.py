@@ -183,7 +183,7 @@ def render_summary(result: SeriesResult) -> Image.Image:
     draw = ImageDraw.Draw(image)
     draw.text(
         (12, 10),
-        f"AI lumbar analysis - {result.model_name} {result.model_version}",
+        f"AI lumbar analysis - {result.models_line}",
         fill=(255, 255, 255),
         font=font,
     )

@@ -33,9 +33,13 @@ def test_analyze_writes_documented_results(tmp_path: Path) -> None:
     sag_uid = next(s["series_instance_uid"] for s in truth["series"] if s["role"] != "axial")
     assert not (out / sag_uid).exists(), "the sagittal series must be skipped"
     result = json.loads((out / axial_uid / "results.json").read_text())
-    assert result["schema_version"] == "1.0"
+    assert result["schema_version"] == "1.1"
     assert result["series_instance_uid"] == axial_uid
     assert result["model"]["name"] and result["model"]["version"]
+    # provenance: every model that contributed, the segmentation first
+    assert [m["role"] for m in result["models"]] == ["segmentation", "canal refinement", "stenosis grading"]
+    assert result["models"][0] == {"role": "segmentation", **result["model"]}
+    assert all(m["name"] and m["version"] for m in result["models"])
     assert isinstance(result["flags"], list)
     assert len(result["levels"]) == len(truth["levels"])
     for pos, lv in enumerate(result["levels"], start=1):
