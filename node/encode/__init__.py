@@ -102,9 +102,7 @@ def encode_series(
         raise ValueError(
             f"result is for series {result.series_instance_uid}, volume for {volume.series_instance_uid}"
         )
-    identity = OutputIdentity.of(
-        volume.series_instance_uid, volume.slice_uids, result.model_version
-    )
+    identity = OutputIdentity.of(volume.series_instance_uid, volume.slice_uids, result.models_line)
     specs = plan_segments(result)
     seg: Dataset | None = None
     sr: Dataset | None = None

@@ -41,7 +41,10 @@ class OutputIdentity:
     instance_uids
         SOP Instance UIDs of the instances analysed (order does not matter).
     model_version
-        Model version from the model card.
+        Names and versions of every model that produced the analysis
+        (:attr:`ai.results.SeriesResult.models_line`): a new version of any of them (a
+        retrained canal refiner or grader as much as the segmentation) gives new UIDs, so
+        a PACS never receives different content under a UID it already holds.
     """
 
     source_series_uid: str

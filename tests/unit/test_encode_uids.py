@@ -56,3 +56,22 @@ def test_encoding_twice_gives_identical_uids() -> None:
     assert [kind_of(d) for d in first.all()] == ["seg", "sr"] + ["overlay"] * (s.volume.n_slices + 1)
     assert len({d.SOPInstanceUID for d in first.all()}) == len(first.all())
     assert [d.SOPInstanceUID for d in first.of_kinds(["sr"])] == [first.sr.SOPInstanceUID]  # type: ignore[union-attr]
+
+
+def test_a_new_version_of_any_contributing_model_gives_new_uids() -> None:
+    """Same series, same segmentation model, but a retrained canal refiner: the outputs
+    differ, so every UID must too (a PACS keeps the first object it got under a UID)."""
+    import dataclasses
+
+    s = make_series()
+    seg = {"role": "segmentation", "name": s.result.model_name, "version": s.result.model_version}
+    old = dataclasses.replace(
+        s.result, models=[seg, {"role": "canal refinement", "name": "lumbar-canal-refiner", "version": "1.0.0"}]
+    )
+    new = dataclasses.replace(
+        s.result, models=[seg, {"role": "canal refinement", "name": "lumbar-canal-refiner", "version": "1.1.0"}]
+    )
+    now = dt.datetime(2026, 1, 1, 12)
+    first = {d.SOPInstanceUID for d in encode_series(s.datasets, s.volume, old, now=now).all()}
+    second = {d.SOPInstanceUID for d in encode_series(s.datasets, s.volume, new, now=now).all()}
+    assert first and not first & second
