@@ -29,7 +29,6 @@ import logging
 import pickle
 import platform
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,7 +55,7 @@ from ai.canal_refine import (
 from ai.labels import LEVEL_NAMES, Label
 from ai.model import UNet, count_parameters
 from ai.results import SCHIZAS_GRADES
-from ai.volume import Volume
+from ai.train_grader import Segmenter, model_segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -132,31 +131,6 @@ class CanalTrainConfig:
             raise ValueError("subjects counts must be >= 0 (validation >= 1)")
         if self.seed == VAL_SEED:
             raise ValueError("training and validation seeds must differ")
-
-
-Segmenter = Callable[[np.ndarray, tuple[float, float]], np.ndarray]
-
-
-def coarse_segmenter(threads: int = 1) -> tuple[Segmenter, str]:
-    """One-slice segmenter from the shipped coarse model WITHOUT the refiner, and its tag."""
-    from ai.pipeline import Analyzer
-
-    analyzer = Analyzer(device="cpu", threads=threads, refine=False)
-    identity = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
-
-    def segment(image: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
-        volume = Volume(
-            pixels=image[None].astype(np.float32),
-            pixel_spacing=spacing,
-            positions=np.zeros((1, 3)),
-            orientations=identity[None],
-            slice_uids=("canal-training",),
-            series_instance_uid="canal-training",
-        )
-        return analyzer.segment(volume)[0][0]
-
-    tag = f"{analyzer.card.name}-{analyzer.card.version}-{analyzer.card.weights_sha256[:12]}"
-    return segment, tag
 
 
 def _crop_box(shape: tuple[int, ...], centre: tuple[float, float], spacing: tuple[float, float]) -> tuple[slice, slice]:
@@ -435,7 +409,7 @@ def train_canal(
     cache = Path(cache_dir) if cache_dir is not None else out
     t0 = time.monotonic()
     train = render_canal_samples(cfg.subjects, cfg.seed, cache_dir=cache)
-    segment, tag = coarse_segmenter(threads)
+    segment, tag = model_segmenter(threads=threads, refine=False)
     train += render_canal_samples(cfg.model_subjects, cfg.seed + MODEL_SEED_OFFSET, segment=segment,
                                   segment_tag=tag, cache_dir=cache)
     val = render_canal_samples(cfg.val_subjects, VAL_SEED, segment=segment, segment_tag=tag, cache_dir=cache)

@@ -190,15 +190,20 @@ def render_samples(
 Segmenter = Callable[[np.ndarray, tuple[float, float]], np.ndarray]
 
 
-def model_segmenter(weights_dir: Path | str | None = None, threads: int = 1) -> tuple[Segmenter, str]:
+def model_segmenter(
+    weights_dir: Path | str | None = None, threads: int = 1, *, refine: bool = True
+) -> tuple[Segmenter, str]:
     """A one-slice segmenter from the shipped segmentation model, and its tag (name, sha).
 
     Training the grader on the model's own masks teaches it that model's boundary errors
     (a compressed Schizas C sac segmented partly as epidural space, for instance).
+    ``refine=False`` leaves out the canal refiner (the refiner's own training uses that).
+    The tag names every model behind the masks: sample caches keyed by it are never
+    reused across models.
     """
     from ai.pipeline import Analyzer
 
-    analyzer = Analyzer(device="cpu", weights_dir=weights_dir, threads=threads)
+    analyzer = Analyzer(device="cpu", weights_dir=weights_dir, threads=threads, refine=refine)
     identity = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 
     def segment(image: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
@@ -207,8 +212,8 @@ def model_segmenter(weights_dir: Path | str | None = None, threads: int = 1) -> 
             pixel_spacing=spacing,
             positions=np.zeros((1, 3)),
             orientations=identity[None],
-            slice_uids=("grader-training",),
-            series_instance_uid="grader-training",
+            slice_uids=("training",),
+            series_instance_uid="training",
         )
         return analyzer.segment(volume)[0][0]
 
