@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ai.labels import Label
+from ai.postprocess import mask_centroid
 
 #: Intensity percentiles mapped to 0 and 1 inside the patch (robust to outliers).
 NORM_LOW_PCT = 1.0
@@ -27,22 +28,12 @@ def canal_centre(labels_2d: np.ndarray) -> tuple[float, float] | None:
     """
     sac = labels_2d == int(Label.DURAL_SAC)
     if int(sac.sum()) >= MIN_SAC_PX:
-        return _centroid(sac)
+        return mask_centroid(sac)
     canal = sac | (labels_2d == int(Label.EPIDURAL_SPACE))
     if canal.any():
-        return _centroid(canal)
+        return mask_centroid(canal)
     return None
 
-
-def _centroid(mask: np.ndarray) -> tuple[float, float]:
-    """Mean (row, col) of a non-empty mask, from its row and column sums (no index arrays)."""
-    per_row = mask.sum(axis=1, dtype=np.int64)
-    per_col = mask.sum(axis=0, dtype=np.int64)
-    total = float(per_row.sum())
-    return (
-        float(per_row @ np.arange(mask.shape[0])) / total,
-        float(per_col @ np.arange(mask.shape[1])) / total,
-    )
 
 
 def normalise_patch_image(patch: np.ndarray) -> np.ndarray:

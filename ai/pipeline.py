@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from ai.card import ModelCard, load_model
-from ai.inference import autocast_dtype, post_process, pre_process, predict_labels
+from ai.inference import autocast_dtype, pre_process, predict_labels
 from ai.labels import Label
 from ai.measure import measure_level, plausibility_flags
 from ai.model import fold_batchnorm
+from ai.postprocess import post_process
 from ai.results import LevelResult, SeriesResult, Stenosis
 from ai.volume import Volume
 

@@ -11,9 +11,6 @@ from ai.inference import (
     SliceGrid,
     antialias_sigma,
     autocast_dtype,
-    clean_components,
-    fix_laterality,
-    label_stats,
     labels_to_model,
     normalise,
     pre_process_slice,
@@ -23,6 +20,7 @@ from ai.inference import (
 )
 from ai.labels import NUM_CLASSES, Label
 from ai.model import UNet, UNetConfig, fold_batchnorm
+from ai.postprocess import clean_components, fix_laterality, label_stats
 
 AXIAL = np.array([1.0, 0, 0, 0, 1.0, 0])
 
