@@ -21,8 +21,9 @@ from node.config import NodeConfig, load_config
 from node.db import Database
 from node.instances import InstanceRecord, insert_instance, summarize
 from node.instances import ensure_schema as ensure_instances
-from node.jobs import Analysis, DefaultStages, JobContext, _subset_volume
+from node.jobs import Analysis, JobContext
 from node.series import EchoGroup, Slice, assemble
+from node.stages import DefaultStages, _subset_volume
 
 
 class FakeAnalyzer:
@@ -161,7 +162,7 @@ def test_warm_up_loads_the_model_and_imports_the_encoders(tmp_path: Path) -> Non
     code = (
         "import sys\n"
         "from node.config import load_config\n"
-        "from node.jobs import DefaultStages\n"
+        "from node.stages import DefaultStages\n"
         f"cfg = load_config(None, overrides={{'node.state_dir': {str(tmp_path / 'state')!r}}})\n"
         "stages = DefaultStages(cfg)\n"
         "assert 'node.encode' not in sys.modules and 'highdicom' not in sys.modules\n"

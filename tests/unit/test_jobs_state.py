@@ -124,6 +124,8 @@ def test_a_missing_stage_module_fails_the_job_with_a_clear_reason(
     queue_series(db, config, "1.2.300")
     import builtins
 
+    from node.stages import DefaultStages
+
     real_import = builtins.__import__
 
     def no_volume_io(name: str, *args: Any, **kwargs: Any) -> Any:
@@ -132,7 +134,7 @@ def test_a_missing_stage_module_fails_the_job_with_a_clear_reason(
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_volume_io)
-    job = jobs.process_one(db, config, jobs.DefaultStages(config))
+    job = jobs.process_one(db, config, DefaultStages(config))
     assert job is not None and job.state == jobs.FAILED
     assert job.reason is not None and job.reason.startswith("analyse: ModuleNotFoundError")
     assert "No module named 'node." in job.reason
