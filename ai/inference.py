@@ -72,6 +72,13 @@ class SliceGrid:
         return (float(np.linalg.norm(self.matrix[0])), float(np.linalg.norm(self.matrix[1])))
 
 
+def superior_normal(orientation: np.ndarray) -> np.ndarray:
+    """Unit normal of a slice plane (6 direction cosines), taken pointing superior (+z)."""
+    normal = np.cross(np.asarray(orientation[:3], dtype=np.float64), np.asarray(orientation[3:], dtype=np.float64))
+    normal /= np.linalg.norm(normal)
+    return -normal if normal[2] < 0 else normal
+
+
 def canonical_axes(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """In-plane unit vectors (patient LPS) of the model's column and row directions.
 
@@ -81,10 +88,7 @@ def canonical_axes(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     row_dir = np.asarray(orientation[:3], dtype=np.float64)
     col_dir = np.asarray(orientation[3:], dtype=np.float64)
-    normal = np.cross(row_dir, col_dir)
-    normal /= np.linalg.norm(normal)
-    if normal[2] < 0:
-        normal = -normal
+    normal = superior_normal(orientation)
     x = np.array([1.0, 0.0, 0.0])
     u = x - normal * float(np.dot(x, normal))
     if np.linalg.norm(u) < 0.1:  # plane nearly perpendicular to patient x: keep native axes

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from ai.inference import superior_normal
 from ai.labels import PAIRS, STRUCTURES, Label
 from ai.volume import Volume
 
@@ -153,10 +154,7 @@ def patient_left_direction(
     rs, cs = pixel_spacing
     row_dir = np.asarray(orientation[:3], dtype=np.float64)
     col_dir = np.asarray(orientation[3:], dtype=np.float64)
-    normal = np.cross(row_dir, col_dir)
-    normal /= np.linalg.norm(normal)
-    if normal[2] < 0:
-        normal = -normal
+    normal = superior_normal(orientation)
     counts, centroids = stats if stats is not None else label_stats(labels)
     canal = _union_centroid(counts, centroids, (Label.DURAL_SAC, Label.EPIDURAL_SPACE))
     front = _union_centroid(counts, centroids, (Label.DISC, Label.VERTEBRAL_BODY))
