@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -95,6 +95,10 @@ class TrainConfig:
     #: ``small_structure_weight``; on contrast that barely separates the two, an unweighted
     #: disc loses its ambiguous pixels to the vertebral body.
     disc_weight: float = 0.0
+    #: fraction of every batch whose images are drawn afresh, with a new randomised
+    #: contrast, from the slices' tissue maps (:mod:`ai.domain_randomise`); 0 trains on
+    #: the cached pool images only
+    synth_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -103,7 +107,7 @@ class TrainConfig:
             raise ValueError("crop must be a multiple of 16 and <= input_size")
         if self.pool_subjects < 1 or self.slices_per_subject < 1:
             raise ValueError("pool needs at least one subject and slice")
-        for name in ("randomised_fraction", "severe_fraction", "disc_fraction"):
+        for name in ("randomised_fraction", "severe_fraction", "disc_fraction", "synth_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1]")
         if self.canal_weight < 0 or self.disc_weight < 0:
@@ -155,6 +159,15 @@ def slice_orientation(ph: Any) -> np.ndarray:
     return np.asarray(ori, dtype=np.float64).reshape(6)
 
 
+class Pool(NamedTuple):
+    """Model-grid training slices: images float16, labels uint8 and, when asked for,
+    tissue maps uint8 (:func:`ai.domain_randomise.tissue_to_model`)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    tissues: np.ndarray | None = None
+
+
 def phantom_pool(
     n_subjects: int,
     slices_per_subject: int,
@@ -165,16 +178,20 @@ def phantom_pool(
     randomised_fraction: float = 0.5,
     severe_fraction: float = 0.0,
     disc_fraction: float = 0.6,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Render phantom slices onto the model grid: images float16 and labels uint8.
+    with_tissue: bool = False,
+) -> Pool:
+    """Render phantom slices onto the model grid (see :class:`Pool`).
 
     The defaults reproduce the original pool exactly (no extra random draws);
-    ``severe_fraction`` > 0 draws that share of subjects with Schizas C/D stenosis.
+    ``severe_fraction`` > 0 draws that share of subjects with Schizas C/D stenosis;
+    ``with_tissue`` keeps each slice's tissue map too (it draws nothing).
     """
+    from ai.domain_randomise import tissue_to_model
     from ai.phantom import sample_subject
 
     images: list[np.ndarray] = []
     labels: list[np.ndarray] = []
+    tissues: list[np.ndarray] = []
     for i in range(n_subjects):
         rng = np.random.default_rng([*seed_root, i])
         n_levels = int(rng.integers(1, len(LEVEL_NAMES) + 1))
@@ -196,9 +213,11 @@ def phantom_pool(
             )
             images.append(img.astype(np.float16))
             labels.append(labels_to_model(np.asarray(ph.labels), grid))
+            if with_tissue:
+                tissues.append(tissue_to_model(np.asarray(ph.tissue), grid))
         if progress is not None:
             progress(i + 1, n_subjects)
-    return np.stack(images), np.stack(labels)
+    return Pool(np.stack(images), np.stack(labels), np.stack(tissues) if with_tissue else None)
 
 
 # ------------------------------------------------------------------ augmentation
@@ -308,13 +327,20 @@ def build_card(cfg: TrainConfig, extra: dict[str, Any]) -> ModelCard:
     )
 
 
-def _load_pool(path: Path, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray] | None:
+def _load_pool(path: Path, cfg: TrainConfig) -> Pool | None:
     if not path.is_file():
         return None
     with np.load(path) as z:
         if json.loads(str(z["config"])) != _pool_key(cfg):
             return None
-        return z["images"], z["labels"]
+        return Pool(z["images"], z["labels"], z["tissues"] if "tissues" in z.files else None)
+
+
+def _save_pool(path: Path, pool: Pool, cfg: TrainConfig) -> None:
+    arrays = {"images": pool.images, "labels": pool.labels}
+    if pool.tissues is not None:
+        arrays["tissues"] = pool.tissues
+    np.savez(path, **arrays, config=json.dumps(_pool_key(cfg)))
 
 
 def _pool_key(cfg: TrainConfig) -> dict[str, Any]:
@@ -330,6 +356,8 @@ def _pool_key(cfg: TrainConfig) -> dict[str, Any]:
     for name, default in POOL_SAMPLING_DEFAULTS.items():
         if getattr(cfg, name) != default:
             key[name] = getattr(cfg, name)
+    if cfg.synth_fraction > 0:
+        key["tissue"] = True
     return key
 
 
@@ -399,16 +427,18 @@ def train(
         pool = phantom_pool(
             cfg.pool_subjects, cfg.slices_per_subject, (cfg.seed, 0), card0,
             progress=lambda i, n: say(f"pool subject {i}/{n}") if i % 10 == 0 else None,
-            **_pool_sampling(cfg),
+            **_pool_sampling(cfg), with_tissue=cfg.synth_fraction > 0,
         )
-        np.savez(out_dir / "pool.npz", images=pool[0], labels=pool[1],
-                 config=json.dumps(_pool_key(cfg)))
+        _save_pool(out_dir / "pool.npz", pool, cfg)
     val = _load_pool(out_dir / "val.npz", cfg)
     if val is None:
         val = phantom_pool(cfg.val_subjects, cfg.val_slices_per_subject, (VAL_SEED,), card0)
-        np.savez(out_dir / "val.npz", images=val[0], labels=val[1], config=json.dumps(_pool_key(cfg)))
+        _save_pool(out_dir / "val.npz", val, cfg)
     pool_s = time.perf_counter() - t_pool
-    images, labels = pool
+    images, labels, tissues = pool
+    if cfg.synth_fraction > 0 and tissues is None:
+        raise ValueError("synth_fraction needs a pool with tissue maps")
+    n_phantom = len(images)
     if real_slices is not None and len(real_slices[0]):
         images = np.concatenate([images, real_slices[0].astype(np.float16)])
         labels = np.concatenate([labels, real_slices[1].astype(np.uint8)])
@@ -470,6 +500,14 @@ def train(
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen).numpy()
         x = torch.from_numpy(images[idx].astype(np.float32))[:, None]
         y = torch.from_numpy(labels[idx].astype(np.int64))
+        if tissues is not None and cfg.synth_fraction > 0:
+            from ai.domain_randomise import randomise_images
+
+            # phantom slices only (real slices have no tissue map)
+            fresh = (torch.rand(len(idx), generator=gen) < cfg.synth_fraction).numpy() & (idx < n_phantom)
+            if fresh.any():
+                x[torch.from_numpy(fresh)] = randomise_images(
+                    torch.from_numpy(tissues[idx[fresh]]), gen, card0.normalisation)
         x, y = augment(x, y, cfg.crop, gen)
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)

@@ -84,6 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cross-entropy weight of the disc (default 1; the vertebral body has --small-structure-weight)",
     )
     parser.add_argument(
+        "--synth-fraction",
+        type=float,
+        default=None,
+        help="share of each batch drawn afresh with a new randomised contrast from the "
+        "slices' tissue maps (default 0: cached pool images only)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch default)"
     )
     parser.add_argument(
@@ -137,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                 for name in (
                     "steps", "batch_size", "pool_subjects", "lr", "small_structure_weight",
                     "randomised_fraction", "severe_fraction", "disc_fraction", "canal_weight",
-                    "disc_weight",
+                    "disc_weight", "synth_fraction",
                 )
             },
         )

@@ -20,7 +20,7 @@ CFG = TrainConfig(steps=4, batch_size=2, crop=32, input_size=48, channels=(4, 8)
                   val_slices_per_subject=2, val_every=2, seed=3)
 
 
-def _fake_pool(n_subjects: int, slices: int, seed_root: Any, card: Any, **_: Any) -> tuple[np.ndarray, np.ndarray]:
+def _fake_pool(n_subjects: int, slices: int, seed_root: Any, card: Any, **_: Any) -> train_mod.Pool:
     rng = np.random.default_rng(list(seed_root))
     n = n_subjects * slices
     size = card.input_size[0]
@@ -28,7 +28,7 @@ def _fake_pool(n_subjects: int, slices: int, seed_root: Any, card: Any, **_: Any
     labels[:, 10:30, 5:20] = Label.PSOAS_RIGHT
     labels[:, 10:30, 28:43] = Label.PSOAS_LEFT
     images = (labels > 0).astype(np.float16) + rng.normal(0, 0.1, labels.shape).astype(np.float16)
-    return images, labels
+    return train_mod.Pool(images, labels)
 
 
 @pytest.fixture(autouse=True)
