@@ -337,10 +337,11 @@ def _load_pool(path: Path, cfg: TrainConfig) -> Pool | None:
 
 
 def _save_pool(path: Path, pool: Pool, cfg: TrainConfig) -> None:
-    arrays = {"images": pool.images, "labels": pool.labels}
+    arrays: dict[str, Any] = {"images": pool.images, "labels": pool.labels,
+                              "config": json.dumps(_pool_key(cfg))}
     if pool.tissues is not None:
         arrays["tissues"] = pool.tissues
-    np.savez(path, **arrays, config=json.dumps(_pool_key(cfg)))
+    np.savez(path, **arrays)
 
 
 def _pool_key(cfg: TrainConfig) -> dict[str, Any]:
