@@ -106,6 +106,9 @@ class CanalSample:
     mode: str
     level: str
     schizas: str
+    #: the fine tissue map of the crop (:class:`ai.phantom.tissues.Tissue`), from which
+    #: training can draw fresh randomised contrasts (``CanalTrainConfig.synth_fraction``)
+    tissue: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,9 @@ class CanalTrainConfig:
     val_every: int = 150
     seed: int = TRAIN_SEED
     version: str = "1.0.0"
+    #: share of training examples whose image is drawn afresh from the crop's tissue map
+    #: with a new randomised contrast (:func:`ai.phantom.synth.synth_randomised`)
+    synth_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
@@ -131,6 +137,8 @@ class CanalTrainConfig:
             raise ValueError("subjects counts must be >= 0 (validation >= 1)")
         if self.seed == VAL_SEED:
             raise ValueError("training and validation seeds must differ")
+        if not 0.0 <= self.synth_fraction <= 1.0:
+            raise ValueError("synth_fraction must lie in [0, 1]")
 
 
 def _crop_box(shape: tuple[int, ...], centre: tuple[float, float], spacing: tuple[float, float]) -> tuple[slice, slice]:
@@ -158,7 +166,7 @@ def render_canal_samples(
 
     cache: Path | None = None
     if cache_dir is not None:
-        key = f"canal-v1-{n_subjects}-{seed}-{segment_tag if segment is not None else 'truth'}"
+        key = f"canal-v2-{n_subjects}-{seed}-{segment_tag if segment is not None else 'truth'}"
         cache = Path(cache_dir) / f"canal-samples-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pkl"
         if cache.is_file():
             with cache.open("rb") as fh:
@@ -208,6 +216,7 @@ def render_canal_samples(
                     image=np.asarray(sl.image, np.float32)[box].copy(), truth=truth[box].copy(),
                     coarse=coarse, pixel_spacing=spacing, mode=mode, level=level,
                     schizas=str(sl.truth["schizas"]),
+                    tissue=np.asarray(sl.tissue, np.uint8)[box].copy(),
                 ))
         if (i + 1) % 20 == 0:
             logger.info("rendered %d/%d subjects (%.0f s)", i + 1, n_subjects, time.monotonic() - t0)
@@ -273,9 +282,18 @@ def target_classes(labels: np.ndarray) -> np.ndarray:
 
 
 def make_example(
-    sample: CanalSample, cfg: RefinerConfig, rng: np.random.Generator
+    sample: CanalSample, cfg: RefinerConfig, rng: np.random.Generator, synth_fraction: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Augmented input ``(3, n, n)``, native target pixels' patch grid ``(K, 2)`` and classes ``(K,)``."""
+    """Augmented input ``(3, n, n)``, native target pixels' patch grid ``(K, 2)`` and classes ``(K,)``.
+
+    With ``synth_fraction`` > 0, that share of examples gets a fresh randomised image of
+    the crop's tissue map instead of the rendered one (no extra draws when it is 0).
+    """
+    image = sample.image
+    if synth_fraction > 0 and sample.tissue is not None and rng.random() < synth_fraction:
+        from ai.phantom.synth import synth_randomised
+
+        image = synth_randomised(sample.tissue, sample.pixel_spacing, rng)[0]
     if sample.coarse is not None and rng.random() < MODEL_MASK_SHARE:
         masks = sample.coarse
     else:
@@ -291,7 +309,7 @@ def make_example(
         scale=float(rng.uniform(*AUG_SCALE)), flip_lr=bool(rng.random() < 0.5),
     )
     n = cfg.patch_px
-    x = patch_input(sample.image, masks, patch_coords(centre, matrix, n))
+    x = patch_input(image, masks, patch_coords(centre, matrix, n))
     img = np.clip(x[0], 0.0, None) ** float(rng.uniform(*AUG_GAMMA))
     x[0] = (img + rng.normal(0.0, float(rng.uniform(*AUG_NOISE)), size=img.shape)).astype(np.float32)
     rr, cc = np.meshgrid(np.arange(sample.truth.shape[0], dtype=np.float64),
@@ -478,7 +496,7 @@ def train_canal(
     while step < cfg.steps and not stop:
         examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         while len(examples) < cfg.batch_size:
-            ex = make_example(train[int(rng.integers(len(train)))], rcfg, rng)
+            ex = make_example(train[int(rng.integers(len(train)))], rcfg, rng, cfg.synth_fraction)
             if ex is not None:
                 examples.append(ex)
         loss = batch_loss(model, examples, cfg.dice_weight)

@@ -202,7 +202,8 @@ def _run_canal(args: argparse.Namespace) -> int:
     from ai.train_canal import CanalTrainConfig, train_canal
 
     overrides = _given(
-        args, {"steps": "steps", "batch_size": "batch_size", "pool_subjects": "subjects", "lr": "lr"}
+        args, {"steps": "steps", "batch_size": "batch_size", "pool_subjects": "subjects", "lr": "lr",
+               "synth_fraction": "synth_fraction"}
     )
     if args.seed:
         overrides["seed"] = args.seed

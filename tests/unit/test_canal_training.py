@@ -1,0 +1,57 @@
+"""Canal refiner training examples: fresh randomised contrasts from the crop's tissue map."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from ai.canal_refine import RefinerConfig, canal_centre
+from ai.labels import Label
+from ai.phantom import render_slice, sample_subject
+from ai.train_canal import CanalSample, CanalTrainConfig, _crop_box, make_example
+
+
+@pytest.fixture(scope="module")
+def sample() -> CanalSample:
+    rng = np.random.default_rng(11)
+    subject = sample_subject(rng, levels=("L4-L5",))
+    sl = render_slice(subject, "L4-L5", "disc", "realistic", rng, pixel_spacing=0.6, matrix=(200, 200))
+    spacing = (float(sl.pixel_spacing[0]), float(sl.pixel_spacing[1]))
+    centre = canal_centre(sl.labels)
+    assert centre is not None
+    box = _crop_box(sl.labels.shape, centre, spacing)
+    return CanalSample(image=sl.image[box].copy(), truth=sl.labels[box].copy(), coarse=sl.labels[box].copy(),
+                       pixel_spacing=spacing, mode="realistic", level="L4-L5",
+                       schizas=str(sl.truth["schizas"]), tissue=sl.tissue[box].copy())
+
+
+def _example(sample: CanalSample, seed: int, synth: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ex = make_example(sample, RefinerConfig(), np.random.default_rng(seed), synth)
+    assert ex is not None
+    return ex
+
+
+def test_without_synthesis_the_tissue_map_changes_nothing(sample: CanalSample) -> None:
+    plain = _example(dataclasses.replace(sample, tissue=None), 3, 0.0)
+    with_tissue = _example(sample, 3, 0.0)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, with_tissue, strict=True))
+
+
+def test_synthesis_draws_a_new_image_over_the_same_target(sample: CanalSample) -> None:
+    plain = _example(sample, 3, 0.0)
+    fresh = [_example(sample, seed, 1.0) for seed in (3, 4)]
+    for ex in fresh:
+        assert np.isin(ex[2], [0, 1, 2]).all() and (ex[2] == 1).any()  # targets: sac present
+        assert not np.allclose(ex[0][0], plain[0][0], atol=0.05)
+    assert not np.allclose(fresh[0][0][0], fresh[1][0][0], atol=0.05)
+    # the sac in the fresh image is one tissue region: its spread stays below the whole patch's
+    sac_mask = fresh[0][0][1] > 0.99
+    assert fresh[0][0][0][sac_mask].std() < fresh[0][0][0].std()
+    assert int(Label.DURAL_SAC) in np.unique(sample.truth)
+
+
+def test_synth_fraction_is_validated() -> None:
+    with pytest.raises(ValueError):
+        CanalTrainConfig(synth_fraction=1.2)
