@@ -10,6 +10,10 @@ Per structure key of :data:`ai.labels.STRUCTURES`:
   Bland-Altman bias and 95 % limits of agreement (prediction - truth, mm2).
 * **Fat fraction** of the muscles, when the truth carries ``fat_fraction_pct`` per slice:
   mean absolute error (percentage points).
+* **Sampling error**: a 95 % bootstrap interval of the mean Dice and of the ICC over
+  *cases* (series), since slices of one series share a contrast and an anatomy and do not
+  vary independently. With few cases (six random contrasts, say) the interval is wide,
+  and the point values should not decide between two models.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ from ai.measure import measure_slice
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
+
+#: Bootstrap resamples of the case-level intervals (fixed seed: reports are reproducible).
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 20261122
 
 
 @dataclass
@@ -94,6 +102,8 @@ def bland_altman(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 @dataclass
 class _Acc:
     dice: list[float] = field(default_factory=list)
+    #: case index of every entry of ``dice`` / ``csa_*`` (for the case bootstrap)
+    case: list[int] = field(default_factory=list)
     iou: list[float] = field(default_factory=list)
     inter: int = 0
     total: int = 0
@@ -115,6 +125,7 @@ class SegmentationMetrics:
 
     def __init__(self) -> None:
         self._acc: dict[str, dict[str, _Acc]] = {}
+        self._case = 0
 
     def _get(self, group: str, key: str) -> _Acc:
         return self._acc.setdefault(group, {}).setdefault(key, _Acc())
@@ -150,6 +161,7 @@ class SegmentationMetrics:
                         acc.fp_slices += 1
                     continue
                 acc.dice.append(2 * inter / (np_ + nt))
+                acc.case.append(self._case)
                 acc.iou.append(inter / (np_ + nt - inter))
                 acc.csa_truth.append(nt * px)
                 acc.csa_pred.append(np_ * px)
@@ -157,11 +169,16 @@ class SegmentationMetrics:
                     acc.ff_err.append(abs(float(pred_ff[key]) - float(ff_truth[key])))  # type: ignore[arg-type]
 
     def add_case(self, case: EvalCase, pred_labels: np.ndarray) -> None:
+        self.next_case()
         for k in range(case.volume.n_slices):
             self.add(
                 pred_labels[k], case.truth_labels[k], case.volume.pixels[k],
                 case.volume.pixel_spacing, mode=case.mode, slice_truth=_slice_truth(case.truth, k),
             )
+
+    def next_case(self) -> None:
+        """Slices added from now on belong to a new case (series)."""
+        self._case += 1
 
     def report(self) -> dict[str, dict[str, dict[str, float | int | None]]]:
         """``{group: {structure: {dice, iou, dice_pooled, icc, bias, loa_low, loa_high, ...}}}``."""
@@ -175,6 +192,7 @@ class SegmentationMetrics:
                     "dice": _mean(a.dice),
                     "iou": _mean(a.iou),
                     "dice_pooled": 2 * a.inter / a.total if a.total else None,
+                    **_case_intervals(a),
                     "fp_slices": a.fp_slices,
                     "csa_icc": _nan_to_none(icc_2_1(np.array(a.csa_pred), np.array(a.csa_truth))),
                     "csa_bias_mm2": _nan_to_none(ba["bias"]),
@@ -183,6 +201,27 @@ class SegmentationMetrics:
                     "fat_fraction_mae_pct": _mean(a.ff_err),
                 }
         return out
+
+
+def _case_intervals(a: _Acc) -> dict[str, Any]:
+    """Cases, and 95 % bootstrap intervals over cases of the mean Dice and the CSA ICC."""
+    cases = np.unique(np.asarray(a.case, dtype=int))
+    out: dict[str, Any] = {"n_cases": int(len(cases)), "dice_ci95": None, "csa_icc_ci95": None}
+    if len(cases) < 2:
+        return out
+    rows = [np.flatnonzero(np.asarray(a.case) == c) for c in cases]
+    dice, pred, truth = np.asarray(a.dice), np.asarray(a.csa_pred), np.asarray(a.csa_truth)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means, iccs = [], []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        idx = np.concatenate([rows[i] for i in rng.integers(0, len(cases), len(cases))])
+        means.append(dice[idx].mean())
+        iccs.append(icc_2_1(pred[idx], truth[idx]))
+    out["dice_ci95"] = [float(v) for v in np.percentile(means, [2.5, 97.5])]
+    finite = np.asarray(iccs)[np.isfinite(iccs)]
+    if len(finite):
+        out["csa_icc_ci95"] = [float(v) for v in np.percentile(finite, [2.5, 97.5])]
+    return out
 
 
 def _mean(xs: Iterable[float]) -> float | None:
@@ -209,15 +248,20 @@ def markdown_table(report: Mapping[str, Mapping[str, Mapping[str, Any]]], group:
     def f(x: Any, nd: int = 3) -> str:
         return "-" if x is None else f"{x:.{nd}f}"
 
+    def ci(x: Any) -> str:
+        return "-" if not x else f"{x[0]:.3f}-{x[1]:.3f}"
+
     lines = [
-        "| structure | slices | Dice | IoU | pooled Dice | FP slices | CSA ICC(2,1) | BA bias mm2 | BA 95 % LoA mm2 | FF MAE % | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| structure | cases | slices | Dice | Dice 95 % CI | IoU | pooled Dice | FP slices | CSA ICC(2,1) "
+        "| ICC 95 % CI | BA bias mm2 | BA 95 % LoA mm2 | FF MAE % | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, m in report.get(group, {}).items():
         target = DICE_TARGETS.get(key)
         lines.append(
-            f"| {key} | {m['n_slices']} | {f(m['dice'])} | {f(m['iou'])} | {f(m['dice_pooled'])} | "
-            f"{m['fp_slices']} | {f(m['csa_icc'])} | {f(m['csa_bias_mm2'], 1)} | "
+            f"| {key} | {m.get('n_cases', '-')} | {m['n_slices']} | {f(m['dice'])} | {ci(m.get('dice_ci95'))} | "
+            f"{f(m['iou'])} | {f(m['dice_pooled'])} | "
+            f"{m['fp_slices']} | {f(m['csa_icc'])} | {ci(m.get('csa_icc_ci95'))} | {f(m['csa_bias_mm2'], 1)} | "
             f"{f(m['csa_loa_low_mm2'], 1)} .. {f(m['csa_loa_high_mm2'], 1)} | "
             f"{f(m['fat_fraction_mae_pct'], 1)} | "
             f"{'Dice >= ' + format(target, '.2f') + ', ICC >= 0.95' if target else '-'} |"

@@ -122,3 +122,29 @@ def test_icc_and_bland_altman_known_values() -> None:
     mse = (((y - gm) ** 2).sum() - msr * (n - 1) - msc * (k - 1)) / ((n - 1) * (k - 1))
     expected = (msr - mse) / (msr + (k - 1) * mse + k * (msc - mse) / n)
     assert icc_2_1(j1, j2) == pytest.approx(expected)
+
+
+def test_case_bootstrap_interval_is_wide_for_few_cases_and_narrows_with_more() -> None:
+    """The Dice interval resamples whole cases: slices of one case do not count as independent."""
+    from ai.evaluate import SegmentationMetrics
+
+    def report(n_cases: int, slices: int) -> dict:
+        m = SegmentationMetrics()
+        truth = np.zeros((20, 20), np.uint8)
+        truth[5:15, 5:15] = 2  # disc, 100 px
+        for c in range(n_cases):
+            m.next_case()
+            pred = np.zeros_like(truth)
+            pred[5:15, 5 : 15 - (c % 2) * 5] = 2  # even cases exact (Dice 1), odd ones Dice 2/3
+            for _ in range(slices):
+                m.add(pred, truth, truth.astype(np.float32), (1.0, 1.0))
+        return m.report()["all"]["disc"]
+
+    few, many = report(4, 10), report(40, 10)
+    assert few["n_cases"] == 4 and few["n_slices"] == 40
+    assert few["dice"] == pytest.approx(5 / 6)
+    lo, hi = few["dice_ci95"]
+    assert lo < 0.75 and hi > 0.9  # 4 cases: the mean may be anywhere between 2/3 and 1
+    lo_m, hi_m = many["dice_ci95"]
+    assert lo_m <= 5 / 6 <= hi_m and hi_m - lo_m < 0.5 * (hi - lo)
+    assert report(1, 5)["dice_ci95"] is None
