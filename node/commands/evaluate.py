@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument(
-        "--weights", type=Path, default=None, help="weights folder (default: shipped)"
+        "--weights", type=Path, default=None,
+        help="weights folder (default: shipped): its segmentation model, and its canal refiner "
+        "when it holds one (else the shipped refiner)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument(
@@ -129,13 +131,23 @@ def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
     return report
 
 
+def refiner_dir(weights: Path | None) -> Path | None:
+    """The canal refiner of a ``--weights`` folder, when it holds one (else the shipped one)."""
+    from ai.canal_refine import CARD_FILE
+
+    if weights is not None and (weights / CARD_FILE).is_file():
+        return weights
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from ai.evaluate import markdown_table
     from ai.pipeline import Analyzer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     analyzer = Analyzer(
-        device=args.device, weights_dir=args.weights, threads=args.threads, precision=args.precision
+        device=args.device, weights_dir=args.weights, threads=args.threads, precision=args.precision,
+        refiner_dir=refiner_dir(args.weights),
     )
     report = evaluate(args.data, analyzer)
     if not report["cases"]:

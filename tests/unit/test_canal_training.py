@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,3 +56,13 @@ def test_synthesis_draws_a_new_image_over_the_same_target(sample: CanalSample) -
 def test_synth_fraction_is_validated() -> None:
     with pytest.raises(ValueError):
         CanalTrainConfig(synth_fraction=1.2)
+
+
+def test_evaluate_takes_the_refiner_of_a_weights_folder_that_holds_one(tmp_path: Path) -> None:
+    """`lumbar-node evaluate --weights DIR` evaluates DIR's refiner too, not silently the shipped one."""
+    from node.commands.evaluate import refiner_dir
+
+    assert refiner_dir(None) is None
+    assert refiner_dir(tmp_path) is None  # segmentation weights only: the shipped refiner
+    (tmp_path / "canal-card.json").write_text("{}")
+    assert refiner_dir(tmp_path) == tmp_path
