@@ -10,7 +10,9 @@ Recipe (reproducible from :class:`TrainConfig` and its seed):
    model-grid input of the node (resampling included). Real labelled slices
    (:mod:`ai.realdata`) are appended to the pool when given.
 2. Every step draws a batch from the pool and augments it on the fly: random crop,
-   rotation and scale, gamma, contrast, bias field, blur and noise.
+   rotation and scale, gamma, contrast, bias field, blur and noise. With
+   ``synth_fraction`` > 0 that share of the batch first gets a fresh randomised image of
+   its tissue map (:mod:`ai.domain_randomise`), so contrasts never repeat.
 3. Loss: cross-entropy + soft Dice. AdamW with a one-cycle schedule. AMP on CUDA.
 4. Every ``val_every`` steps: Dice per structure on held-out phantom subjects
    (``default_rng([VAL_SEED, i])``, disjoint from training), a resumable checkpoint
