@@ -18,8 +18,8 @@ import torch
 from torch.nn import functional as F
 
 from ai.card import Normalisation
-from ai.inference import SliceGrid, resample_to_model
-from ai.phantom.tissues import NUM_TISSUES, T2_SIGNAL, Tissue
+from ai.inference import SliceGrid, normalise, resample_to_model
+from ai.phantom.tissues import NUM_TISSUES, T2_SIGNAL, TISSUE_TO_LABEL, Tissue
 
 #: tissue-map value of model pixels outside the native field of view (zero padding)
 OUTSIDE = 255
@@ -31,6 +31,11 @@ def tissue_to_model(tissue: np.ndarray, grid: SliceGrid) -> np.ndarray:
     out = np.rint(sampled).astype(np.uint8)
     out[~inside] = OUTSIDE
     return out
+
+
+def labels_of_tissue(tissue: np.ndarray) -> np.ndarray:
+    """The label map of a model-grid tissue map (padding -> background)."""
+    return TISSUE_TO_LABEL[np.where(tissue == OUTSIDE, 0, tissue)]
 
 
 def _uniform(lo: float, hi: float, gen: torch.Generator, n: int = 1) -> torch.Tensor:
@@ -89,12 +94,8 @@ def randomise_one(tissue: torch.Tensor, gen: torch.Generator, norm: Normalisatio
     n1 = torch.randn(img.shape, generator=gen)
     n2 = torch.randn(img.shape, generator=gen)
     img = torch.sqrt((img + sigma * n1) ** 2 + (sigma * n2) ** 2)
-    img = torch.where(valid, img, 0.0)
-    values = img[valid] if valid.any() else img.ravel()
-    q = torch.quantile(values, torch.tensor([norm.low_pct / 100.0, norm.high_pct / 100.0]))
-    lo, hi = float(q[0]), float(q[1])
-    out = ((img - lo) / (hi - lo if hi > lo else 1.0)).clamp(norm.clip_low, norm.clip_high)
-    return torch.where(valid, out, 0.0)
+    # the node's own normalisation (padding excluded from the percentiles, then zeroed)
+    return torch.from_numpy(normalise(img.numpy(), valid.numpy(), norm))
 
 
 def randomise_images(tissues: torch.Tensor, gen: torch.Generator, norm: Normalisation) -> torch.Tensor:

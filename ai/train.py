@@ -188,7 +188,7 @@ def phantom_pool(
     ``severe_fraction`` > 0 draws that share of subjects with Schizas C/D stenosis;
     ``with_tissue`` keeps each slice's tissue map too (it draws nothing).
     """
-    from ai.domain_randomise import tissue_to_model
+    from ai.domain_randomise import labels_of_tissue, tissue_to_model
     from ai.phantom import sample_subject
 
     images: list[np.ndarray] = []
@@ -214,9 +214,11 @@ def phantom_pool(
                 card,
             )
             images.append(img.astype(np.float16))
-            labels.append(labels_to_model(np.asarray(ph.labels), grid))
-            if with_tissue:
+            if with_tissue:  # one resampling: the labels follow from the tissue map
                 tissues.append(tissue_to_model(np.asarray(ph.tissue), grid))
+                labels.append(labels_of_tissue(tissues[-1]))
+            else:
+                labels.append(labels_to_model(np.asarray(ph.labels), grid))
         if progress is not None:
             progress(i + 1, n_subjects)
     return Pool(np.stack(images), np.stack(labels), np.stack(tissues) if with_tissue else None)
@@ -441,6 +443,8 @@ def train(
     images, labels, tissues = pool
     if cfg.synth_fraction > 0 and tissues is None:
         raise ValueError("synth_fraction needs a pool with tissue maps")
+    if cfg.synth_fraction > 0:
+        from ai.domain_randomise import randomise_images
     n_phantom = len(images)
     if real_slices is not None and len(real_slices[0]):
         images = np.concatenate([images, real_slices[0].astype(np.float16)])
@@ -504,8 +508,6 @@ def train(
         x = torch.from_numpy(images[idx].astype(np.float32))[:, None]
         y = torch.from_numpy(labels[idx].astype(np.int64))
         if tissues is not None and cfg.synth_fraction > 0:
-            from ai.domain_randomise import randomise_images
-
             # phantom slices only (real slices have no tissue map)
             fresh = (torch.rand(len(idx), generator=gen) < cfg.synth_fraction).numpy() & (idx < n_phantom)
             if fresh.any():

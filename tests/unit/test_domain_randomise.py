@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ai.card import ModelCard, Normalisation
-from ai.domain_randomise import OUTSIDE, randomise_images, tissue_to_model
+from ai.domain_randomise import OUTSIDE, labels_of_tissue, randomise_images, tissue_to_model
 from ai.inference import labels_to_model, slice_grid
 from ai.labels import Label
 from ai.phantom import render_slice, sample_subject
@@ -44,6 +44,7 @@ def test_tissue_map_on_the_model_grid_matches_the_labels_and_marks_the_padding()
     assert 0.05 < (~inside).mean() < 0.6  # a 173 mm field of view on a 224 mm grid
     assert np.array_equal(TISSUE_TO_LABEL[tissue[inside]], labels[inside])
     assert (labels[~inside] == 0).all()
+    assert np.array_equal(labels_of_tissue(tissue), labels)  # what phantom_pool stores
 
 
 def test_randomised_images_are_normalised_padded_and_reproducible() -> None:
@@ -83,7 +84,7 @@ def test_training_draws_fresh_images_for_phantom_slices_only(
                   with_tissue: bool = False, **_: object) -> train_mod.Pool:
         n = n_subjects * slices
         tissue = np.stack([_tissue_map().numpy()[8:56, 16:64]] * n)
-        labels = TISSUE_TO_LABEL[np.where(tissue == OUTSIDE, 0, tissue)]
+        labels = labels_of_tissue(tissue)
         images = (labels == Label.DISC).astype(np.float16)
         return train_mod.Pool(images, labels, tissue if with_tissue else None)
 
