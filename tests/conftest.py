@@ -47,11 +47,25 @@ POLL_S = 0.1
 # -- small utilities ------------------------------------------------------------------------
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now.
+
+    All ``n`` sockets are bound before any is closed: two successive single picks can get
+    the same port back from the kernel (a node then refuses http.port == node.port).
+    """
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def dcmtk_env() -> dict[str, str]:
@@ -268,8 +282,7 @@ class NodeProcess:
 
     def __init__(self, workdir: Path, sections: Mapping[str, Any]) -> None:
         self.workdir = workdir
-        self.port = free_port()
-        self.http_port = free_port()
+        self.port, self.http_port = free_ports(2)
         self.state_dir = workdir / "state"
         self.ae_title = "LUMBARNODE"
         merged: dict[str, Any] = {

@@ -23,16 +23,16 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import requests
+from conftest import free_port, free_ports
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +87,6 @@ def isolated_network() -> Iterator[bool]:
         subprocess.run([ip, "netns", "del", name], check=False, capture_output=True)
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Orthanc:
     """One Orthanc process with its own configuration and storage under ``workdir``.
 
@@ -114,8 +107,7 @@ class Orthanc:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.aet = aet
-        self.dicom_port = free_port()
-        self.http_port = free_port()
+        self.dicom_port, self.http_port = free_ports(2)
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "orthanc.log"
         config: dict[str, Any] = {

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from orthanc_peer import free_port
+from conftest import free_port
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from result_samples import make_result_set
