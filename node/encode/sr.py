@@ -3,7 +3,10 @@
 Content (PS3.16 TID 1500):
 
 * procedure reported, observer = the algorithm as a device, TID 4019 algorithm
-  identification in every measurement group;
+  identification in every measurement group (the model that produced the group's
+  content: the canal refiner for the dural sac, the stenosis grader for the spinal canal
+  group with grades, the segmentation model otherwise; a measurement that another model
+  produced carries its own TID 4019, see :func:`_level_group`);
 * per level and structure one volumetric measurement group (TID 1411): tracking
   identifier and UID, finding type = the structure's code, finding site = the level (and
   the laterality), CSA, FCSA, fat fraction, mean T2 signal, signal ratio to fat, the
@@ -44,7 +47,14 @@ from node.encode.common import (
     MODEL_NAME,
     private_scheme_identification,
 )
-from node.encode.seg import SegmentSpec
+from node.encode.seg import (
+    ROLE_CANAL_REFINEMENT,
+    ROLE_SEGMENTATION,
+    ROLE_STENOSIS_GRADING,
+    SegmentSpec,
+    label_role,
+    model_for_role,
+)
 from node.encode.sr_dataset import SRDocument, build_sr_dataset
 from node.encode.uids import SERIES_DESCRIPTION, OutputIdentity, series_number
 
@@ -78,7 +88,7 @@ def _segment_for(specs: Sequence[SegmentSpec], label: Label, lv: LevelResult) ->
 
 
 class _Context:
-    """What every group needs: sources, SEG identity, segments, the algorithm.
+    """What every group needs: sources, SEG identity, segments, the algorithms.
 
     Content items that repeat across groups (coded concepts, source image references,
     finding sites, the algorithm identification) are built once and shared: highdicom does
@@ -99,9 +109,9 @@ class _Context:
         self.seg = seg
         self.specs = specs
         self.identity = identity
-        self.algorithm = hd.sr.AlgorithmIdentification(
-            name=result.model_name, version=result.model_version
-        )
+        self.result = result
+        #: TID 4019 per contributing model (name, version), built once per report
+        self._algorithms: dict[tuple[str, str], hd.sr.AlgorithmIdentification] = {}
         #: source slice indices referenced by some group (the SR's evidence)
         self.referenced: set[int] = set()
         self._concepts: dict[tuple[str, str, str, str | None], hd.sr.CodedConcept] = {}
@@ -117,8 +127,31 @@ class _Context:
             concept = self._concepts[key] = hd.sr.CodedConcept.from_code(code)
         return concept
 
-    def measurement(self, name: Code, value: float, unit: Code) -> hd.sr.Measurement:
-        return hd.sr.Measurement(name=self.concept(name), value=value, unit=self.concept(unit))
+    def algorithm_for(self, role: str) -> hd.sr.AlgorithmIdentification:
+        """TID 4019 of the model with ``role`` (the segmentation model when there is none),
+        built once per model: a missing model gives the very object of the segmentation
+        model, so ``is`` tells whether an item needs its own identification."""
+        key = model_for_role(self.result, role)
+        algorithm = self._algorithms.get(key)
+        if algorithm is None:
+            algorithm = self._algorithms[key] = hd.sr.AlgorithmIdentification(
+                name=key[0], version=key[1]
+            )
+        return algorithm
+
+    def measurement(
+        self,
+        name: Code,
+        value: float,
+        unit: Code,
+        algorithm_id: hd.sr.AlgorithmIdentification | None = None,
+    ) -> hd.sr.Measurement:
+        return hd.sr.Measurement(
+            name=self.concept(name),
+            value=value,
+            unit=self.concept(unit),
+            algorithm_id=algorithm_id,
+        )
 
     def qualitative(self, name: Code, value: Code) -> hd.sr.QualitativeEvaluation:
         return hd.sr.QualitativeEvaluation(self.concept(name), self.concept(value))
@@ -220,7 +253,8 @@ def _structure_group(
         referenced_segment=ctx.referenced_segment(spec, lv),
         finding_type=ctx.concept(spec.property_type),
         method=ctx.concept(codes.MEASUREMENT_METHOD),
-        algorithm_id=ctx.algorithm,
+        # the model that produced the segment (and so every measurement of it)
+        algorithm_id=ctx.algorithm_for(label_role(label)),
         finding_sites=[ctx.finding_site(lv.level, laterality)],
         measurements=_measurements(ctx, m),
         qualitative_evaluations=qualitative or None,
@@ -230,13 +264,38 @@ def _structure_group(
 def _level_group(
     ctx: _Context, lv: LevelResult
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
-    """The spinal canal at a level: stenosis grades, canal areas, confidences, asymmetry."""
+    """The spinal canal at a level: stenosis grades, canal areas, confidences, asymmetry.
+
+    Provenance (TID 4019): the group names the stenosis grader when the level has grades
+    (the qualitative evaluations, TID 1411 CODE items, can carry no identification of their
+    own, so they take the group's), the segmentation model otherwise. A measurement that
+    another model produced names it itself (TID 300 algorithm identification): DSCA and
+    canal area the canal refiner (the segmentation model without one), grading confidence
+    and rootlets probability the grader, level confidence and asymmetry the segmentation
+    model. With only the segmentation model every item is the segmentation model's and no
+    measurement carries its own identification, as before models were told apart.
+    """
     spec = _segment_for(ctx.specs, Label.DURAL_SAC, lv)
     if spec is None:
         return None
-    measurements = [ctx.measurement(codes.LEVEL_CONFIDENCE, lv.level_confidence, codes.UNIT_ONE)]
-    qualitative: list[hd.sr.QualitativeEvaluation] = []
     st = lv.stenosis
+    group_algorithm = ctx.algorithm_for(
+        ROLE_STENOSIS_GRADING if st is not None else ROLE_SEGMENTATION
+    )
+
+    def by(role: str) -> hd.sr.AlgorithmIdentification | None:
+        algorithm = ctx.algorithm_for(role)
+        return None if algorithm is group_algorithm else algorithm
+
+    segmentation, refiner, grader = (
+        by(ROLE_SEGMENTATION),
+        by(ROLE_CANAL_REFINEMENT),
+        by(ROLE_STENOSIS_GRADING),
+    )
+    measurements = [
+        ctx.measurement(codes.LEVEL_CONFIDENCE, lv.level_confidence, codes.UNIT_ONE, segmentation)
+    ]
+    qualitative: list[hd.sr.QualitativeEvaluation] = []
     if st is not None:
         severity = codes.SEVERITY_VALUES[st.severity]
         if st.schizas == "A" and st.dsca_grade == "normal":
@@ -248,22 +307,28 @@ def _level_group(
             ctx.qualitative(codes.CANAL_CONTENT, codes.CANAL_CONTENT_VALUES[st.rootlets]),
         ]
         measurements += [
-            ctx.measurement(codes.DSCA, st.dsca_mm2, codes.UNIT_MM2),
-            ctx.measurement(codes.GRADE_CONFIDENCE, st.confidence, codes.UNIT_ONE),
-            ctx.measurement(codes.ROOTLETS_PROBABILITY, st.rootlets_probability, codes.UNIT_ONE),
+            ctx.measurement(codes.DSCA, st.dsca_mm2, codes.UNIT_MM2, refiner),
+            ctx.measurement(codes.GRADE_CONFIDENCE, st.confidence, codes.UNIT_ONE, grader),
+            ctx.measurement(
+                codes.ROOTLETS_PROBABILITY, st.rootlets_probability, codes.UNIT_ONE, grader
+            ),
         ]
     canal = lv.measurements.get("spinal_canal")
     if canal is not None:
-        measurements.append(ctx.measurement(codes.CANAL_AREA, canal.csa_mm2, codes.UNIT_MM2))
+        measurements.append(
+            ctx.measurement(codes.CANAL_AREA, canal.csa_mm2, codes.UNIT_MM2, refiner)
+        )
     for pair, value in sorted(lv.asymmetry_pct.items()):
         if pair in codes.ASYMMETRY:
-            measurements.append(ctx.measurement(codes.ASYMMETRY[pair], value, codes.UNIT_PERCENT))
+            measurements.append(
+                ctx.measurement(codes.ASYMMETRY[pair], value, codes.UNIT_PERCENT, segmentation)
+            )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=ctx.tracking(f"{level_name(lv)} spinal canal"),
         referenced_segment=ctx.referenced_segment(spec, lv),
         finding_type=ctx.concept(codes.VERTEBRAL_CANAL),
         method=ctx.concept(codes.MEASUREMENT_METHOD),
-        algorithm_id=ctx.algorithm,
+        algorithm_id=group_algorithm,
         finding_sites=[ctx.finding_site(lv.level, None)],
         measurements=measurements,
         qualitative_evaluations=qualitative or None,
