@@ -10,7 +10,8 @@ every instance but costs nothing per instance.
 
 On completion (a scheduler thread) the series is assembled from the index
 (``node/series.py``), routed (``node/routing.py``) and its echo groups become jobs
-(``node/jobs.py``) in the same transaction. A worker *process* runs the jobs.
+(``node/jobs.py``) in the same transaction. A worker *process* runs the jobs
+(``node/worker.py``).
 
 Restart safety: at :meth:`start` the orchestrator (1) re-queues jobs interrupted by a
 crash, (2) reconciles the ``series`` table with the ``instances`` table (an instance
@@ -36,6 +37,7 @@ from node import jobs, metrics, series
 from node.config import NodeConfig
 from node.db import Database
 from node.instances import InstanceRecord, instances_of_series, series_activity
+from node.worker import DEFAULT_STAGES, WAKE_MODULUS, WORKER_READY, worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +90,9 @@ class Orchestrator:
         The node configuration.
     stages
         ``"module:callable"`` building the job stages in the worker
-        (default :data:`node.jobs.DEFAULT_STAGES`); tests pass fakes.
+        (default :data:`node.worker.DEFAULT_STAGES`); tests pass fakes.
     run_worker
-        False: no worker process (tests that drive :func:`node.jobs.process_one` directly).
+        False: no worker process (tests that drive :func:`node.worker.process_one` directly).
     clock
         Unix time source.
     """
@@ -100,7 +102,7 @@ class Orchestrator:
         db: Database,
         config: NodeConfig,
         *,
-        stages: str = jobs.DEFAULT_STAGES,
+        stages: str = DEFAULT_STAGES,
         run_worker: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -190,7 +192,7 @@ class Orchestrator:
                 return
             if message == _RELAY_STOP:
                 return
-            if message == jobs.WORKER_READY:
+            if message == WORKER_READY:
                 self._worker_ready = True
                 continue
             callback = self.on_results
@@ -203,7 +205,7 @@ class Orchestrator:
 
     def wake_worker(self) -> None:
         """Tell the worker there is queued work (it also polls)."""
-        self._wake.value = (self._wake.value + 1) % jobs.WAKE_MODULUS
+        self._wake.value = (self._wake.value + 1) % WAKE_MODULUS
 
     # -- receiving -----------------------------------------------------------------------
     def instance_stored(self, record: InstanceRecord) -> None:
@@ -422,7 +424,7 @@ class Orchestrator:
         self._stop.value = 0
         self._worker_ready = False
         worker = self._ctx.Process(
-            target=jobs.worker_main,
+            target=worker_main,
             args=(
                 self.config,
                 self.stages,

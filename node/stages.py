@@ -1,8 +1,9 @@
 """The real work of a job: analyse (volume_io + ai.pipeline + results_io), encode, export.
 
-:mod:`node.jobs` owns the job machinery (states, claiming, retries, the worker loop) and
-the :class:`node.jobs.Stages` seam; this module is what the worker loads through that seam
-by default (:data:`node.jobs.DEFAULT_STAGES`). Tests substitute fakes for it.
+:mod:`node.jobs` owns the job state machine (states, claiming, retries) and
+:mod:`node.worker` the worker loop and the :class:`node.worker.Stages` seam; this module is
+what the worker loads through that seam by default (:data:`node.worker.DEFAULT_STAGES`).
+Tests substitute fakes for it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from node.jobs import Analysis, JobContext
+from node.worker import Analysis, JobContext
 
 if TYPE_CHECKING:
     from node.config import NodeConfig

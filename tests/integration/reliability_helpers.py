@@ -140,7 +140,7 @@ class FakeStages:
         self.state_dir = Path(config.state_dir)
 
     def analyse(self, ctx: Any) -> Any:
-        from node.jobs import Analysis
+        from node.worker import Analysis
 
         (self.state_dir / "analysing").write_text(ctx.job.series_instance_uid)
         hold = self.state_dir / "hold"
@@ -175,8 +175,8 @@ class DecodeOnlyStages:
     def analyse(self, ctx: Any) -> Any:
         import numpy as np
 
-        from node.jobs import Analysis
         from node.volume_io import load_volume
+        from node.worker import Analysis
 
         volume, sources = load_volume(ctx.source_paths())
         if not np.all(np.isfinite(volume.pixels)):

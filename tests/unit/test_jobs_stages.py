@@ -21,9 +21,9 @@ from node.config import NodeConfig, load_config
 from node.db import Database
 from node.instances import InstanceRecord, insert_instance, summarize
 from node.instances import ensure_schema as ensure_instances
-from node.jobs import Analysis, JobContext
 from node.series import EchoGroup, Slice, assemble
 from node.stages import DefaultStages, _subset_volume
+from node.worker import Analysis, JobContext, process_one
 
 
 class FakeAnalyzer:
@@ -99,8 +99,8 @@ def test_analyse_writes_results_per_echo_group_and_loads_the_model_once(env: Any
     uid = generate_uid()
     _store_series(db, config, uid, echoes=[1, 2])
     stages = AnalyseOnly(config)
-    first = jobs.process_one(db, config, stages)
-    second = jobs.process_one(db, config, stages)
+    first = process_one(db, config, stages)
+    second = process_one(db, config, stages)
     assert first is not None and second is not None
     assert (first.state, second.state) == (jobs.DONE, jobs.DONE), (first.reason, second.reason)
     assert FakeAnalyzer.built == 1
@@ -118,14 +118,14 @@ def test_a_rerun_replaces_the_previous_results(env: Any) -> None:
     uid = generate_uid()
     records = _store_series(db, config, uid, echoes=[1])
     stages = AnalyseOnly(config)
-    assert jobs.process_one(db, config, stages).state == jobs.DONE  # type: ignore[union-attr]
+    assert process_one(db, config, stages).state == jobs.DONE  # type: ignore[union-attr]
     folder = config.results_dir / uid
     (folder / "stale.txt").write_text("from the first run")
     assembly = assemble(records, config.routing)
     with db.transaction() as conn:  # a late instance re-completed the series
         jobs.upsert_for_completion(conn, series_uid=uid, study_uid="1.2", groups=assembly.groups,
                                    received_at=0.0, now=time.time())
-    again = jobs.process_one(db, config, stages)
+    again = process_one(db, config, stages)
     assert again is not None and again.state == jobs.DONE and again.generation == 2
     assert not (folder / "stale.txt").exists()
     assert json.loads((folder / "results.json").read_text())["job"]["generation"] == 2

@@ -15,8 +15,8 @@ from node.config import NodeConfig, load_config
 from node.db import Database
 from node.instances import ensure_schema as ensure_instances
 from node.instances import insert_instance
-from node.jobs import Analysis, JobContext
 from node.series import assemble
+from node.worker import Analysis, JobContext, process_one
 
 
 class FakeStages:
@@ -78,7 +78,7 @@ def test_a_job_runs_through_every_stage(env: tuple[Database, NodeConfig]) -> Non
     db, config = env
     job_id = queue_series(db, config, "1.2.100")
     stages = FakeStages()
-    job = jobs.process_one(db, config, stages)
+    job = process_one(db, config, stages)
     assert job is not None and job.id == job_id
     assert job.state == jobs.DONE and job.attempts == 1 and job.reason is None
     assert [c[0] for c in stages.calls] == ["analyse", "encode", "export"]
@@ -86,7 +86,7 @@ def test_a_job_runs_through_every_stage(env: tuple[Database, NodeConfig]) -> Non
         assert job.times[state] is not None, state
     row = db.execute("SELECT analyse_s, encode_s, export_s FROM jobs WHERE id = ?", (job_id,)).fetchone()
     assert all(v is not None and v >= 0 for v in row)
-    assert jobs.process_one(db, config, stages) is None  # queue empty
+    assert process_one(db, config, stages) is None  # queue empty
 
 
 def test_the_job_sees_its_echo_groups_files(env: tuple[Database, NodeConfig]) -> None:
@@ -95,7 +95,7 @@ def test_the_job_sees_its_echo_groups_files(env: tuple[Database, NodeConfig]) ->
     stages = FakeStages()
     seen: list[list[Path]] = []
     stages.on_analyse = lambda ctx: seen.append(ctx.source_paths())
-    jobs.process_one(db, config, stages)
+    process_one(db, config, stages)
     (paths,) = seen
     assert len(paths) == 3 and all(p.is_relative_to(config.state_dir) for p in paths)
 
@@ -108,12 +108,12 @@ def test_a_failing_stage_fails_its_job_and_the_next_job_still_runs(
     bad = queue_series(db, config, "1.2.200")
     good = queue_series(db, config, "1.2.201")
     stages = FakeStages(fail={"1.2.200": stage})
-    failed = jobs.process_one(db, config, stages)
+    failed = process_one(db, config, stages)
     assert failed is not None and failed.id == bad
     assert failed.state == jobs.FAILED
     assert failed.reason == f"{stage}: RuntimeError: {stage} exploded"
     assert failed.times["failed"] is not None
-    done = jobs.process_one(db, config, stages)
+    done = process_one(db, config, stages)
     assert done is not None and done.id == good and done.state == jobs.DONE
 
 
@@ -134,7 +134,7 @@ def test_a_missing_stage_module_fails_the_job_with_a_clear_reason(
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_volume_io)
-    job = jobs.process_one(db, config, DefaultStages(config))
+    job = process_one(db, config, DefaultStages(config))
     assert job is not None and job.state == jobs.FAILED
     assert job.reason is not None and job.reason.startswith("analyse: ModuleNotFoundError")
     assert "No module named 'node." in job.reason
@@ -158,7 +158,7 @@ def test_crash_recovery_requeues_interrupted_jobs(env: tuple[Database, NodeConfi
     assert jb is not None and jb.state == jobs.QUEUED
     assert jc is not None and jc.state == jobs.FAILED and "interrupted 3 times" in (jc.reason or "")
     stages = FakeStages()
-    resumed = jobs.process_one(db, config, stages)
+    resumed = process_one(db, config, stages)
     assert resumed is not None and resumed.state == jobs.DONE and resumed.attempts == 2
 
 
@@ -176,11 +176,11 @@ def test_a_stale_claim_cannot_overwrite_a_newer_run(env: tuple[Database, NodeCon
                                        groups=assembly.groups, received_at=0.0, now=time.time())
 
     stages.on_analyse = reopen_and_requeue
-    job = jobs.process_one(db, config, stages)
+    job = process_one(db, config, stages)
     assert job is not None and job.id == job_id
     assert job.state == jobs.QUEUED and job.generation == 2  # the new run waits, untouched
     assert [c[0] for c in stages.calls] == ["analyse"]  # the stale run stopped early
-    again = jobs.process_one(db, config, FakeStages())
+    again = process_one(db, config, FakeStages())
     assert again is not None and again.state == jobs.DONE and again.generation == 2
 
 
@@ -188,12 +188,12 @@ def test_retry_requeues_failed_jobs_only(env: tuple[Database, NodeConfig]) -> No
     db, config = env
     bad = queue_series(db, config, "1.2.600")
     other = queue_series(db, config, "1.2.601")
-    jobs.process_one(db, config, FakeStages(fail={"1.2.600": "encode"}))
+    process_one(db, config, FakeStages(fail={"1.2.600": "encode"}))
     assert jobs.retry_jobs(db, [bad, other]) == [bad]  # `other` is queued, not failed
     job = jobs.get_job(db, bad)
     assert job is not None and job.state == jobs.QUEUED and job.attempts == 0
-    jobs.process_one(db, config, FakeStages(fail={"1.2.601": "analyse"}))
-    jobs.process_one(db, config, FakeStages(fail={"1.2.601": "analyse"}))
+    process_one(db, config, FakeStages(fail={"1.2.601": "analyse"}))
+    process_one(db, config, FakeStages(fail={"1.2.601": "analyse"}))
     assert jobs.retry_jobs(db, all_failed=True) == [other]
 
 
@@ -202,8 +202,8 @@ def test_purge_removes_old_finished_jobs(env: tuple[Database, NodeConfig]) -> No
     old = queue_series(db, config, "1.2.700")
     recent = queue_series(db, config, "1.2.701")
     stages = FakeStages()
-    jobs.process_one(db, config, stages)
-    jobs.process_one(db, config, stages)
+    process_one(db, config, stages)
+    process_one(db, config, stages)
     db.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (time.time() - 10 * 86400, old))
     purged = jobs.purge_jobs(db, older_than_s=7 * 86400)
     assert [j.id for j in purged] == [old]

@@ -15,9 +15,9 @@ from node import instances, jobs
 from node.config import NodeConfig
 from node.db import Database
 from node.instances import InstanceRecord, insert_instance
-from node.jobs import Analysis, JobContext
 from node.orchestrator import Orchestrator
 from node.series import COMPLETE, get_series
+from node.worker import Analysis, JobContext
 
 #: how long a gated analysis waits for the test to release it (s)
 GATE_TIMEOUT_S = 60.0
