@@ -25,6 +25,7 @@ from scipy import ndimage
 from torch.nn import functional as F
 
 from ai.card import ModelCard, Normalisation
+from ai.labels import Label
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -353,15 +354,44 @@ def predict(
     return torch.cat(outputs)
 
 
-def predict_labels(
+#: Model-grid pixels count as "body" (disc or vertebral body) for :func:`disc_evidence`
+#: where the two classes together hold more than this probability.
+BODY_PROBABILITY = 0.5
+
+
+def disc_evidence(logits: torch.Tensor) -> np.ndarray:
+    """Per slice, the model's share of disc in the body: sum P(disc) / sum (P(disc) + P(body)).
+
+    Summed over the model-grid pixels that are disc or vertebral body with probability
+    above :data:`BODY_PROBABILITY`; 0 where there are none. Unlike the argmax label it
+    keeps sub-threshold evidence, which :mod:`ai.disc_assignment` compares between the
+    slices of a block.
+    """
+    prob = torch.softmax(logits.float(), dim=1)
+    disc = prob[:, int(Label.DISC)]
+    body = prob[:, int(Label.VERTEBRAL_BODY)]
+    region = (disc + body) > BODY_PROBABILITY
+    num = (disc * region).sum(dim=(1, 2))
+    den = ((disc + body) * region).sum(dim=(1, 2)).clamp_min(1e-6)
+    return (num / den).numpy().astype(np.float64)
+
+
+@dataclass
+class NativePrediction:
+    """Native-grid labels ``(n, rows, cols)`` uint8 and per-slice :func:`disc_evidence`."""
+
+    labels: np.ndarray
+    disc_evidence: np.ndarray
+
+
+def predict_native(
     model: torch.nn.Module,
     pre: PreProcessed,
     device: torch.device,
     batch_size: int = 8,
     dtype: torch.dtype | None = None,
-) -> np.ndarray:
-    """Native-grid label maps ``(n, rows, cols)`` uint8: :func:`predict` then :func:`to_native`,
-    one batch at a time.
+) -> NativePrediction:
+    """:func:`predict` then :func:`to_native` (and :func:`disc_evidence`), one batch at a time.
 
     Only one batch of logits exists at a time (13 float32 maps of 224 x 224 per slice are
     2.6 MB: 260 MB for a 100-slice series if all were kept), which keeps the analysis
@@ -369,13 +399,15 @@ def predict_labels(
     """
     n = pre.images.shape[0]
     if n == 0:
-        return np.zeros((0, 0, 0), dtype=np.uint8)
+        return NativePrediction(np.zeros((0, 0, 0), dtype=np.uint8), np.zeros(0))
     out = np.zeros((n, *pre.grids[0].native_shape), dtype=np.uint8)
+    evidence = np.zeros(n)
     for start in range(0, n, batch_size):
         logits = predict(model, pre.images[start : start + batch_size], device, batch_size, dtype)
+        evidence[start : start + logits.shape[0]] = disc_evidence(logits)
         for k in range(logits.shape[0]):
             out[start + k] = to_native(logits[k], pre.grids[start + k])
-    return out
+    return NativePrediction(out, evidence)
 
 
 def to_native(logits: torch.Tensor, grid: SliceGrid) -> np.ndarray:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ai.card import ModelCard, load_model
-from ai.inference import autocast_dtype, pre_process, predict_labels
+from ai.disc_assignment import assign_block_discs
+from ai.inference import autocast_dtype, pre_process, predict_native
 from ai.labels import Label
 from ai.measure import measure_level, plausibility_flags
 from ai.model import fold_batchnorm
@@ -122,9 +123,11 @@ class Analyzer:
         t0 = time.perf_counter()
         pre = pre_process(volume, self.card)
         t1 = time.perf_counter()
-        raw = predict_labels(self.model, pre, self.device, self.batch_size, self.autocast)
+        raw = predict_native(self.model, pre, self.device, self.batch_size, self.autocast)
         t2 = time.perf_counter()
-        labels, flags = post_process(raw, volume)
+        labels, flags = post_process(raw.labels, volume)
+        labels, assigned = assign_block_discs(labels, volume, raw.disc_evidence)
+        flags.extend(assigned)
         t3 = time.perf_counter()
         timings = {"pre_process": t1 - t0, "predict": t2 - t1, "post_process": t3 - t2}
         if self.refiner is not None:

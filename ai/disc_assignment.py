@@ -1,0 +1,75 @@
+"""Series-level disc assignment: an angled block with no disc slice gets one where the model's
+disc evidence peaks.
+
+Why: the technologist plans each angled axial block through a disc, so a short block whose
+slices are all labelled vertebral body means the per-slice decision failed, not that the
+disc is absent. On contrasts where disc and vertebral body look alike (a degenerated
+"black" disc, or an unusual sequence) a 2D model sometimes labels the whole disc-centre
+slice vertebral body, and the level then vanishes from the report: no measurements, no
+grade. The model's disc probability on that slice is still well above that of its
+neighbours (``ai.inference.disc_evidence``), so the block's peak is relabelled disc and a
+flag says so. Thresholds were set on phantom tuning studies (seeds 7701 / 7702), not on
+the published held-out set; see ``docs/segmentation.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ai.labels import Label
+from ai.levels import MIN_DISC_AREA_MM2, disc_slices, slice_areas, split_blocks
+from ai.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+#: Blocks shorter than this have no interior slice to assign.
+MIN_BLOCK_SLICES = 3
+#: Longer blocks are continuous stacks over several levels: "one disc per block" does not hold.
+MAX_BLOCK_SLICES = 9
+#: The peak slice's disc evidence must exceed every other slice's of the block by this factor ...
+PEAK_RATIO = 1.5
+#: ... and reach this absolute value (evidence is the disc share of the body, 0-1).
+MIN_EVIDENCE = 0.01
+
+
+def assign_block_discs(
+    labels: np.ndarray, volume: Volume, evidence: np.ndarray
+) -> tuple[np.ndarray, list[str]]:
+    """Relabel the vertebral body of a disc-less block's evidence peak as disc.
+
+    ``labels`` is the post-processed native label volume (caudal -> cranial, as
+    ``volume``), ``evidence`` the per-slice :func:`ai.inference.disc_evidence`. A block
+    (:func:`ai.levels.split_blocks`) of :data:`MIN_BLOCK_SLICES`-:data:`MAX_BLOCK_SLICES`
+    slices qualifies when none of its slices is a disc slice by the level finder's own
+    criteria (:func:`ai.levels.disc_slices`). Its peak must be an interior slice (a block
+    is centred on its disc), beat every other slice of the block by :data:`PEAK_RATIO`,
+    reach :data:`MIN_EVIDENCE` and show at least :data:`ai.levels.MIN_DISC_AREA_MM2` of
+    vertebral body. Returns new labels (the input is not changed) and one flag per
+    assignment.
+    """
+    if evidence.shape != (labels.shape[0],):
+        raise ValueError(f"evidence must have one value per slice, got {evidence.shape}")
+    out = labels
+    flags: list[str] = []
+    is_disc = disc_slices(labels, volume)
+    body_area = slice_areas(labels, volume, Label.VERTEBRAL_BODY)
+    for b, block in enumerate(split_blocks(volume)):
+        if not MIN_BLOCK_SLICES <= len(block) <= MAX_BLOCK_SLICES or is_disc[block].any():
+            continue
+        interior = block[1:-1]
+        peak = max(interior, key=lambda i: float(evidence[i]))
+        others = max(float(evidence[i]) for i in block if i != peak)
+        value = float(evidence[peak])
+        if value < MIN_EVIDENCE or value < PEAK_RATIO * others or body_area[peak] < MIN_DISC_AREA_MM2:
+            continue
+        if out is labels:
+            out = labels.copy()
+        out[peak][out[peak] == int(Label.VERTEBRAL_BODY)] = int(Label.DISC)
+        flags.append(
+            f"slice {peak}: block {b + 1} had no disc slice; disc assigned where the model's "
+            f"disc evidence peaks ({value:.3f} against at most {others:.3f} on the block's other slices)"
+        )
+        logger.info("disc assigned on slice %d (block %d, evidence %.3f vs %.3f)", peak, b + 1, value, others)
+    return out, flags

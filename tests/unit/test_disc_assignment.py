@@ -1,0 +1,108 @@
+"""Series-level disc assignment (``ai.disc_assignment``) and its evidence (``ai.inference.disc_evidence``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ai.disc_assignment import MAX_BLOCK_SLICES, assign_block_discs
+from ai.inference import disc_evidence
+from ai.labels import Label
+from ai.levels import find_levels
+from ai.volume import Volume
+
+SIZE = 96
+AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+
+
+def _blocks(blocks: list[list[str]], step_mm: float = 4.4, level_gap_mm: float = 38.0) -> tuple[Volume, np.ndarray]:
+    """Parallel blocks of slices, each slice an oval body of the given kind ("disc" / "body")."""
+    rr, cc = np.mgrid[:SIZE, :SIZE]
+    oval = ((rr - 40) / 18) ** 2 + ((cc - 48) / 26) ** 2 <= 1
+    sac = ((rr - 68) / 6) ** 2 + ((cc - 48) / 8) ** 2 <= 1
+    labels, z = [], []
+    for b, kinds in enumerate(blocks):
+        for k, kind in enumerate(kinds):
+            lab = np.zeros((SIZE, SIZE), dtype=np.uint8)
+            lab[oval] = int(Label.DISC if kind == "disc" else Label.VERTEBRAL_BODY)
+            lab[sac] = int(Label.DURAL_SAC)
+            labels.append(lab)
+            z.append(b * level_gap_mm + k * step_mm)
+    n = len(z)
+    positions = np.array([[-(SIZE - 1) / 2, -(SIZE - 1) / 2, zi] for zi in z])
+    vol = Volume(
+        pixels=np.zeros((n, SIZE, SIZE), dtype=np.float32),
+        pixel_spacing=(1.0, 1.0),
+        positions=positions,
+        orientations=np.tile(AXIAL, (n, 1)),
+        slice_uids=tuple(f"1.2.3.{i}" for i in range(n)),
+        series_instance_uid="1.2.3",
+    )
+    return vol, np.stack(labels)
+
+
+def test_disc_less_block_gets_its_disc_at_the_evidence_peak() -> None:
+    vol, labels = _blocks([["body", "disc", "disc", "body"], ["body"] * 5])
+    evidence = np.array([0.01, 0.9, 0.95, 0.01, 0.003, 0.004, 0.2, 0.004, 0.003])
+    out, flags = assign_block_discs(labels, vol, evidence)
+    assert np.array_equal(out[:6], labels[:6]) and np.array_equal(out[7:], labels[7:])
+    assert np.count_nonzero(out[6] == Label.DISC) == np.count_nonzero(labels[6] == Label.VERTEBRAL_BODY)
+    assert not np.any(out[6] == Label.VERTEBRAL_BODY)
+    assert np.count_nonzero(out[6] == Label.DURAL_SAC) == np.count_nonzero(labels[6] == Label.DURAL_SAC)
+    assert len(flags) == 1 and flags[0].startswith("slice 6: block 2 had no disc slice")
+    assert not np.any(labels[6] == Label.DISC), "the input must not change"
+    # the level finder now finds the second level, read on the assigned slice
+    assert [lv.mid_slice for lv in find_levels(labels, vol)] == [1]
+    assert [lv.mid_slice for lv in find_levels(out, vol)][-1] == 6
+
+
+@pytest.mark.parametrize(
+    "evidence",
+    [
+        [0.003, 0.1, 0.2, 0.15, 0.003],  # peak not clear of a neighbour (ratio < 1.5)
+        [0.003, 0.004, 0.004, 0.004, 0.3],  # peak on the block's edge
+        [0.0005, 0.001, 0.008, 0.001, 0.0005],  # peak below the absolute floor
+    ],
+)
+def test_unclear_or_edge_peaks_change_nothing(evidence: list[float]) -> None:
+    vol, labels = _blocks([["body"] * 5])
+    out, flags = assign_block_discs(labels, vol, np.array(evidence))
+    assert out is labels and flags == []
+
+
+def test_blocks_with_a_disc_and_long_stacks_are_left_alone() -> None:
+    vol, labels = _blocks([["body", "body", "disc", "body", "body"]])
+    out, flags = assign_block_discs(labels, vol, np.array([0.0, 0.5, 0.1, 0.0, 0.0]))
+    assert out is labels and flags == []
+    n = MAX_BLOCK_SLICES + 1  # a continuous stack: one block over several levels
+    vol, labels = _blocks([["body"] * n])
+    evidence = np.full(n, 0.003)
+    evidence[n // 2] = 0.3
+    out, flags = assign_block_discs(labels, vol, evidence)
+    assert out is labels and flags == []
+
+
+def test_evidence_must_match_the_slices() -> None:
+    vol, labels = _blocks([["body"] * 3])
+    with pytest.raises(ValueError, match="one value per slice"):
+        assign_block_discs(labels, vol, np.zeros(2))
+
+
+def test_disc_evidence_is_the_disc_share_of_the_confident_body() -> None:
+    logits = torch.full((2, len(Label), 4, 4), -20.0)
+    logits[:, int(Label.BACKGROUND)] = 0.0
+    # slice 0: 4 body pixels, P(disc) = P(body) = 0.5 each -> share 0.5;
+    # 4 more pixels where disc + body hold under half the probability: ignored
+    logits[0, int(Label.DISC), :1, :] = 10.0
+    logits[0, int(Label.VERTEBRAL_BODY), :1, :] = 10.0
+    logits[0, int(Label.DISC), 1:2, :] = -1.0
+    # slice 1: 8 pixels of pure body, 8 of pure disc -> share 0.5; no body at all would be 0
+    logits[1, int(Label.VERTEBRAL_BODY), :2, :] = 20.0
+    logits[1, int(Label.DISC), 2:, :] = 20.0
+    ev = disc_evidence(logits)
+    assert ev == pytest.approx([0.5, 0.5], abs=1e-3)
+    logits[1, int(Label.DISC), 2:, :] = -20.0
+    assert disc_evidence(logits)[1] == pytest.approx(0.0, abs=1e-3)
+    empty = torch.zeros((1, len(Label), 4, 4))
+    assert disc_evidence(empty)[0] == 0.0
