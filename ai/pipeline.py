@@ -18,7 +18,7 @@ import torch
 from ai.card import ModelCard, load_model
 from ai.disc_assignment import assign_block_discs
 from ai.inference import autocast_dtype, pre_process, predict_native
-from ai.labels import Label
+from ai.levels import LevelAssignment, find_levels
 from ai.measure import measure_level, plausibility_flags
 from ai.model import fold_batchnorm
 from ai.postprocess import post_process
@@ -26,9 +26,6 @@ from ai.results import LevelResult, SeriesResult, Stenosis
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
-
-#: Disc area (mm2) above which a slice counts as a disc slice in the fallback grouping.
-FALLBACK_DISC_MIN_MM2 = 200.0
 
 
 def choose_device(name: str) -> torch.device:
@@ -142,7 +139,7 @@ class Analyzer:
         labels, flags, timings = self.segment(volume)
         flags = list(self._setup_flags) + flags
         t0 = time.perf_counter()
-        assignments = self._levels(labels, volume, flags)
+        assignments = find_levels(labels, volume)
         t1 = time.perf_counter()
         levels: list[LevelResult] = []
         t_grade = 0.0
@@ -193,16 +190,8 @@ class Analyzer:
             out.append({"role": "stenosis grading", "name": self.grader.name, "version": self.grader.version})
         return out
 
-    def _levels(self, labels: np.ndarray, volume: Volume, flags: list[str]) -> list[Any]:
-        try:
-            from ai.levels import find_levels
-        except ImportError:
-            flags.append("level detection module unavailable: levels grouped by disc only, unnamed")
-            return fallback_levels(labels, volume)
-        return list(find_levels(labels, volume))
-
     def _grade(
-        self, volume: Volume, labels: np.ndarray, assignment: Any, flags: list[str], name: str
+        self, volume: Volume, labels: np.ndarray, assignment: LevelAssignment, flags: list[str], name: str
     ) -> Stenosis | None:
         if self.grader is None:
             return None
@@ -213,31 +202,3 @@ class Analyzer:
             return None
         return result
 
-
-class _Group:
-    """Minimal level assignment of :func:`fallback_levels` (same fields as ai.levels')."""
-
-    def __init__(self, position: int, slice_indices: list[int], mid_slice: int) -> None:
-        self.level: str | None = None
-        self.position = position
-        self.slice_indices = slice_indices
-        self.mid_slice = mid_slice
-        self.confidence = 0.0
-
-
-def fallback_levels(labels: np.ndarray, volume: Volume) -> list[Any]:
-    """Consecutive runs of disc slices, caudal first, unnamed (used without ai.levels)."""
-    areas = (labels == Label.DISC).sum(axis=(1, 2)) * volume.pixel_area_mm2
-    groups: list[list[int]] = []
-    for k, area in enumerate(areas):
-        if area < FALLBACK_DISC_MIN_MM2:
-            continue
-        if groups and groups[-1][-1] == k - 1:
-            groups[-1].append(k)
-        else:
-            groups.append([k])
-    out: list[Any] = []
-    for pos, g in enumerate(groups, start=1):
-        mid = int(g[int(np.argmax(areas[g]))])
-        out.append(_Group(pos, g, mid))
-    return out
