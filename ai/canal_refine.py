@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from ai.canal_patch import canal_centre, normalise_patch_image
 from ai.card import sha256_file
 from ai.inference import canonical_axes
-from ai.labels import Label
+from ai.labels import STRUCTURES, Label
 from ai.model import UNet, UNetConfig, fold_batchnorm
 from ai.volume import Volume
 
@@ -78,7 +78,7 @@ ADDABLE_LABELS: tuple[int, ...] = (
 MAX_WEIGHTS_BYTES = 5 * 1024 * 1024
 #: Slices per forward pass.
 BATCH = 16
-CANAL_LABELS = (int(Label.DURAL_SAC), int(Label.EPIDURAL_SPACE))
+CANAL_LABELS = tuple(int(label) for label in STRUCTURES["spinal_canal"])
 
 
 class RefinerError(ValueError):

@@ -373,9 +373,10 @@ def disc_evidence(logits: torch.Tensor) -> np.ndarray:
     prob = torch.softmax(logits[:, :, ::EVIDENCE_STRIDE, ::EVIDENCE_STRIDE].float(), dim=1)
     disc = prob[:, int(Label.DISC)]
     body = prob[:, int(Label.VERTEBRAL_BODY)]
-    region = (disc + body) > BODY_PROBABILITY
+    total = disc + body
+    region = total > BODY_PROBABILITY
     num = (disc * region).sum(dim=(1, 2))
-    den = ((disc + body) * region).sum(dim=(1, 2)).clamp_min(1e-6)
+    den = (total * region).sum(dim=(1, 2)).clamp_min(1e-6)
     return (num / den).numpy().astype(np.float64)
 
 

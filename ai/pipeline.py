@@ -22,7 +22,14 @@ from ai.levels import LevelAssignment, find_levels
 from ai.measure import measure_level, plausibility_flags
 from ai.model import fold_batchnorm
 from ai.postprocess import post_process
-from ai.results import LevelResult, SeriesResult, Stenosis
+from ai.results import (
+    ROLE_CANAL_REFINEMENT,
+    ROLE_SEGMENTATION,
+    ROLE_STENOSIS_GRADING,
+    LevelResult,
+    SeriesResult,
+    Stenosis,
+)
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -183,11 +190,11 @@ class Analyzer:
 
     def models(self) -> list[dict[str, str]]:
         """Every model this analyzer runs, in pipeline order (provenance of each result)."""
-        out = [{"role": "segmentation", "name": self.card.name, "version": self.card.version}]
+        out = [{"role": ROLE_SEGMENTATION, "name": self.card.name, "version": self.card.version}]
         if self.refiner is not None:
-            out.append({"role": "canal refinement", "name": self.refiner.name, "version": self.refiner.version})
+            out.append({"role": ROLE_CANAL_REFINEMENT, "name": self.refiner.name, "version": self.refiner.version})
         if self.grader is not None:
-            out.append({"role": "stenosis grading", "name": self.grader.name, "version": self.grader.version})
+            out.append({"role": ROLE_STENOSIS_GRADING, "name": self.grader.name, "version": self.grader.version})
         return out
 
     def _grade(
@@ -201,4 +208,3 @@ class Analyzer:
             flags.append(f"{name}: stenosis not graded ({exc})")
             return None
         return result
-

@@ -103,6 +103,12 @@ class LevelResult:
         }
 
 
+#: Roles of the entries of :attr:`SeriesResult.models` (``ai.pipeline.Analyzer.models``).
+ROLE_SEGMENTATION = "segmentation"
+ROLE_CANAL_REFINEMENT = "canal refinement"
+ROLE_STENOSIS_GRADING = "stenosis grading"
+
+
 @dataclass
 class SeriesResult:
     """Everything the analysis says about one series.
@@ -128,6 +134,19 @@ class SeriesResult:
         """``name version`` of every contributing model, joined for captions."""
         models = self.models or [{"name": self.model_name, "version": self.model_version}]
         return " + ".join(f"{m['name']} {m['version']}" for m in models)
+
+    def model_for(self, role: str) -> tuple[str, str]:
+        """``(name, version)`` of the model that had ``role`` in this analysis.
+
+        Falls back to the segmentation model (:attr:`model_name` / :attr:`model_version`)
+        when :attr:`models` lists no model with that role (refiner or grader not loaded, a
+        result from before the models were recorded), so such outputs stay what they were.
+        """
+        if role != ROLE_SEGMENTATION:
+            for model in self.models:
+                if model.get("role") == role:
+                    return str(model["name"]), str(model["version"])
+        return self.model_name, self.model_version
 
     def to_dict(self) -> dict[str, Any]:
         return {

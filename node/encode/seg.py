@@ -28,8 +28,8 @@ from pydicom.sr.coding import Code
 from pydicom.uid import SegmentationStorage
 from pydicom.valuerep import format_number_as_ds
 
-from ai.labels import COLORS, DISPLAY_NAMES, Label
-from ai.results import SeriesResult
+from ai.labels import COLORS, DISPLAY_NAMES, STRUCTURES, Label
+from ai.results import ROLE_CANAL_REFINEMENT, ROLE_SEGMENTATION, SeriesResult
 from ai.volume import Volume
 from node.encode import codes
 from node.encode.common import (
@@ -223,38 +223,16 @@ def _code_item(code: Code) -> Dataset:
     return item
 
 
-#: Roles of the entries of ``SeriesResult.models`` (``ai.pipeline.Analyzer.models``).
-ROLE_SEGMENTATION = "segmentation"
-ROLE_CANAL_REFINEMENT = "canal refinement"
-ROLE_STENOSIS_GRADING = "stenosis grading"
-#: Labels the canal refiner rewrites (:mod:`ai.canal_refine`): their segments and areas are
-#: the refiner's output when it ran; every other label is the segmentation model's.
-CANAL_REFINER_LABELS: frozenset[Label] = frozenset({Label.DURAL_SAC, Label.EPIDURAL_SPACE})
-
-
-def model_for_role(result: SeriesResult, role: str) -> tuple[str, str]:
-    """``(name, version)`` of the model that had ``role`` in the analysis of ``result``.
-
-    Falls back to the segmentation model (``result.model_name`` / ``model_version``) when
-    ``result.models`` lists no model with that role (refiner or grader not loaded, a result
-    from before the models were recorded), so such outputs stay what they were.
-    """
-    if role != ROLE_SEGMENTATION:
-        for model in result.models:
-            if model.get("role") == role:
-                return str(model["name"]), str(model["version"])
-    return result.model_name, result.model_version
-
-
 def label_role(label: Label) -> str:
-    """The role of the model whose output ``label`` is (canal refinement or segmentation)."""
-    return ROLE_CANAL_REFINEMENT if label in CANAL_REFINER_LABELS else ROLE_SEGMENTATION
+    """The role of the model whose output ``label`` is: the canal refiner rewrites the spinal
+    canal's labels (dural sac, epidural space) when it ran, the segmentation model the rest."""
+    return ROLE_CANAL_REFINEMENT if label in STRUCTURES["spinal_canal"] else ROLE_SEGMENTATION
 
 
 def algorithm_identification(result: SeriesResult, role: str = ROLE_SEGMENTATION) -> Dataset:
     """Segmentation Algorithm Identification item (family DCM 123110 AI, name, version) of
     the model with ``role`` (the segmentation model when there is none)."""
-    name, version = model_for_role(result, role)
+    name, version = result.model_for(role)
     item = Dataset()
     item.AlgorithmFamilyCodeSequence = DicomSequence([_code_item(codes.ALGORITHM_FAMILY)])
     item.AlgorithmName = name
@@ -271,7 +249,7 @@ def _segment_item(spec: SegmentSpec, result: SeriesResult) -> Dataset:
     # the model that produced the segment: the canal refiner for the dural sac and the
     # epidural space when it ran, the segmentation model otherwise
     role = label_role(spec.label)
-    item.SegmentAlgorithmName = model_for_role(result, role)[0]
+    item.SegmentAlgorithmName = result.model_for(role)[0]
     item.SegmentationAlgorithmIdentificationSequence = DicomSequence(
         [algorithm_identification(result, role)]
     )

@@ -38,7 +38,14 @@ from pydicom.sr.coding import Code
 from pydicom.uid import SegmentationStorage
 
 from ai.labels import Label
-from ai.results import LevelResult, SeriesResult, StructureMeasurement
+from ai.results import (
+    ROLE_CANAL_REFINEMENT,
+    ROLE_SEGMENTATION,
+    ROLE_STENOSIS_GRADING,
+    LevelResult,
+    SeriesResult,
+    StructureMeasurement,
+)
 from ai.volume import Volume
 from node.encode import codes
 from node.encode.common import (
@@ -47,14 +54,7 @@ from node.encode.common import (
     MODEL_NAME,
     private_scheme_identification,
 )
-from node.encode.seg import (
-    ROLE_CANAL_REFINEMENT,
-    ROLE_SEGMENTATION,
-    ROLE_STENOSIS_GRADING,
-    SegmentSpec,
-    label_role,
-    model_for_role,
-)
+from node.encode.seg import SegmentSpec, label_role
 from node.encode.sr_dataset import SRDocument, build_sr_dataset
 from node.encode.uids import SERIES_DESCRIPTION, OutputIdentity, series_number
 
@@ -131,7 +131,7 @@ class _Context:
         """TID 4019 of the model with ``role`` (the segmentation model when there is none),
         built once per model: a missing model gives the very object of the segmentation
         model, so ``is`` tells whether an item needs its own identification."""
-        key = model_for_role(self.result, role)
+        key = self.result.model_for(role)
         algorithm = self._algorithms.get(key)
         if algorithm is None:
             algorithm = self._algorithms[key] = hd.sr.AlgorithmIdentification(
