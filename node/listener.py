@@ -79,6 +79,7 @@ class NodeAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._starting = 0  # accepted, association thread not yet running (TLS handshake...)
+        #: guards ``_starting`` and the hand-over of a connection from it to its association
         self._starting_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
@@ -112,12 +113,23 @@ class NodeAssociationServer(ThreadedAssociationServer):
         see while it reads a PDU), so a deadline timer shuts such a connection down.
         """
         try:
-            self._run_connection(request, client_address)
-        finally:
+            sock = self._prepare_connection(request, client_address)
+        except BaseException:
             with self._starting_lock:
                 self._starting -= 1
+            raise
+        # One step under the lock: the association thread starts (and counts as waiting)
+        # and the connection leaves ``_starting``, so :meth:`verify_request` never sees a
+        # connection twice (which refused a legitimate one) or not at all.
+        with self._starting_lock:
+            try:
+                if sock is not None:
+                    super().process_request_thread(sock, client_address)
+            finally:
+                self._starting -= 1
 
-    def _run_connection(self, request: Any, client_address: Any) -> None:
+    def _prepare_connection(self, request: Any, client_address: Any) -> socket.socket | None:
+        """TCP_NODELAY, the deadline timer and the TLS handshake; None if the peer was dropped."""
         sock: socket.socket = request
         current = [sock]
         deadline = threading.Timer(
@@ -139,8 +151,8 @@ class NodeAssociationServer(ThreadedAssociationServer):
             )
             metrics.ASSOCIATIONS.labels(result="handshake_failed").inc()
             self.shutdown_request(request)
-            return
-        super().process_request_thread(sock, client_address)
+            return None
+        return sock
 
     def _drop_if_not_requested(self, current: list[socket.socket], client_address: Any) -> None:
         """Deadline: shut the connection down unless its association was requested."""

@@ -49,7 +49,9 @@ def store(assoc: Association, ds: Dataset) -> int | None:
     return int(rsp.Status) if rsp is not None and "Status" in rsp else None
 
 
-def test_association_limit_rejects_with_reason_and_recovers(node_factory: Callable[..., NodeProcess]) -> None:
+def test_association_limit_rejects_with_reason_and_recovers(
+    node_factory: Callable[..., NodeProcess],
+) -> None:
     node = node_factory(node={"max_associations": 2}, series=INGEST_ONLY)
     held = [associate(node) for _ in range(2)]
     assert all(a.is_established for a in held)
@@ -98,7 +100,9 @@ def test_pixel_matrix_limit(node_factory: Callable[..., NodeProcess]) -> None:
     assert c_echo(node.port) == 0
 
 
-def test_max_pdu_is_advertised_and_honoured_by_storescu(node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
+def test_max_pdu_is_advertised_and_honoured_by_storescu(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
     node = node_factory(node={"max_pdu": 16384}, series=INGEST_ONLY)
     assoc = associate(node)
     assert assoc.acceptor.maximum_length == 16384
@@ -116,7 +120,9 @@ def test_message_larger_than_max_instance_mb_aborts_and_the_node_goes_on(
 ) -> None:
     node = node_factory(node={"max_instance_mb": 1}, series=INGEST_ONLY)
     study = generate_uid()
-    big = make_mr_dataset(study_uid=study, series_uid=generate_uid(), rows=1024, columns=1024)  # 2 MiB
+    big = make_mr_dataset(
+        study_uid=study, series_uid=generate_uid(), rows=1024, columns=1024
+    )  # 2 MiB
     assoc = associate(node)
     assert store(assoc, big) is None, "a 2 MiB data set must not be acknowledged"
     deadline = time.monotonic() + 20.0
@@ -147,12 +153,18 @@ def test_pdu_longer_than_the_bound_is_not_read(node_factory: Callable[..., NodeP
 def test_connections_past_max_pending_are_closed_and_slots_come_back(
     node_factory: Callable[..., NodeProcess],
 ) -> None:
-    node = node_factory(node={"max_pending_connections": 3, "acse_timeout_s": 60.0}, series=INGEST_ONLY)
+    node = node_factory(
+        node={"max_pending_connections": 3, "acse_timeout_s": 60.0}, series=INGEST_ONLY
+    )
     idle = [socket.create_connection(("127.0.0.1", node.port), timeout=10.0) for _ in range(3)]
     try:
         time.sleep(0.5)  # let the node accept them
         with socket.create_connection(("127.0.0.1", node.port), timeout=10.0) as extra:
-            assert extra.recv(1) == b"", "a 4th waiting connection must be closed at once"
+            try:
+                closed = extra.recv(1) == b""
+            except TimeoutError:
+                closed = False
+            assert closed, f"a 4th waiting connection must be closed at once:\n{node.log_tail()}"
         assert "3 connections are waiting to associate" in node.log_text()
         idle.pop().close()
         deadline = time.monotonic() + 15.0
