@@ -376,15 +376,3 @@ def job_counts(db: Database) -> dict[str, int]:
     for row in db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall():
         counts[row[0]] = int(row[1])
     return counts
-
-
-def stage_durations(db: Database, limit: int = 100) -> dict[str, list[float]]:
-    """Durations (s) of the last ``limit`` finished jobs per stage (for ``/metrics``)."""
-    out: dict[str, list[float]] = {}
-    for column in ("analyse_s", "encode_s", "export_s"):
-        rows = db.execute(
-            f"SELECT {column} FROM jobs WHERE {column} IS NOT NULL ORDER BY updated_at DESC LIMIT ?",
-            (limit,),
-        ).fetchall()
-        out[column.removesuffix("_s")] = [float(r[0]) for r in rows]
-    return out
