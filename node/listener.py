@@ -112,21 +112,19 @@ class NodeAssociationServer(ThreadedAssociationServer):
         not a peer that trickles one byte at a time (which pynetdicom's ARTIM timer does not
         see while it reads a PDU), so a deadline timer shuts such a connection down.
         """
+        sock = None
         try:
             sock = self._prepare_connection(request, client_address)
-        except BaseException:
+        finally:
+            # One step under the lock: the association thread starts (and counts as
+            # waiting) and the connection leaves ``_starting``, so :meth:`verify_request`
+            # never sees a connection twice (which refused a legitimate one) or not at all.
             with self._starting_lock:
-                self._starting -= 1
-            raise
-        # One step under the lock: the association thread starts (and counts as waiting)
-        # and the connection leaves ``_starting``, so :meth:`verify_request` never sees a
-        # connection twice (which refused a legitimate one) or not at all.
-        with self._starting_lock:
-            try:
-                if sock is not None:
-                    super().process_request_thread(sock, client_address)
-            finally:
-                self._starting -= 1
+                try:
+                    if sock is not None:
+                        super().process_request_thread(sock, client_address)
+                finally:
+                    self._starting -= 1
 
     def _prepare_connection(self, request: Any, client_address: Any) -> socket.socket | None:
         """TCP_NODELAY, the deadline timer and the TLS handshake; None if the peer was dropped."""

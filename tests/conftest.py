@@ -82,6 +82,17 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
         time.sleep(POLL_S)
 
 
+def closed_by_peer(sock: socket.socket, within_s: float) -> bool:
+    """True when the peer closes (or resets) ``sock`` within ``within_s``; False if it stays open."""
+    sock.settimeout(within_s)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
 def listener_answers(port: int, called_ae: str = "LUMBARNODE", host: str = "127.0.0.1", timeout_s: float = 2.0) -> bool:
     """True when a DICOM listener answers an association request (accepted or rejected)."""
     from pynetdicom import AE

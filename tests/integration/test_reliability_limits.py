@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import NodeProcess, c_echo, make_mr_dataset, write_mr_series
+from conftest import NodeProcess, c_echo, closed_by_peer, make_mr_dataset, write_mr_series
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE
@@ -160,11 +160,9 @@ def test_connections_past_max_pending_are_closed_and_slots_come_back(
     try:
         time.sleep(0.5)  # let the node accept them
         with socket.create_connection(("127.0.0.1", node.port), timeout=10.0) as extra:
-            try:
-                closed = extra.recv(1) == b""
-            except TimeoutError:
-                closed = False
-            assert closed, f"a 4th waiting connection must be closed at once:\n{node.log_tail()}"
+            assert closed_by_peer(extra, 10.0), (
+                f"a 4th waiting connection must be closed at once:\n{node.log_tail()}"
+            )
         assert "3 connections are waiting to associate" in node.log_text()
         idle.pop().close()
         deadline = time.monotonic() + 15.0

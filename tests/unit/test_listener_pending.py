@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from conftest import closed_by_peer
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
@@ -52,16 +53,6 @@ def server(slow_handover: None) -> Iterator[NodeAssociationServer]:
         thread.join(timeout=10)
 
 
-def _is_closed_by_peer(sock: socket.socket, within_s: float) -> bool:
-    sock.settimeout(within_s)
-    try:
-        return sock.recv(1) == b""
-    except TimeoutError:
-        return False
-    except ConnectionResetError:
-        return True
-
-
 def test_waiting_connections_up_to_the_bound_are_kept(server: NodeAssociationServer) -> None:
     port = server.server_address[1]
     first = socket.create_connection(("127.0.0.1", port), timeout=5.0)
@@ -70,9 +61,9 @@ def test_waiting_connections_up_to_the_bound_are_kept(server: NodeAssociationSer
     time.sleep(0.6)
     third = socket.create_connection(("127.0.0.1", port), timeout=5.0)
     try:
-        assert not _is_closed_by_peer(first, 0.5), "the first waiting connection was dropped"
-        assert not _is_closed_by_peer(second, 0.5), "a connection within the bound was refused"
-        assert _is_closed_by_peer(third, 5.0), "a connection past the bound must be closed"
+        assert not closed_by_peer(first, 0.5), "the first waiting connection was dropped"
+        assert not closed_by_peer(second, 0.5), "a connection within the bound was refused"
+        assert closed_by_peer(third, 5.0), "a connection past the bound must be closed"
     finally:
         for sock in (first, second, third):
             sock.close()
@@ -89,6 +80,6 @@ def test_an_association_request_frees_its_pending_place(server: NodeAssociationS
             assert assoc.is_established
             assert assoc.send_c_echo().Status == 0
             assoc.release()
-        assert not _is_closed_by_peer(idle, 0.5)
+        assert not closed_by_peer(idle, 0.5)
     finally:
         idle.close()
