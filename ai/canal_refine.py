@@ -25,7 +25,6 @@ Weights and card: ``ai/weights/canal.safetensors`` + ``canal-card.json`` (name
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +36,11 @@ from scipy import ndimage
 from torch.nn import functional as F
 
 from ai.canal_patch import canal_centre, normalise_patch_image
-from ai.card import sha256_file
 from ai.inference import canonical_axes
 from ai.labels import STRUCTURES, Label
 from ai.model import UNet, UNetConfig, fold_batchnorm
 from ai.volume import Volume
+from ai.weights_io import read_checked_weights, write_weights_and_card
 
 logger = logging.getLogger(__name__)
 
@@ -342,20 +341,7 @@ def label_map_of_classes() -> dict[str, str | None]:
 
 def save_refiner(model: UNet, card: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Write ``canal.safetensors`` and ``canal-card.json`` (with the weights' SHA-256)."""
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / WEIGHTS_FILE
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = weights.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"name": str(card["name"]), "version": str(card["version"])})
-    tmp.replace(weights)
-    card = {**card, "weights_sha256": sha256_file(weights)}
-    validate_card(card)
-    tmp_card = out_dir / (CARD_FILE + ".tmp")
-    tmp_card.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    tmp_card.replace(out_dir / CARD_FILE)
-    return card
+    return write_weights_and_card(model, card, out_dir, WEIGHTS_FILE, CARD_FILE, validate_card)
 
 
 class CanalRefiner:
@@ -396,29 +382,12 @@ class CanalRefiner:
             Invalid card, checksum mismatch, oversized weights or tensors that do not
             fit the card's architecture.
         """
-        from safetensors.torch import load_file
-
         folder = Path(weights_dir) if weights_dir is not None else SHIPPED_WEIGHTS_DIR
-        card_path = folder / CARD_FILE
-        weights = folder / WEIGHTS_FILE
-        if not card_path.is_file() or not weights.is_file():
-            raise FileNotFoundError(f"canal refiner weights or card missing in {folder}")
-        try:
-            card = json.loads(card_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise RefinerError(f"cannot read refiner card {card_path}: {exc}") from exc
+        state, card = read_checked_weights(
+            folder, WEIGHTS_FILE, CARD_FILE, MAX_WEIGHTS_BYTES, RefinerError, "refiner"
+        )
         config = validate_card(card)
-        size = weights.stat().st_size
-        if size > MAX_WEIGHTS_BYTES:
-            raise RefinerError(f"refiner weights are {size} bytes, above {MAX_WEIGHTS_BYTES}")
-        digest = sha256_file(weights)
-        if digest != card["weights_sha256"]:
-            raise RefinerError(
-                f"refiner weights checksum {digest[:12]} differs from the card's "
-                f"{str(card['weights_sha256'])[:12]}"
-            )
         model = UNet(config.unet_config)
-        state = load_file(str(weights))
         expected = model.state_dict()
         if set(state) != set(expected) or any(
             tuple(state[k].shape) != tuple(v.shape) for k, v in expected.items()

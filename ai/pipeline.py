@@ -24,6 +24,7 @@ from ai.model import fold_batchnorm
 from ai.postprocess import post_process
 from ai.results import (
     ROLE_CANAL_REFINEMENT,
+    ROLE_COLUMN_REFINEMENT,
     ROLE_SEGMENTATION,
     ROLE_STENOSIS_GRADING,
     LevelResult,
@@ -102,8 +103,10 @@ class Analyzer:
             logger.warning("stenosis grader not loaded: %s", exc)
             self._setup_flags.append(f"stenosis grader not loaded: {exc}")
         self.refiner: Any = None
+        self.column_refiner: Any = None
         if refine:
             self._load_refiner(refiner_dir)
+            self._load_column_refiner()
         logger.info(
             "analyzer ready: model %s %s on %s (batch %d, %s)",
             card.name, card.version, self.device, batch_size, self.autocast or torch.float32,
@@ -122,6 +125,16 @@ class Analyzer:
             logger.warning("canal refiner not loaded: %s", exc)
             self._setup_flags.append(f"canal refiner not loaded ({exc}): coarse canal masks")
 
+    def _load_column_refiner(self) -> None:
+        from ai.column_refine import ColumnRefiner, ColumnRefinerError
+
+        try:
+            self.column_refiner = ColumnRefiner.load(None, self.device)
+            self.column_refiner.autocast = self.autocast
+        except (FileNotFoundError, ColumnRefinerError, OSError) as exc:
+            logger.warning("column refiner not loaded: %s", exc)
+            self._setup_flags.append(f"column refiner not loaded ({exc}): coarse disc / vertebral body")
+
     def segment(self, volume: Volume) -> tuple[np.ndarray, list[str], dict[str, float]]:
         """Native-grid label volume, post-processing flags and timings (s)."""
         t0 = time.perf_counter()
@@ -130,6 +143,9 @@ class Analyzer:
         raw = predict_native(self.model, pre, self.device, self.batch_size, self.autocast)
         t2 = time.perf_counter()
         labels, flags = post_process(raw.labels, volume)
+        if self.column_refiner is not None:
+            labels, changed = self.column_refiner.refine(labels, volume)
+            flags.extend(changed)
         labels, assigned = assign_block_discs(labels, volume, raw.disc_evidence)
         flags.extend(assigned)
         t3 = time.perf_counter()
@@ -191,6 +207,9 @@ class Analyzer:
     def models(self) -> list[dict[str, str]]:
         """Every model this analyzer runs, in pipeline order (provenance of each result)."""
         out = [{"role": ROLE_SEGMENTATION, "name": self.card.name, "version": self.card.version}]
+        if self.column_refiner is not None:
+            out.append({"role": ROLE_COLUMN_REFINEMENT, "name": self.column_refiner.name,
+                        "version": self.column_refiner.version})
         if self.refiner is not None:
             out.append({"role": ROLE_CANAL_REFINEMENT, "name": self.refiner.name, "version": self.refiner.version})
         if self.grader is not None:

@@ -106,6 +106,7 @@ class LevelResult:
 #: Roles of the entries of :attr:`SeriesResult.models` (``ai.pipeline.Analyzer.models``).
 ROLE_SEGMENTATION = "segmentation"
 ROLE_CANAL_REFINEMENT = "canal refinement"
+ROLE_COLUMN_REFINEMENT = "column refinement"
 ROLE_STENOSIS_GRADING = "stenosis grading"
 
 

@@ -1,0 +1,290 @@
+"""Anterior-column refinement: disc or vertebral body, decided with the block's neighbouring slices.
+
+Why: on some contrasts the disc and the vertebral body look alike on one axial slice (both an
+oval of similar signal), and the 2D segmentation network then labels a whole disc-centre
+slice vertebral body, or an endplate slice disc. The slices above and below settle it: in a
+block planned through a disc, the disc slices sit between endplates and vertebral bodies whose
+appearance differs from theirs. This stage re-reads, on every slice with a coarse anterior
+column (disc + vertebral body), a column-centred patch of the slice and of its two neighbours
+in the same geometric block (:func:`ai.levels.split_blocks`), with the coarse labels of all
+three, and predicts {other, disc, vertebral body} per pixel.
+
+It only changes *identity*: a pixel the coarse stage called disc or vertebral body becomes
+the other of the two only where the refiner gives that one more than ``min_share`` (0.8) of
+their joint probability, so a hesitant refiner leaves the coarse decision alone; no pixel enters or leaves the column,
+and no other structure is touched. The patch is laid out in the canonical frame of
+:mod:`ai.inference` (rows toward posterior, columns toward the patient's left).
+
+Input channels (:data:`IN_CHANNELS`): the images of slice k-1, k, k+1 (normalised together by
+the 1st-99th percentiles of slice k's patch; a missing neighbour is zeros), their coarse
+column labels as +1 disc / -1 vertebral body / 0 other, and two constant planes saying
+whether the lower and the upper neighbour exist.
+Weights and card: ``ai/weights/column.safetensors`` + ``column-card.json`` (name
+:data:`MODEL_NAME`), checked (schema, geometry, SHA-256) at load.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ai.canal_refine import patch_coords, patch_matrix, probs_to_native
+from ai.labels import Label
+from ai.levels import split_blocks
+from ai.model import UNet, UNetConfig, fold_batchnorm
+from ai.volume import Volume
+from ai.weights_io import read_checked_weights, write_weights_and_card
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "lumbar-column-refiner"
+WEIGHTS_FILE = "column.safetensors"
+CARD_FILE = "column-card.json"
+SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: Refiner classes, in output-channel order.
+CLASSES: tuple[str, ...] = ("other", "disc", "vertebral_body")
+#: images (k-1, k, k+1) + coarse column labels (k-1, k, k+1) + neighbour-present planes
+IN_CHANNELS = 8
+#: Fewer coarse column pixels than this on a slice: no column to refine.
+MIN_COLUMN_PX = 20
+#: Intensity percentiles of slice k's patch mapped to 0 and 1 (all three images).
+NORM_PCT = (1.0, 99.0)
+MAX_WEIGHTS_BYTES = 5 * 1024 * 1024
+#: Patches per forward pass.
+BATCH = 32
+#: A slice whose column changes identity over more than this share gets a flag.
+FLAG_SHARE = 0.5
+DISC = int(Label.DISC)
+BODY = int(Label.VERTEBRAL_BODY)
+
+
+class ColumnRefinerError(ValueError):
+    """The column refiner card is invalid or does not match its weights."""
+
+
+@dataclass(frozen=True)
+class ColumnConfig:
+    """Patch geometry and network (recorded in the card)."""
+
+    patch_mm: float = 76.8
+    patch_px: int = 48
+    channels: tuple[int, ...] = (12, 24, 48, 64)
+    #: a coarse pixel changes identity only where the refiner gives the other of the two
+    #: classes more than this share of P(disc) + P(body) (0.8: chosen on tuning studies)
+    min_share: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not 30.0 <= self.patch_mm <= 160.0:
+            raise ColumnRefinerError(f"patch_mm {self.patch_mm} outside 30-160 mm")
+        if self.patch_px < 16 or self.patch_px % self.unet_config.divisor:
+            raise ColumnRefinerError(
+                f"patch_px must be >= 16 and a multiple of {self.unet_config.divisor}"
+            )
+        if not 0.5 <= self.min_share < 1.0:
+            raise ColumnRefinerError(f"min_share {self.min_share} outside 0.5-1")
+
+    @property
+    def mm_per_px(self) -> float:
+        return self.patch_mm / self.patch_px
+
+    @property
+    def unet_config(self) -> UNetConfig:
+        return UNetConfig(in_channels=IN_CHANNELS, num_classes=len(CLASSES), channels=self.channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"patch_mm": self.patch_mm, "patch_px": self.patch_px,
+                "mm_per_px": round(self.mm_per_px, 5), "channels": list(self.channels),
+                "min_share": self.min_share}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ColumnConfig:
+        try:
+            return cls(patch_mm=float(d["patch_mm"]), patch_px=int(d["patch_px"]),
+                       channels=tuple(int(c) for c in d["channels"]),
+                       min_share=float(d.get("min_share", 0.8)))
+        except (KeyError, TypeError) as exc:
+            raise ColumnRefinerError(f"column refiner config is malformed: {exc}") from exc
+
+
+def validate_card(card: dict[str, Any]) -> ColumnConfig:
+    """Raise :class:`ColumnRefinerError` naming the first missing or malformed card field."""
+    for key in ("name", "version", "config", "classes", "weights_sha256", "training",
+                "evaluation", "intended_use"):
+        if key not in card:
+            raise ColumnRefinerError(f"column refiner card is missing {key!r}")
+    if card["name"] != MODEL_NAME:
+        raise ColumnRefinerError(f"column refiner card name {card['name']!r} != {MODEL_NAME!r}")
+    if tuple(card["classes"]) != CLASSES:
+        raise ColumnRefinerError(f"column refiner card classes {card['classes']} != {list(CLASSES)}")
+    if not isinstance(card["version"], str) or not card["version"]:
+        raise ColumnRefinerError("column refiner card version must be a non-empty string")
+    return ColumnConfig.from_dict(card["config"])
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def column_centre(labels_2d: np.ndarray) -> tuple[float, float] | None:
+    """Centroid ``(row, col)`` of the coarse disc + vertebral body, or None when too small."""
+    rows, cols = np.nonzero((labels_2d == DISC) | (labels_2d == BODY))
+    if rows.size < MIN_COLUMN_PX:
+        return None
+    return float(rows.mean()), float(cols.mean())
+
+
+def sample_planes(planes: np.ndarray, coords: np.ndarray, mode: str = "bilinear") -> np.ndarray:
+    """``(m, h, w)`` native planes sampled at patch ``coords`` ``(2, n, n)`` -> ``(m, n, n)``.
+
+    Bilinear sampling repeats the edge outside the slice; nearest sampling gives 0 there.
+    """
+    h, w = planes.shape[-2:]
+    gx = coords[1] / max(w - 1, 1) * 2.0 - 1.0
+    gy = coords[0] / max(h - 1, 1) * 2.0 - 1.0
+    grid = torch.from_numpy(np.stack([gx, gy], axis=-1).astype(np.float32))[None]
+    t = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[None]
+    padding = "zeros" if mode == "nearest" else "border"
+    return F.grid_sample(t, grid, mode=mode, padding_mode=padding, align_corners=True)[0].numpy()
+
+
+def signed_column(labels_2d: np.ndarray) -> np.ndarray:
+    """+1 on disc, -1 on vertebral body, 0 elsewhere (float32)."""
+    return (labels_2d == DISC).astype(np.float32) - (labels_2d == BODY).astype(np.float32)
+
+
+def block_input(images: np.ndarray, labels: np.ndarray, k: int, coords: np.ndarray) -> np.ndarray:
+    """Network input ``(IN_CHANNELS, n, n)`` for slice ``k`` of one block's ``images`` / ``labels``."""
+    n_slices = len(images)
+    idx = (k - 1, k, k + 1)
+    present = [0 <= i < n_slices for i in idx]
+    img = sample_planes(np.stack([images[i] if p else images[k] for i, p in zip(idx, present, strict=True)]), coords)
+    lo, hi = np.percentile(img[1], NORM_PCT)
+    img = np.clip((img - lo) / max(float(hi - lo), 1e-6), -0.5, 1.5)
+    masks = sample_planes(
+        np.stack([signed_column(labels[i]) if p else np.zeros(labels[k].shape, np.float32)
+                  for i, p in zip(idx, present, strict=True)]),
+        coords,
+    )
+    n = coords.shape[-1]
+    for j, p in enumerate(present):
+        if not p:
+            img[j] = 0.0
+    flags = np.stack([np.full((n, n), float(present[0]), np.float32),
+                      np.full((n, n), float(present[2]), np.float32)])
+    return np.concatenate([img, masks, flags]).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- the refiner
+
+
+def save_column_refiner(model: UNet, card: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Write ``column.safetensors`` and ``column-card.json`` (with the weights' SHA-256)."""
+    return write_weights_and_card(model, card, out_dir, WEIGHTS_FILE, CARD_FILE, validate_card)
+
+
+class ColumnRefiner:
+    """The loaded network; :meth:`refine` applies it to a label volume."""
+
+    def __init__(self, model: UNet, card: dict[str, Any], device: torch.device | None = None) -> None:
+        self.config = validate_card(card)
+        if model.config != self.config.unet_config:
+            raise ColumnRefinerError("column refiner model does not match its card's architecture")
+        self.card = card
+        self.device = device or torch.device("cpu")
+        #: the network as trained (state dict = the weights file), e.g. to fine-tune from
+        self.net = model
+        self.model = fold_batchnorm(model).to(self.device)
+        #: autocast dtype of the forward pass (None: float32); the Analyzer sets its own
+        self.autocast: torch.dtype | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.card["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.card["version"])
+
+    @classmethod
+    def load(cls, weights_dir: Path | str | None = None, device: str | torch.device = "cpu") -> ColumnRefiner:
+        """Load and verify ``column.safetensors`` + ``column-card.json`` (default: shipped).
+
+        Raises ``FileNotFoundError`` (missing files) or :class:`ColumnRefinerError` (invalid
+        card, checksum mismatch, oversized weights, tensors that do not fit the card).
+        """
+        folder = Path(weights_dir) if weights_dir is not None else SHIPPED_WEIGHTS_DIR
+        state, card = read_checked_weights(
+            folder, WEIGHTS_FILE, CARD_FILE, MAX_WEIGHTS_BYTES, ColumnRefinerError, "column refiner"
+        )
+        model = UNet(validate_card(card).unet_config)
+        expected = model.state_dict()
+        if set(state) != set(expected) or any(
+            tuple(state[k].shape) != tuple(v.shape) for k, v in expected.items()
+        ):
+            raise ColumnRefinerError("column refiner weights do not fit the card's architecture")
+        model.load_state_dict(state)
+        logger.info("loaded column refiner %s %s from %s", card["name"], card["version"], folder)
+        return cls(model, card, torch.device(device))
+
+    def predict_patches(self, patches: np.ndarray) -> torch.Tensor:
+        """Softmax probabilities ``(n, 3, px, px)`` (CPU float32) of input patches."""
+        outs: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for s in range(0, len(patches), BATCH):
+                x = torch.from_numpy(patches[s : s + BATCH]).to(self.device)
+                with torch.autocast(device_type=self.device.type, dtype=self.autocast or torch.float32,
+                                    enabled=self.autocast is not None):
+                    logits = self.model(x)
+                outs.append(torch.softmax(logits.float(), dim=1).cpu())
+        return torch.cat(outs)
+
+    def refine(self, labels: np.ndarray, volume: Volume) -> tuple[np.ndarray, list[str]]:
+        """Labels ``(n, rows, cols)`` with the column's identity re-decided, and flags.
+
+        A flag names each slice where more than :data:`FLAG_SHARE` of the column changed
+        between disc and vertebral body, so a reader sees that the two stages disagreed.
+        """
+        if labels.shape != volume.pixels.shape:
+            raise ValueError(f"labels {labels.shape} and volume {volume.pixels.shape} differ")
+        todo: list[tuple[int, tuple[float, float], np.ndarray]] = []
+        inputs: list[np.ndarray] = []
+        for block in split_blocks(volume):
+            images = volume.pixels[block]
+            block_labels = labels[block]
+            for j, k in enumerate(block):
+                centre = column_centre(labels[k])
+                if centre is None:
+                    continue
+                matrix = patch_matrix(volume.pixel_spacing, self.config.mm_per_px, volume.orientations[k])
+                coords = patch_coords(centre, matrix, self.config.patch_px)
+                inputs.append(block_input(images, block_labels, j, coords))
+                todo.append((k, centre, matrix))
+        out = labels.copy()
+        flags: list[str] = []
+        if not todo:
+            return out, flags
+        probs = self.predict_patches(np.stack(inputs))
+        for (k, centre, matrix), p in zip(todo, probs, strict=True):
+            box, sampled, inside = probs_to_native(p, labels[k].shape, centre, matrix)
+            if sampled.size == 0:
+                continue
+            sub = out[k][box]
+            column = inside & ((sub == DISC) | (sub == BODY))
+            share = sampled[1] / np.maximum(sampled[1] + sampled[2], 1e-6)
+            to_disc = column & (sub == BODY) & (share > self.config.min_share)
+            to_body = column & (sub == DISC) & (share < 1.0 - self.config.min_share)
+            changed = to_disc | to_body
+            sub[to_disc] = DISC
+            sub[to_body] = BODY
+            n_column = int(((labels[k] == DISC) | (labels[k] == BODY)).sum())
+            if changed.sum() > FLAG_SHARE * n_column:
+                flags.append(
+                    f"slice {k}: the column refiner changed {int(changed.sum())} of {n_column} "
+                    "disc / vertebral body pixels (the 2D model and its neighbours disagreed)"
+                )
+        return out, flags

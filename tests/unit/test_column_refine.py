@@ -1,0 +1,109 @@
+"""Column refiner (ai.column_refine): block input, identity-only changes, card, shipped model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ai.canal_refine import patch_coords, patch_matrix
+from ai.column_refine import (
+    CARD_FILE,
+    IN_CHANNELS,
+    SHIPPED_WEIGHTS_DIR,
+    WEIGHTS_FILE,
+    ColumnRefiner,
+    ColumnRefinerError,
+    block_input,
+    column_centre,
+)
+from ai.labels import Label
+
+DISC = int(Label.DISC)
+BODY = int(Label.VERTEBRAL_BODY)
+
+
+def _block(n: int = 3, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    images = np.stack([np.full((size, size), 100.0 * (k + 1), np.float32) for k in range(n)])
+    labels = np.zeros((n, size, size), np.uint8)
+    labels[:, 30:60, 30:70] = BODY
+    labels[n // 2, 30:60, 30:70] = DISC
+    return images, labels
+
+
+def test_block_input_marks_missing_neighbours_and_signs_the_column() -> None:
+    images, labels = _block()
+    centre = column_centre(labels[0])
+    assert centre is not None and centre == pytest.approx((44.5, 49.5))
+    coords = patch_coords(centre, patch_matrix((1.0, 1.0), 1.6), 48)
+    first = block_input(images, labels, 0, coords)
+    middle = block_input(images, labels, 1, coords)
+    assert first.shape == middle.shape == (IN_CHANNELS, 48, 48)
+    # slice 0 has no lower neighbour: zero image, zero column, presence plane 0
+    assert not first[0].any() and not first[3].any()
+    assert first[6].max() == 0.0 and first[7].min() == 1.0
+    assert middle[6].min() == 1.0 and middle[7].min() == 1.0
+    # coarse column: +1 disc on the middle slice, -1 body on its neighbours
+    assert middle[4].max() == pytest.approx(1.0) and middle[3].min() == pytest.approx(-1.0)
+    assert column_centre(np.zeros((10, 10), np.uint8)) is None
+
+
+def test_card_checksum_and_fields_checked(tmp_path: Path) -> None:
+    shutil.copy(SHIPPED_WEIGHTS_DIR / WEIGHTS_FILE, tmp_path / WEIGHTS_FILE)
+    card = json.loads((SHIPPED_WEIGHTS_DIR / CARD_FILE).read_text())
+    (tmp_path / CARD_FILE).write_text(json.dumps(card))
+    assert ColumnRefiner.load(tmp_path).version == card["version"]
+    (tmp_path / CARD_FILE).write_text(json.dumps({**card, "weights_sha256": "0" * 64}))
+    with pytest.raises(ColumnRefinerError, match="checksum"):
+        ColumnRefiner.load(tmp_path)
+    (tmp_path / CARD_FILE).write_text(json.dumps({**card, "classes": ["other", "disc"]}))
+    with pytest.raises(ColumnRefinerError, match="classes"):
+        ColumnRefiner.load(tmp_path)
+    (tmp_path / CARD_FILE).write_text(json.dumps({**card, "config": {**card["config"], "min_share": 0.2}}))
+    with pytest.raises(ColumnRefinerError, match="min_share"):
+        ColumnRefiner.load(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        ColumnRefiner.load(tmp_path / "nowhere")
+
+
+@pytest.fixture(scope="module")
+def randomised_study(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Tuning study PHANTOM_7703_006 (randomised contrast): the 2D model calls its slice-7
+    disc vertebral body; the slice's neighbours in the block show it is disc."""
+    from node.commands.evaluate import phantom_cases
+    from node.phantom_dicom import PhantomOptions, write_phantom_studies
+
+    out = tmp_path_factory.mktemp("col")
+    opts = PhantomOptions(seed=7703, subjects=6, mode="randomised", matrix=448, spacing=0.55,
+                          sagittal=False, distractor=False)
+    write_phantom_studies(out, opts)
+    return next(c for c in phantom_cases(out) if c.name == "PHANTOM_7703_006")
+
+
+def test_shipped_refiner_changes_identity_only_and_restores_a_lost_disc(randomised_study) -> None:  # type: ignore[no-untyped-def]
+    from ai.inference import pre_process, predict_native
+    from ai.pipeline import Analyzer
+    from ai.postprocess import post_process
+
+    analyzer = Analyzer(device="cpu", batch_size=4, refine=False)
+    volume, truth = randomised_study.volume, randomised_study.truth_labels
+    raw = predict_native(analyzer.model, pre_process(volume, analyzer.card), analyzer.device, 4, None)
+    coarse, _ = post_process(raw.labels, volume)
+    refined, flags = ColumnRefiner.load().refine(coarse, volume)
+    column = np.isin(coarse, (DISC, BODY))
+    # identity only: the column keeps its pixels, everything else is untouched
+    assert np.array_equal(np.isin(refined, (DISC, BODY)), column)
+    assert np.array_equal(refined[~column], coarse[~column])
+
+    def disc_dice(labels: np.ndarray, k: int) -> float:
+        a, b = labels[k] == DISC, truth[k] == DISC
+        return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+    assert disc_dice(coarse, 7) < 0.1
+    assert disc_dice(refined, 7) > 0.9
+    assert any(f.startswith("slice 7:") for f in flags)
+    discs = [k for k in range(len(truth)) if (truth[k] == DISC).any()]
+    assert np.mean([disc_dice(refined, k) for k in discs]) >= np.mean([disc_dice(coarse, k) for k in discs])
