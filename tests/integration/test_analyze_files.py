@@ -37,7 +37,9 @@ def test_analyze_writes_documented_results(tmp_path: Path) -> None:
     assert result["series_instance_uid"] == axial_uid
     assert result["model"]["name"] and result["model"]["version"]
     # provenance: every model that contributed, the segmentation first
-    assert [m["role"] for m in result["models"]] == ["segmentation", "canal refinement", "stenosis grading"]
+    assert [m["role"] for m in result["models"]] == [
+        "segmentation", "column refinement", "canal refinement", "stenosis grading"
+    ]
     assert result["models"][0] == {"role": "segmentation", **result["model"]}
     assert all(m["name"] and m["version"] for m in result["models"])
     assert isinstance(result["flags"], list)
