@@ -38,17 +38,16 @@ from torch.nn import functional as F
 from ai.canal_patch import canal_centre, normalise_patch_image
 from ai.inference import canonical_axes
 from ai.labels import STRUCTURES, Label
-from ai.model import UNet, UNetConfig, fold_batchnorm
+from ai.model import UNet, UNetConfig
+from ai.refiner import SHIPPED_WEIGHTS_DIR as SHIPPED_WEIGHTS_DIR
+from ai.refiner import PatchRefiner, RefinerCardError, check_card
 from ai.volume import Volume
-from ai.weights_io import read_checked_weights, write_weights_and_card
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "lumbar-canal-refiner"
 WEIGHTS_FILE = "canal.safetensors"
 CARD_FILE = "canal-card.json"
-#: Folder of the shipped weights.
-SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 #: Side of the square patch around the canal centre (mm).
 PATCH_MM = 36.0
 #: Side of the patch (pixels): 0.321 mm per pixel.
@@ -72,15 +71,10 @@ ADDABLE_LABELS: tuple[int, ...] = (
     int(Label.DURAL_SAC),
     int(Label.EPIDURAL_SPACE),
 )
-#: Intensity percentiles mapped to 0 and 1 inside the patch.
-#: Hard ceiling on the refiner weights (bytes).
-MAX_WEIGHTS_BYTES = 5 * 1024 * 1024
-#: Slices per forward pass.
-BATCH = 16
 CANAL_LABELS = tuple(int(label) for label in STRUCTURES["spinal_canal"])
 
 
-class RefinerError(ValueError):
+class RefinerError(RefinerCardError):
     """The refiner card is invalid or does not match its weights."""
 
 
@@ -318,19 +312,12 @@ def merge_refined(
 
 def validate_card(card: dict[str, Any]) -> RefinerConfig:
     """Raise :class:`RefinerError` naming the first missing or malformed card field."""
-    for key in ("name", "version", "config", "classes", "label_map", "weights_sha256",
-                "training", "evaluation", "intended_use"):
-        if key not in card:
-            raise RefinerError(f"refiner card is missing {key!r}")
-    if card["name"] != MODEL_NAME:
-        raise RefinerError(f"refiner card name {card['name']!r} != {MODEL_NAME!r}")
-    if tuple(card["classes"]) != CLASSES:
-        raise RefinerError(f"refiner card classes {card['classes']} != {list(CLASSES)}")
-    expected = {c: (Label(v).name if v is not None else None) for c, v in zip(CLASSES, CLASS_LABELS, strict=True)}
+    check_card(card, ("name", "version", "config", "classes", "label_map", "weights_sha256",
+                      "training", "evaluation", "intended_use"),
+               MODEL_NAME, CLASSES, RefinerError, "refiner")
+    expected = label_map_of_classes()
     if card["label_map"] != expected:
         raise RefinerError(f"refiner card label map {card['label_map']} != {expected}")
-    if not isinstance(card["version"], str) or not card["version"]:
-        raise RefinerError("refiner card version must be a non-empty string")
     return RefinerConfig.from_dict(card["config"])
 
 
@@ -341,79 +328,22 @@ def label_map_of_classes() -> dict[str, str | None]:
 
 def save_refiner(model: UNet, card: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Write ``canal.safetensors`` and ``canal-card.json`` (with the weights' SHA-256)."""
-    return write_weights_and_card(model, card, out_dir, WEIGHTS_FILE, CARD_FILE, validate_card)
+    return CanalRefiner.save(model, card, out_dir)
 
 
-class CanalRefiner:
+class CanalRefiner(PatchRefiner):
     """The loaded refinement network; :meth:`refine` applies it to a label volume."""
 
-    def __init__(self, model: UNet, card: dict[str, Any], device: torch.device | None = None) -> None:
-        self.config = validate_card(card)
-        if model.config != self.config.unet_config:
-            raise RefinerError("refiner model does not match its card's architecture")
-        self.card = card
-        self.device = device or torch.device("cpu")
-        #: the network as trained (state dict = the weights file), e.g. to fine-tune from
-        self.net = model
-        # inference copy: BatchNorm folded into the convolutions, channels-last (CPU speed)
-        self.model = fold_batchnorm(model).to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        #: autocast dtype of the forward pass (None: float32); the Analyzer sets its own
-        self.autocast: torch.dtype | None = None
+    STAGE = "canal refiner"
+    WHAT = "refiner"
+    WEIGHTS_FILE = WEIGHTS_FILE
+    CARD_FILE = CARD_FILE
+    ERROR = RefinerError
+    config: RefinerConfig
 
-    @property
-    def name(self) -> str:
-        return str(self.card["name"])
-
-    @property
-    def version(self) -> str:
-        return str(self.card["version"])
-
-    @classmethod
-    def load(
-        cls, weights_dir: Path | str | None = None, device: str | torch.device = "cpu"
-    ) -> CanalRefiner:
-        """Load and verify ``canal.safetensors`` + ``canal-card.json`` (default: shipped).
-
-        Raises
-        ------
-        FileNotFoundError
-            Weights or card missing.
-        RefinerError
-            Invalid card, checksum mismatch, oversized weights or tensors that do not
-            fit the card's architecture.
-        """
-        folder = Path(weights_dir) if weights_dir is not None else SHIPPED_WEIGHTS_DIR
-        state, card = read_checked_weights(
-            folder, WEIGHTS_FILE, CARD_FILE, MAX_WEIGHTS_BYTES, RefinerError, "refiner"
-        )
-        config = validate_card(card)
-        model = UNet(config.unet_config)
-        expected = model.state_dict()
-        if set(state) != set(expected) or any(
-            tuple(state[k].shape) != tuple(v.shape) for k, v in expected.items()
-        ):
-            raise RefinerError("refiner weights do not fit the card's architecture")
-        model.load_state_dict(state)
-        logger.info("loaded canal refiner %s %s from %s", card["name"], card["version"], folder)
-        return cls(model, card, torch.device(device))
-
-    def predict_patches(self, patches: np.ndarray) -> torch.Tensor:
-        """Softmax probabilities ``(n, 3, px, px)`` (CPU float32) of input patches."""
-        outs: list[torch.Tensor] = []
-        with torch.inference_mode():
-            for s in range(0, len(patches), BATCH):
-                x = torch.from_numpy(patches[s : s + BATCH]).to(self.device)
-                x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(
-                    device_type=self.device.type,
-                    dtype=self.autocast or torch.float32,
-                    enabled=self.autocast is not None,
-                ):
-                    logits = self.model(x)
-                outs.append(torch.softmax(logits.float(), dim=1).cpu())
-        if not outs:
-            return torch.zeros((0, len(CLASSES), self.config.patch_px, self.config.patch_px))
-        return torch.cat(outs)
+    @staticmethod
+    def validate_card(card: dict[str, Any]) -> RefinerConfig:
+        return validate_card(card)
 
     def refine(self, labels: np.ndarray, volume: Volume) -> tuple[np.ndarray, int]:
         """Refined copy of ``labels`` ``(n, rows, cols)`` and the number of slices refined."""

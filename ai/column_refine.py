@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,16 +36,16 @@ from torch.nn import functional as F
 from ai.canal_refine import patch_coords, patch_matrix, probs_to_native
 from ai.labels import Label
 from ai.levels import split_blocks
-from ai.model import UNet, UNetConfig, fold_batchnorm
+from ai.model import UNetConfig
+from ai.refiner import SHIPPED_WEIGHTS_DIR as SHIPPED_WEIGHTS_DIR
+from ai.refiner import PatchRefiner, RefinerCardError, check_card
 from ai.volume import Volume
-from ai.weights_io import read_checked_weights, write_weights_and_card
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "lumbar-column-refiner"
 WEIGHTS_FILE = "column.safetensors"
 CARD_FILE = "column-card.json"
-SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 #: Refiner classes, in output-channel order.
 CLASSES: tuple[str, ...] = ("other", "disc", "vertebral_body")
 #: images (k-1, k, k+1) + coarse column labels (k-1, k, k+1) + neighbour-present planes
@@ -55,16 +54,13 @@ IN_CHANNELS = 8
 MIN_COLUMN_PX = 20
 #: Intensity percentiles of slice k's patch mapped to 0 and 1 (all three images).
 NORM_PCT = (1.0, 99.0)
-MAX_WEIGHTS_BYTES = 5 * 1024 * 1024
-#: Patches per forward pass.
-BATCH = 32
 #: A slice whose column changes identity over more than this share gets a flag.
 FLAG_SHARE = 0.5
 DISC = int(Label.DISC)
 BODY = int(Label.VERTEBRAL_BODY)
 
 
-class ColumnRefinerError(ValueError):
+class ColumnRefinerError(RefinerCardError):
     """The column refiner card is invalid or does not match its weights."""
 
 
@@ -114,16 +110,9 @@ class ColumnConfig:
 
 def validate_card(card: dict[str, Any]) -> ColumnConfig:
     """Raise :class:`ColumnRefinerError` naming the first missing or malformed card field."""
-    for key in ("name", "version", "config", "classes", "weights_sha256", "training",
-                "evaluation", "intended_use"):
-        if key not in card:
-            raise ColumnRefinerError(f"column refiner card is missing {key!r}")
-    if card["name"] != MODEL_NAME:
-        raise ColumnRefinerError(f"column refiner card name {card['name']!r} != {MODEL_NAME!r}")
-    if tuple(card["classes"]) != CLASSES:
-        raise ColumnRefinerError(f"column refiner card classes {card['classes']} != {list(CLASSES)}")
-    if not isinstance(card["version"], str) or not card["version"]:
-        raise ColumnRefinerError("column refiner card version must be a non-empty string")
+    check_card(card, ("name", "version", "config", "classes", "weights_sha256", "training",
+                      "evaluation", "intended_use"),
+               MODEL_NAME, CLASSES, ColumnRefinerError, "column refiner")
     return ColumnConfig.from_dict(card["config"])
 
 
@@ -182,66 +171,20 @@ def block_input(images: np.ndarray, labels: np.ndarray, k: int, coords: np.ndarr
 # --------------------------------------------------------------------------- the refiner
 
 
-def save_column_refiner(model: UNet, card: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Write ``column.safetensors`` and ``column-card.json`` (with the weights' SHA-256)."""
-    return write_weights_and_card(model, card, out_dir, WEIGHTS_FILE, CARD_FILE, validate_card)
-
-
-class ColumnRefiner:
+class ColumnRefiner(PatchRefiner):
     """The loaded network; :meth:`refine` applies it to a label volume."""
 
-    def __init__(self, model: UNet, card: dict[str, Any], device: torch.device | None = None) -> None:
-        self.config = validate_card(card)
-        if model.config != self.config.unet_config:
-            raise ColumnRefinerError("column refiner model does not match its card's architecture")
-        self.card = card
-        self.device = device or torch.device("cpu")
-        #: the network as trained (state dict = the weights file), e.g. to fine-tune from
-        self.net = model
-        self.model = fold_batchnorm(model).to(self.device)
-        #: autocast dtype of the forward pass (None: float32); the Analyzer sets its own
-        self.autocast: torch.dtype | None = None
+    STAGE = "column refiner"
+    WHAT = "column refiner"
+    WEIGHTS_FILE = WEIGHTS_FILE
+    CARD_FILE = CARD_FILE
+    ERROR = ColumnRefinerError
+    BATCH = 32
+    config: ColumnConfig
 
-    @property
-    def name(self) -> str:
-        return str(self.card["name"])
-
-    @property
-    def version(self) -> str:
-        return str(self.card["version"])
-
-    @classmethod
-    def load(cls, weights_dir: Path | str | None = None, device: str | torch.device = "cpu") -> ColumnRefiner:
-        """Load and verify ``column.safetensors`` + ``column-card.json`` (default: shipped).
-
-        Raises ``FileNotFoundError`` (missing files) or :class:`ColumnRefinerError` (invalid
-        card, checksum mismatch, oversized weights, tensors that do not fit the card).
-        """
-        folder = Path(weights_dir) if weights_dir is not None else SHIPPED_WEIGHTS_DIR
-        state, card = read_checked_weights(
-            folder, WEIGHTS_FILE, CARD_FILE, MAX_WEIGHTS_BYTES, ColumnRefinerError, "column refiner"
-        )
-        model = UNet(validate_card(card).unet_config)
-        expected = model.state_dict()
-        if set(state) != set(expected) or any(
-            tuple(state[k].shape) != tuple(v.shape) for k, v in expected.items()
-        ):
-            raise ColumnRefinerError("column refiner weights do not fit the card's architecture")
-        model.load_state_dict(state)
-        logger.info("loaded column refiner %s %s from %s", card["name"], card["version"], folder)
-        return cls(model, card, torch.device(device))
-
-    def predict_patches(self, patches: np.ndarray) -> torch.Tensor:
-        """Softmax probabilities ``(n, 3, px, px)`` (CPU float32) of input patches."""
-        outs: list[torch.Tensor] = []
-        with torch.inference_mode():
-            for s in range(0, len(patches), BATCH):
-                x = torch.from_numpy(patches[s : s + BATCH]).to(self.device)
-                with torch.autocast(device_type=self.device.type, dtype=self.autocast or torch.float32,
-                                    enabled=self.autocast is not None):
-                    logits = self.model(x)
-                outs.append(torch.softmax(logits.float(), dim=1).cpu())
-        return torch.cat(outs)
+    @staticmethod
+    def validate_card(card: dict[str, Any]) -> ColumnConfig:
+        return validate_card(card)
 
     def refine(self, labels: np.ndarray, volume: Volume) -> tuple[np.ndarray, list[str]]:
         """Labels ``(n, rows, cols)`` with the column's identity re-decided, and flags.

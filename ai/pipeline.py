@@ -10,18 +10,21 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from ai.canal_refine import CanalRefiner
 from ai.card import ModelCard, load_model
+from ai.column_refine import ColumnRefiner
 from ai.disc_assignment import assign_block_discs
 from ai.inference import autocast_dtype, pre_process, predict_native
 from ai.levels import LevelAssignment, find_levels
 from ai.measure import measure_level, plausibility_flags
 from ai.model import fold_batchnorm
 from ai.postprocess import post_process
+from ai.refiner import PatchRefiner, RefinerCardError
 from ai.results import (
     ROLE_CANAL_REFINEMENT,
     ROLE_COLUMN_REFINEMENT,
@@ -34,6 +37,8 @@ from ai.results import (
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
+
+StageT = TypeVar("StageT", bound=PatchRefiner)
 
 
 def choose_device(name: str) -> torch.device:
@@ -102,38 +107,28 @@ class Analyzer:
         except (FileNotFoundError, ValueError, OSError) as exc:
             logger.warning("stenosis grader not loaded: %s", exc)
             self._setup_flags.append(f"stenosis grader not loaded: {exc}")
-        self.refiner: Any = None
-        self.column_refiner: Any = None
+        self.refiner: CanalRefiner | None = None
+        self.column_refiner: ColumnRefiner | None = None
         if refine:
-            self._load_refiner(refiner_dir)
-            self._load_column_refiner()
+            self.refiner = self._load_stage(CanalRefiner, refiner_dir, "coarse canal masks")
+            self.column_refiner = self._load_stage(ColumnRefiner, None, "coarse disc / vertebral body")
         logger.info(
             "analyzer ready: model %s %s on %s (batch %d, %s)",
             card.name, card.version, self.device, batch_size, self.autocast or torch.float32,
         )
 
-    def _load_refiner(self, refiner_dir: Path | str | None) -> None:
+    def _load_stage(
+        self, stage: type[StageT], weights_dir: Path | str | None, fallback: str
+    ) -> StageT | None:
+        """Load a cascade refiner; missing or invalid weights leave a setup flag and ``fallback``."""
         try:
-            from ai.canal_refine import CanalRefiner, RefinerError
-        except ImportError:
-            self._setup_flags.append("canal refiner module unavailable: coarse canal masks")
-            return
-        try:
-            self.refiner = CanalRefiner.load(refiner_dir, self.device)
-            self.refiner.autocast = self.autocast
-        except (FileNotFoundError, RefinerError, OSError) as exc:
-            logger.warning("canal refiner not loaded: %s", exc)
-            self._setup_flags.append(f"canal refiner not loaded ({exc}): coarse canal masks")
-
-    def _load_column_refiner(self) -> None:
-        from ai.column_refine import ColumnRefiner, ColumnRefinerError
-
-        try:
-            self.column_refiner = ColumnRefiner.load(None, self.device)
-            self.column_refiner.autocast = self.autocast
-        except (FileNotFoundError, ColumnRefinerError, OSError) as exc:
-            logger.warning("column refiner not loaded: %s", exc)
-            self._setup_flags.append(f"column refiner not loaded ({exc}): coarse disc / vertebral body")
+            refiner = stage.load(weights_dir, self.device)
+        except (FileNotFoundError, RefinerCardError, OSError) as exc:
+            logger.warning("%s not loaded: %s", stage.STAGE, exc)
+            self._setup_flags.append(f"{stage.STAGE} not loaded ({exc}): {fallback}")
+            return None
+        refiner.autocast = self.autocast
+        return refiner
 
     def segment(self, volume: Volume) -> tuple[np.ndarray, list[str], dict[str, float]]:
         """Native-grid label volume, post-processing flags and timings (s)."""
