@@ -72,6 +72,8 @@ class Analyzer:
         invalid refiner weights leave the coarse masks and add a setup flag.
     refiner_dir
         Folder with ``canal.safetensors`` + ``canal-card.json`` (default: shipped weights).
+    column_dir
+        Folder with ``column.safetensors`` + ``column-card.json`` (default: shipped weights).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class Analyzer:
         precision: str = "auto",
         refine: bool = True,
         refiner_dir: Path | str | None = None,
+        column_dir: Path | str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -111,7 +114,7 @@ class Analyzer:
         self.column_refiner: ColumnRefiner | None = None
         if refine:
             self.refiner = self._load_stage(CanalRefiner, refiner_dir, "coarse canal masks")
-            self.column_refiner = self._load_stage(ColumnRefiner, None, "coarse disc / vertebral body")
+            self.column_refiner = self._load_stage(ColumnRefiner, column_dir, "coarse disc / vertebral body")
         logger.info(
             "analyzer ready: model %s %s on %s (batch %d, %s)",
             card.name, card.version, self.device, batch_size, self.autocast or torch.float32,

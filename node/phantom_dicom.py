@@ -33,13 +33,12 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from ai.phantom import render_slice, sample_subject
+from ai.phantom import sample_subject
 from ai.phantom.anatomy import DEFAULT_LEVELS, Subject
 from ai.phantom.study import (
     AXIAL_GAP_MM,
     AXIAL_THICKNESS_MM,
-    plan_blocks,
-    plan_continuous,
+    render_axial_series,
     render_brain,
     render_sagittal,
 )
@@ -224,33 +223,16 @@ def write_study(
     """Write one subject's study folder; returns its path."""
     folder = out / f"PHANTOM_{ids.seed:04d}_{ids.index + 1:03d}"
     folder.mkdir(parents=True, exist_ok=True)
-    per_block = opts.slices_per_block or int(rng.integers(3, 6))
-    plan = plan_continuous(subject) if opts.continuous else plan_blocks(subject, per_block)
-    matrix = (opts.matrix, opts.matrix)
-    rotation = float(rng.normal(0.0, 2.0))
-    fov_shift = (float(rng.normal(0.0, 3.0)), 8.0 + float(rng.normal(0.0, 3.0)))
-    contrast_seed = int(rng.integers(0, 2**31))
+    axials = render_axial_series(subject, opts.mode, opts.matrix, opts.spacing, rng,
+                                 continuous=opts.continuous, slices_per_block=opts.slices_per_block)
     series_uid = ids.uid("series", "ax")
     labels: dict[str, np.ndarray] = {}
     slice_truth: list[dict[str, Any]] = []
-    for k, ps in enumerate(plan):
-        s = render_slice(
-            subject,
-            ps.level,
-            ps.kind,
-            opts.mode,
-            rng,
-            pixel_spacing=opts.spacing,
-            matrix=matrix,
-            rotation_deg=rotation,
-            offset_mm=ps.offset_mm,
-            fov_shift_mm=fov_shift,
-            contrast_seed=contrast_seed,
-        )
+    for k, axial in enumerate(axials):
+        ps, s, ipp = axial.plan, axial.rendered, axial.position
         sop = ids.uid("ax", k)
         ds = _base_dataset(ids, series_uid, 2, AXIAL_DESCRIPTION, sop, "LSPINE")
         ds.InstanceNumber = k + 1
-        ipp = ps.position_of_first_pixel(s.canal_centre_px, s.pixel_spacing)
         _set_plane(
             ds,
             ipp,
@@ -279,7 +261,7 @@ def write_study(
             "series_instance_uid": series_uid,
             "description": AXIAL_DESCRIPTION,
             "role": "axial",
-            "n_instances": len(plan),
+            "n_instances": len(axials),
         }
     ]
     if opts.sagittal:
@@ -309,7 +291,7 @@ def write_study(
     logger.info(
         "phantom study written: %s (%d axial slices, study %s)",
         folder.name,
-        len(plan),
+        len(axials),
         ids.study_uid,
     )
     return folder

@@ -16,6 +16,7 @@ import numpy as np
 from ai.labels import LEVEL_NAMES
 from ai.phantom.anatomy import _CANAL_Y, _DISC_Z, Subject
 from ai.phantom.fastnoise import smooth_noise
+from ai.phantom.render import PhantomSlice, render_slice
 from ai.phantom.tissues import T2_SIGNAL, Tissue
 
 AXIAL_THICKNESS_MM = 4.0
@@ -98,6 +99,47 @@ def plan_continuous(subject: Subject, step_mm: float = AXIAL_THICKNESS_MM + AXIA
         c = (float(np.interp(z, zs, xs)), float(np.interp(z, zs, ys)), z)
         out.append(PlannedSlice(level, kind, off, c, (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), 0))
         z += step_mm
+    return out
+
+
+@dataclass(frozen=True)
+class AxialSlice:
+    """One rendered slice of an axial series, with its plan and ImagePositionPatient."""
+
+    plan: PlannedSlice
+    rendered: PhantomSlice
+    position: tuple[float, float, float]
+
+
+def render_axial_series(
+    subject: Subject,
+    mode: str,
+    matrix: int,
+    spacing: float,
+    rng: np.random.Generator,
+    *,
+    continuous: bool = False,
+    slices_per_block: int | None = None,
+) -> list[AxialSlice]:
+    """Render a subject's axial series, caudal -> cranial in plan order.
+
+    One acquisition: a field-of-view rotation and shift, and (randomised mode) one
+    contrast shared by all slices. ``slices_per_block`` None draws 3-5. The draws from
+    ``rng`` are the ones ``lumbar-node phantom`` has always made, so a seed gives the same
+    study whether it is written as DICOM (``node/phantom_dicom.py``) or used in memory by
+    a training command.
+    """
+    per_block = slices_per_block or int(rng.integers(3, 6))
+    plan = plan_continuous(subject) if continuous else plan_blocks(subject, per_block)
+    rotation = float(rng.normal(0.0, 2.0))
+    fov_shift = (float(rng.normal(0.0, 3.0)), 8.0 + float(rng.normal(0.0, 3.0)))
+    contrast_seed = int(rng.integers(0, 2**31))
+    out: list[AxialSlice] = []
+    for ps in plan:
+        s = render_slice(subject, ps.level, ps.kind, mode, rng, pixel_spacing=spacing,
+                         matrix=(matrix, matrix), rotation_deg=rotation, offset_mm=ps.offset_mm,
+                         fov_shift_mm=fov_shift, contrast_seed=contrast_seed)
+        out.append(AxialSlice(ps, s, ps.position_of_first_pixel(s.canal_centre_px, s.pixel_spacing)))
     return out
 
 

@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument(
         "--weights", type=Path, default=None,
-        help="weights folder (default: shipped): its segmentation model, and its canal refiner "
-        "when it holds one (else the shipped refiner)",
+        help="weights folder (default: shipped): each stage whose card it holds (segmentation "
+        "model, canal refiner, column refiner; e.g. a `train` best/ folder) is taken from it, "
+        "the others are the shipped ones",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument(
@@ -131,13 +132,23 @@ def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
     return report
 
 
-def refiner_dir(weights: Path | None) -> Path | None:
-    """The canal refiner of a ``--weights`` folder, when it holds one (else the shipped one)."""
-    from ai.canal_refine import CARD_FILE
+def stage_dirs(weights: Path | None) -> dict[str, Path | None]:
+    """Analyzer folders of the stages whose card a ``--weights`` folder holds (None: shipped).
 
-    if weights is not None and (weights / CARD_FILE).is_file():
-        return weights
-    return None
+    Raises ``FileNotFoundError`` when the folder holds no card at all, so a typo in the
+    path is not silently evaluated as the shipped model.
+    """
+    from ai.canal_refine import CARD_FILE as CANAL_CARD
+    from ai.card import CARD_FILE as SEG_CARD
+    from ai.column_refine import CARD_FILE as COLUMN_CARD
+
+    stages = {"weights_dir": SEG_CARD, "refiner_dir": CANAL_CARD, "column_dir": COLUMN_CARD}
+    if weights is None:
+        return dict.fromkeys(stages)
+    found = {key: weights if (weights / card).is_file() else None for key, card in stages.items()}
+    if not any(found.values()):
+        raise FileNotFoundError(f"{weights} holds none of {sorted(stages.values())}")
+    return found
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,9 +156,10 @@ def run(args: argparse.Namespace) -> int:
     from ai.pipeline import Analyzer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    dirs = stage_dirs(args.weights)
     analyzer = Analyzer(
-        device=args.device, weights_dir=args.weights, threads=args.threads, precision=args.precision,
-        refiner_dir=refiner_dir(args.weights),
+        device=args.device, threads=args.threads, precision=args.precision,
+        weights_dir=dirs["weights_dir"], refiner_dir=dirs["refiner_dir"], column_dir=dirs["column_dir"],
     )
     report = evaluate(args.data, analyzer)
     if not report["cases"]:

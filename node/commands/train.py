@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -101,11 +102,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--task",
-        choices=("segmentation", "grader", "canal"),
+        choices=("segmentation", "grader", "canal", "column"),
         default="segmentation",
         help="segmentation (default), grader: the Schizas/rootlets grader "
-        "(docs/grading.md; --pool-subjects = phantom subjects, --steps = epochs), or canal: "
-        "the canal refiner (docs/segmentation.md; --pool-subjects = truth-mask subjects)",
+        "(docs/grading.md; --pool-subjects = phantom subjects, --steps = epochs), canal: "
+        "the canal refiner (docs/segmentation.md; --pool-subjects = truth-mask subjects), or "
+        "column: the disc / vertebral-body column refiner (docs/segmentation.md; "
+        "--pool-subjects = phantom studies per training set)",
     )
 
 
@@ -126,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_grader(args)
     if getattr(args, "task", "segmentation") == "canal":
         return _run_canal(args)
+    if getattr(args, "task", "segmentation") == "column":
+        return _run_column(args)
     import dataclasses
 
     import torch
@@ -215,6 +220,29 @@ def _run_canal(args: argparse.Namespace) -> int:
     logger.info(
         "canal refiner written to %s/best: validation sac Dice %s",
         args.out, card["evaluation"]["validation"]["all"],
+    )
+    return 0
+
+
+def _run_column(args: argparse.Namespace) -> int:
+    """Train the column refiner on phantom blocks (CPU, ai.train_column); writes OUT/best, OUT/last."""
+    import dataclasses
+
+    from ai.train import command_line
+    from ai.train_column import ColumnTrainConfig, train_column
+
+    cfg = ColumnTrainConfig()
+    overrides = _given(args, {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "seed": "seed"})
+    if args.pool_subjects is not None:
+        overrides["sets"] = tuple((s[0], args.pool_subjects, *s[2:]) for s in cfg.sets)
+    cfg = dataclasses.replace(cfg, **overrides)  # type: ignore[arg-type]
+    card = train_column(
+        args.out, cfg, threads=args.threads or 1, max_minutes=args.max_minutes,
+        resume=args.resume, command=command_line(), init_dir=args.init,
+    )
+    logger.info(
+        "column refiner written to %s/best: validation %s",
+        args.out, json.dumps(card["evaluation"]["validation"].get("all", {})),
     )
     return 0
 

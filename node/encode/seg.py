@@ -29,7 +29,12 @@ from pydicom.uid import SegmentationStorage
 from pydicom.valuerep import format_number_as_ds
 
 from ai.labels import COLORS, DISPLAY_NAMES, STRUCTURES, Label
-from ai.results import ROLE_CANAL_REFINEMENT, ROLE_SEGMENTATION, SeriesResult
+from ai.results import (
+    ROLE_CANAL_REFINEMENT,
+    ROLE_COLUMN_REFINEMENT,
+    ROLE_SEGMENTATION,
+    SeriesResult,
+)
 from ai.volume import Volume
 from node.encode import codes
 from node.encode.common import (
@@ -225,8 +230,13 @@ def _code_item(code: Code) -> Dataset:
 
 def label_role(label: Label) -> str:
     """The role of the model whose output ``label`` is: the canal refiner rewrites the spinal
-    canal's labels (dural sac, epidural space) when it ran, the segmentation model the rest."""
-    return ROLE_CANAL_REFINEMENT if label in STRUCTURES["spinal_canal"] else ROLE_SEGMENTATION
+    canal's labels (dural sac, epidural space), the column refiner decides disc or vertebral
+    body (:mod:`ai.column_refine`), each when it ran; the segmentation model the rest."""
+    if label in STRUCTURES["spinal_canal"]:
+        return ROLE_CANAL_REFINEMENT
+    if label in (Label.DISC, Label.VERTEBRAL_BODY):
+        return ROLE_COLUMN_REFINEMENT
+    return ROLE_SEGMENTATION
 
 
 def algorithm_identification(result: SeriesResult, role: str = ROLE_SEGMENTATION) -> Dataset:
@@ -246,8 +256,8 @@ def _segment_item(spec: SegmentSpec, result: SeriesResult) -> Dataset:
     item.SegmentNumber = spec.number
     item.SegmentLabel = spec.text
     item.SegmentAlgorithmType = "AUTOMATIC"
-    # the model that produced the segment: the canal refiner for the dural sac and the
-    # epidural space when it ran, the segmentation model otherwise
+    # the model that produced the segment: a refiner for the structures it decides, when it
+    # ran (label_role), the segmentation model otherwise
     role = label_role(spec.label)
     item.SegmentAlgorithmName = result.model_for(role)[0]
     item.SegmentationAlgorithmIdentificationSequence = DicomSequence(

@@ -58,11 +58,15 @@ def test_synth_fraction_is_validated() -> None:
         CanalTrainConfig(synth_fraction=1.2)
 
 
-def test_evaluate_takes_the_refiner_of_a_weights_folder_that_holds_one(tmp_path: Path) -> None:
-    """`lumbar-node evaluate --weights DIR` evaluates DIR's refiner too, not silently the shipped one."""
-    from node.commands.evaluate import refiner_dir
+def test_evaluate_takes_each_stage_a_weights_folder_holds(tmp_path: Path) -> None:
+    """`lumbar-node evaluate --weights DIR` evaluates DIR's stages, not silently the shipped ones."""
+    from node.commands.evaluate import stage_dirs
 
-    assert refiner_dir(None) is None
-    assert refiner_dir(tmp_path) is None  # segmentation weights only: the shipped refiner
+    assert set(stage_dirs(None).values()) == {None}
+    with pytest.raises(FileNotFoundError):
+        stage_dirs(tmp_path)  # no card at all: a wrong path, not the shipped model
     (tmp_path / "canal-card.json").write_text("{}")
-    assert refiner_dir(tmp_path) == tmp_path
+    assert stage_dirs(tmp_path) == {"weights_dir": None, "refiner_dir": tmp_path, "column_dir": None}
+    (tmp_path / "column-card.json").write_text("{}")
+    (tmp_path / "seg-card.json").write_text("{}")
+    assert set(stage_dirs(tmp_path).values()) == {tmp_path}

@@ -1,7 +1,8 @@
 """Provenance: every SEG segment and SR measurement names the model that produced it.
 
-The pipeline runs three models (``SeriesResult.models``): the segmentation model, the canal
-refiner (dural sac, epidural space) and the stenosis grader (Schizas grades). Read back
+The pipeline runs four models (``SeriesResult.models``): the segmentation model, the column
+refiner (disc or vertebral body), the canal refiner (dural sac, epidural space) and the
+stenosis grader (Schizas grades). Read back
 with pydicom (strict) and highdicom; a model that did not run falls back to the
 segmentation model with outputs identical to a result that lists no models.
 """
@@ -26,6 +27,7 @@ from node.encode import codes, encode_series
 NOW = dt.datetime(2026, 1, 1, 12)
 SEG_MODEL = ("lumbar-unet", "1.0.0")  # make_result's segmentation model
 REFINER = ("lumbar-canal-refiner", "1.2.0")
+COLUMN = ("lumbar-column-refiner", "1.1.0")
 GRADER = ("lumbar-stenosis-grader", "1.0.0")
 ALGORITHM_NAME = "111001"  # DCM Algorithm Name (TID 4019)
 ALGORITHM_VERSION = "111003"  # DCM Algorithm Version
@@ -43,9 +45,12 @@ def _model(role: str, name_version: tuple[str, str]) -> dict[str, str]:
 
 ALL_MODELS = [
     _model("segmentation", SEG_MODEL),
+    _model("column refinement", COLUMN),
     _model("canal refinement", REFINER),
     _model("stenosis grading", GRADER),
 ]
+#: segment label -> the model it must name when all models ran (others: SEG_MODEL)
+REFINED_SEGMENTS = {"Dural sac": REFINER, "Epidural space": REFINER}
 
 
 def _series(models: list[dict[str, str]]) -> SyntheticSeries:
@@ -130,23 +135,28 @@ def _measurement_models(group: list[Dataset]) -> dict[str, tuple[str, str] | Non
     }
 
 
-def test_seg_names_the_refiner_for_canal_segments_and_the_segmentation_model_otherwise() -> None:
+def _expected_segment_model(text: str) -> tuple[str, str]:
+    if text.startswith("Intervertebral disc") or text.startswith("Vertebral body"):
+        return COLUMN
+    return REFINED_SEGMENTS.get(text, SEG_MODEL)
+
+
+def test_seg_names_the_refiners_for_their_segments_and_the_segmentation_model_otherwise() -> None:
     seg, _ = _encode(ALL_MODELS)
     by_label = _segments(seg)
     assert _segment_model(by_label["Dural sac"]) == REFINER
     assert _segment_model(by_label["Epidural space"]) == REFINER
     assert _segment_model(by_label["Multifidus left"]) == SEG_MODEL
-    assert _segment_model(by_label["Intervertebral disc L4-L5"]) == SEG_MODEL
+    assert _segment_model(by_label["Intervertebral disc L4-L5"]) == COLUMN
     for text, item in by_label.items():
-        expected = REFINER if text in ("Dural sac", "Epidural space") else SEG_MODEL
-        assert _segment_model(item) == expected, text
+        assert _segment_model(item) == _expected_segment_model(text), text
     # highdicom reads the per-segment algorithm identification back as well
     back = hd.seg.Segmentation.from_dataset(seg)
     for number in back.segment_numbers:
         desc = back.get_segment_description(number)
         algo = desc.algorithm_identification
         assert algo is not None
-        expected = REFINER if desc.segment_label in ("Dural sac", "Epidural space") else SEG_MODEL
+        expected = _expected_segment_model(desc.segment_label)
         assert (algo[0].AlgorithmName, algo[0].AlgorithmVersion) == expected
 
 
@@ -186,6 +196,7 @@ def test_sr_names_the_grader_for_grading_and_the_refiner_for_canal_areas() -> No
     assert _named(groups["L4-L5 dural_sac"]) == REFINER
     assert _named(groups["L4-L5 multifidus_left"]) == SEG_MODEL
     assert set(_measurement_models(groups["L4-L5 multifidus_left"]).values()) == {None}
+    assert _named(groups["L4-L5 disc"]) == COLUMN
     assert _named(groups["level 2 from caudal, unlabelled spinal canal"]) == GRADER
     # highdicom still reads the report as TID 1500 with every measurement
     report = hd.sr.Comprehensive3DSR.from_dataset(sr)

@@ -1,0 +1,63 @@
+"""`lumbar-node train --task column`: the data it renders, its settings, and a short run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ai.column_refine import ColumnRefiner
+from ai.train_column import ColumnTrainConfig, render_study, train_column
+
+
+def test_in_memory_studies_equal_what_the_phantom_command_writes(tmp_path: Path) -> None:
+    """Training sees the node's view of `lumbar-node phantom --seed S` subject i, pixel for pixel."""
+    from node.commands.evaluate import phantom_cases
+    from node.phantom_dicom import PhantomOptions, write_phantom_studies
+
+    opts = PhantomOptions(seed=5107, subjects=1, mode="randomised", matrix=160, spacing=1.4,
+                          sagittal=False, distractor=False)
+    write_phantom_studies(tmp_path, opts)
+    (case,) = list(phantom_cases(tmp_path))
+    volume, truth = render_study(5107, 0, "randomised", 160, 1.4)
+    assert np.array_equal(volume.pixels, case.volume.pixels)
+    assert np.array_equal(truth, case.truth_labels)
+    assert np.allclose(volume.positions, case.volume.positions, atol=1e-3)
+    assert np.allclose(volume.orientations, case.volume.orientations, atol=1e-5)
+
+
+def test_config_keeps_evaluation_and_validation_seeds_out_of_training() -> None:
+    with pytest.raises(ValueError, match="evaluation and tuning"):
+        ColumnTrainConfig(sets=((9002, 5, "randomised", 448, 0.55),))
+    with pytest.raises(ValueError, match="different seeds"):
+        ColumnTrainConfig(sets=((5301, 5, "randomised", 448, 0.55),))
+    with pytest.raises(ValueError, match="realistic|randomised"):
+        ColumnTrainConfig(sets=((5101, 5, "noise", 448, 0.55),))
+
+
+SMALL = ColumnTrainConfig(sets=((5101, 1, "randomised", 256, 1.0),), val_sets=((5301, 1, "realistic", 256, 1.0),),
+                          steps=4, batch_size=4, val_every=2)
+
+
+def test_a_short_run_writes_loadable_weights_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    card = train_column(out, SMALL, max_minutes=0.0)  # stops after its first step
+    assert card["training"]["step"] == 1
+    refiner = ColumnRefiner.load(out / "best")
+    assert refiner.card["weights_sha256"] == card["weights_sha256"]
+    val = card["evaluation"]["validation"]
+    assert set(val) == {"all", "realistic"} and set(val["all"]) == {"studies", "coarse", "refined"}
+    assert 0.0 <= val["all"]["coarse"]["disc_dice"] <= 1.0
+    assert len(list(out.glob("column-blocks-*.pkl"))) == 1  # rendered once, cached
+
+    with pytest.raises(ValueError, match="another configuration"):
+        train_column(out, dataclasses.replace(SMALL, lr=1e-3), resume=True)
+    train_column(out, SMALL, resume=True)
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 4]
+    last = json.loads((out / "last" / "column-card.json").read_text())
+    assert last["training"]["step"] == 4
+    assert last["training"]["config"]["sets"] == [[5101, 1, "randomised", 256, 1.0]]
