@@ -289,40 +289,41 @@ def make_example(
 # --------------------------------------------------------------------------- validation
 
 
-def _mean_dice(pred: np.ndarray, truth: np.ndarray, label: int) -> tuple[float, int]:
-    """Mean Dice over slices where ``label`` is in the truth, and FP slices."""
+def _slice_dice(pred: np.ndarray, truth: np.ndarray, label: int) -> tuple[list[float], int]:
+    """Dice of each slice where ``label`` is in the truth, and the FP slices (predicted, not true)."""
     dices, fp = [], 0
     for p, t in zip(pred == label, truth == label, strict=True):
         if t.any():
             dices.append(2.0 * float((p & t).sum()) / float(p.sum() + t.sum()))
         elif p.any():
             fp += 1
-    return (float(np.mean(dices)) if dices else 1.0), fp
+    return dices, fp
 
 
 def validate(model: UNet, card: dict[str, Any], studies: list[Study]) -> dict[str, Any]:
-    """Disc / vertebral-body Dice and disc FP slices, coarse vs refined, per mode and overall."""
+    """Disc / vertebral-body Dice (mean over slices) and disc FP slices, coarse vs refined, per mode."""
     refiner = ColumnRefiner(model, card)  # a folded inference copy: ``model`` stays trainable
-    rows: dict[str, list[np.ndarray]] = {"coarse": [], "refined": [], "truth": []}
-    modes: list[str] = []
+    per_study = []
     for s in studies:
         refined, _ = refiner.refine(s.coarse, s.volume)
-        rows["coarse"].append(s.coarse)
-        rows["refined"].append(refined)
-        rows["truth"].append(s.truth)
-        modes.append(s.mode)
+        per_study.append((s.mode, {"coarse": s.coarse, "refined": refined}, s.truth))
     out: dict[str, Any] = {}
     for mode in ("all", "realistic", "randomised"):
-        sel = [i for i, m in enumerate(modes) if mode in ("all", m)]
+        sel = [(labels, truth) for m, labels, truth in per_study if mode in ("all", m)]
         if not sel:
             continue
-        truth = np.concatenate([rows["truth"][i] for i in sel])
         entry: dict[str, Any] = {"studies": len(sel)}
         for which in ("coarse", "refined"):
-            pred = np.concatenate([rows[which][i] for i in sel])
-            disc, disc_fp = _mean_dice(pred, truth, DISC)
-            body, _ = _mean_dice(pred, truth, BODY)
-            entry[which] = {"disc_dice": round(disc, 4), "vb_dice": round(body, 4), "disc_fp_slices": disc_fp}
+            disc: list[float] = []
+            body: list[float] = []
+            disc_fp = 0
+            for labels, truth in sel:
+                d, fp = _slice_dice(labels[which], truth, DISC)
+                disc += d
+                disc_fp += fp
+                body += _slice_dice(labels[which], truth, BODY)[0]
+            entry[which] = {"disc_dice": round(float(np.mean(disc)) if disc else 1.0, 4),
+                            "vb_dice": round(float(np.mean(body)) if body else 1.0, 4), "disc_fp_slices": disc_fp}
         out[mode] = entry
     return out
 

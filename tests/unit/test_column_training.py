@@ -38,7 +38,8 @@ def test_config_keeps_evaluation_and_validation_seeds_out_of_training() -> None:
         ColumnTrainConfig(sets=((5101, 5, "noise", 448, 0.55),))
 
 
-SMALL = ColumnTrainConfig(sets=((5101, 1, "randomised", 256, 1.0),), val_sets=((5301, 1, "realistic", 256, 1.0),),
+SMALL = ColumnTrainConfig(sets=((5101, 1, "randomised", 256, 1.0),),
+                          val_sets=((5301, 1, "realistic", 256, 1.0), (5302, 1, "randomised", 192, 1.3)),
                           steps=4, batch_size=4, val_every=2)
 
 
@@ -49,7 +50,9 @@ def test_a_short_run_writes_loadable_weights_and_resumes(tmp_path: Path) -> None
     refiner = ColumnRefiner.load(out / "best")
     assert refiner.card["weights_sha256"] == card["weights_sha256"]
     val = card["evaluation"]["validation"]
-    assert set(val) == {"all", "realistic"} and set(val["all"]) == {"studies", "coarse", "refined"}
+    # validation studies of two matrix sizes and both modes, each reported
+    assert set(val) == {"all", "realistic", "randomised"} and val["all"]["studies"] == 2
+    assert set(val["all"]) == {"studies", "coarse", "refined"}
     assert 0.0 <= val["all"]["coarse"]["disc_dice"] <= 1.0
     assert len(list(out.glob("column-blocks-*.pkl"))) == 1  # rendered once, cached
 
