@@ -134,23 +134,27 @@ class Analyzer:
         return refiner
 
     def segment(self, volume: Volume) -> tuple[np.ndarray, list[str], dict[str, float]]:
-        """Native-grid label volume, post-processing flags and timings (s)."""
+        """Native-grid label volume, post-processing flags and timings (s) per stage."""
         t0 = time.perf_counter()
         pre = pre_process(volume, self.card)
         t1 = time.perf_counter()
         raw = predict_native(self.model, pre, self.device, self.batch_size, self.autocast)
         t2 = time.perf_counter()
         labels, flags = post_process(raw.labels, volume)
+        timings = {"pre_process": t1 - t0, "predict": t2 - t1, "post_process": time.perf_counter() - t2}
         if self.column_refiner is not None:
+            t = time.perf_counter()
             labels, changed = self.column_refiner.refine(labels, volume)
             flags.extend(changed)
+            timings["column_refine"] = time.perf_counter() - t
+        t = time.perf_counter()
         labels, assigned = assign_block_discs(labels, volume, raw.disc_evidence)
         flags.extend(assigned)
-        t3 = time.perf_counter()
-        timings = {"pre_process": t1 - t0, "predict": t2 - t1, "post_process": t3 - t2}
+        timings["post_process"] += time.perf_counter() - t
         if self.refiner is not None:
+            t = time.perf_counter()
             labels, _ = self.refiner.refine(labels, volume)
-            timings["refine"] = time.perf_counter() - t3
+            timings["refine"] = time.perf_counter() - t
         return labels, flags, timings
 
     def analyze(self, volume: Volume) -> SeriesResult:

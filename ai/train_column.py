@@ -74,13 +74,14 @@ BACKGROUND_WEIGHT = 0.1
 #: A slice is "hard" when its coarse identity is wrong on more than this share of the column.
 HARD_SHARE = 0.1
 
-#: The sets 1.0.0 was trained on (randomised contrast, matrix / spacing spread).
+#: The sets the shipped weights were trained on (randomised contrast, matrix / spacing
+#: spread), in the order they were drawn from (it decides which draw meets which slice).
 DEFAULT_SETS: tuple[StudySet, ...] = (
     (5101, 40, "randomised", 448, 0.55),
-    (5102, 40, "randomised", 384, 0.65),
-    (5103, 40, "randomised", 320, 0.8),
     (5104, 40, "randomised", 512, 0.5),
     (5105, 40, "randomised", 256, 1.0),
+    (5102, 40, "randomised", 384, 0.65),
+    (5103, 40, "randomised", 320, 0.8),
     (5106, 40, "randomised", 384, 0.75),
 )
 DEFAULT_VAL_SETS: tuple[StudySet, ...] = (
@@ -104,7 +105,7 @@ class ColumnTrainConfig:
     hard_weight: float = 4.0
     val_every: int = 250
     seed: int = 0
-    version: str = "1.1.0"
+    version: str = "1.0.0"
     model: ColumnConfig = field(default_factory=ColumnConfig)
 
     def __post_init__(self) -> None:
@@ -149,20 +150,21 @@ class Study:
 def render_study(seed: int, index: int, mode: str, matrix: int, spacing: float) -> tuple[Volume, np.ndarray]:
     """Volume and truth labels of ``lumbar-node phantom --seed SEED`` subject ``index``.
 
-    The same draws as the phantom command, and pixels stored as its DICOM stores them
-    (rounded, clipped to uint16), so training sees what the node would read from disk.
+    The same draws as the phantom command, pixels stored as its DICOM stores them (rounded,
+    clipped to uint16) and geometry rounded to its decimal strings, so training sees exactly
+    what the node reads from disk.
     """
     from ai.phantom import sample_subject
-    from ai.phantom.study import render_axial_series
+    from ai.phantom.study import COSINE_DECIMALS, MM_DECIMALS, render_axial_series
 
     rng = np.random.default_rng([seed, index])
     subject = sample_subject(rng, stenosis="random")
     axials = render_axial_series(subject, mode, matrix, spacing, rng)
     pixels = np.stack([np.clip(np.rint(a.rendered.image), 0, 65535) for a in axials]).astype(np.float32)
     truth = np.stack([np.asarray(a.rendered.labels, np.uint8) for a in axials])
-    orientations = np.array([[*a.plan.row_dir, *a.plan.col_dir] for a in axials], dtype=np.float64)
-    positions = np.array([a.position for a in axials], dtype=np.float64)
-    sp = axials[0].rendered.pixel_spacing
+    orientations = np.round([[*a.plan.row_dir, *a.plan.col_dir] for a in axials], COSINE_DECIMALS)
+    positions = np.round([a.position for a in axials], MM_DECIMALS)
+    sp = np.round(axials[0].rendered.pixel_spacing, MM_DECIMALS)
     volume = Volume(pixels=pixels, pixel_spacing=(float(sp[0]), float(sp[1])), positions=positions,
                     orientations=orientations, slice_uids=tuple(f"{seed}.{index}.{k}" for k in range(len(axials))),
                     series_instance_uid=f"phantom.{seed}.{index}")
@@ -355,7 +357,6 @@ def train_column(
     """
     cfg = cfg or ColumnTrainConfig()
     torch.set_num_threads(max(1, threads))
-    torch.manual_seed(cfg.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -374,6 +375,7 @@ def train_column(
     logger.info("%d blocks, %d slices (%d hard), %d validation studies (%.0f s)", len(blocks), len(items),
                 n_hard, len(val), render_s)
 
+    torch.manual_seed(cfg.seed)  # here, not earlier: loading the coarse model draws from torch's generator
     model = UNet(cfg.model.unet_config)
     if init_dir is not None:
         init = ColumnRefiner.load(init_dir)
@@ -381,7 +383,7 @@ def train_column(
         logger.info("initialised from %s (%s)", init_dir, str(init.card["weights_sha256"])[:12])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
-    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 4242]))
+    rng = np.random.default_rng(cfg.seed)
     step, best, elapsed = 0, -1.0, 0.0
     history: list[dict[str, Any]] = []
     ckpt_path = out / "checkpoint.pt"

@@ -38,6 +38,8 @@ from ai.phantom.anatomy import DEFAULT_LEVELS, Subject
 from ai.phantom.study import (
     AXIAL_GAP_MM,
     AXIAL_THICKNESS_MM,
+    COSINE_DECIMALS,
+    MM_DECIMALS,
     render_axial_series,
     render_brain,
     render_sagittal,
@@ -203,9 +205,9 @@ def _set_plane(
     thickness: float,
     between: float,
 ) -> None:
-    ds.ImagePositionPatient = [f"{v:.4f}" for v in ipp]
-    ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
-    ds.PixelSpacing = [f"{spacing[0]:.4f}", f"{spacing[1]:.4f}"]
+    ds.ImagePositionPatient = [f"{v:.{MM_DECIMALS}f}" for v in ipp]
+    ds.ImageOrientationPatient = [f"{v:.{COSINE_DECIMALS}f}" for v in (*row_dir, *col_dir)]
+    ds.PixelSpacing = [f"{spacing[0]:.{MM_DECIMALS}f}", f"{spacing[1]:.{MM_DECIMALS}f}"]
     ds.SliceThickness = f"{thickness:.2f}"
     ds.SpacingBetweenSlices = f"{between:.2f}"
     normal = np.cross(np.asarray(row_dir), np.asarray(col_dir))

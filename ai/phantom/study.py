@@ -21,6 +21,10 @@ from ai.phantom.tissues import T2_SIGNAL, Tissue
 
 AXIAL_THICKNESS_MM = 4.0
 AXIAL_GAP_MM = 0.4
+#: Decimals of the DICOM decimal strings the phantom writes: positions and spacings (mm),
+#: direction cosines. A study used in memory is rounded alike, so it equals the one on disk.
+MM_DECIMALS = 4
+COSINE_DECIMALS = 6
 
 
 @dataclass(frozen=True)

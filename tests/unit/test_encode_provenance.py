@@ -27,7 +27,7 @@ from node.encode import codes, encode_series
 NOW = dt.datetime(2026, 1, 1, 12)
 SEG_MODEL = ("lumbar-unet", "1.0.0")  # make_result's segmentation model
 REFINER = ("lumbar-canal-refiner", "1.2.0")
-COLUMN = ("lumbar-column-refiner", "1.1.0")
+COLUMN = ("lumbar-column-refiner", "1.0.0")
 GRADER = ("lumbar-stenosis-grader", "1.0.0")
 ALGORITHM_NAME = "111001"  # DCM Algorithm Name (TID 4019)
 ALGORITHM_VERSION = "111003"  # DCM Algorithm Version

@@ -59,7 +59,7 @@ def test_shipped_model_reaches_the_dice_floor(analyzer: Analyzer) -> None:
     low = {k: report[k]["dice_pooled"] for k, floor in FLOORS.items()
            if (report[k]["dice_pooled"] or 0.0) < floor}
     assert not low, f"Dice below floor: {low}"
-    assert set(timings) == {"pre_process", "predict", "post_process", "refine"}
+    assert set(timings) == {"pre_process", "predict", "post_process", "column_refine", "refine"}
 
 
 def test_segmentation_is_deterministic(analyzer: Analyzer) -> None:
