@@ -37,6 +37,7 @@ from ai.canal_refine import patch_coords, patch_matrix, probs_to_native
 from ai.labels import Label
 from ai.levels import split_blocks
 from ai.model import UNetConfig
+from ai.postprocess import mask_centroid
 from ai.refiner import SHIPPED_WEIGHTS_DIR as SHIPPED_WEIGHTS_DIR
 from ai.refiner import PatchRefiner, RefinerCardError, check_card
 from ai.volume import Volume
@@ -121,10 +122,27 @@ def validate_card(card: dict[str, Any]) -> ColumnConfig:
 
 def column_centre(labels_2d: np.ndarray) -> tuple[float, float] | None:
     """Centroid ``(row, col)`` of the coarse disc + vertebral body, or None when too small."""
-    rows, cols = np.nonzero((labels_2d == DISC) | (labels_2d == BODY))
-    if rows.size < MIN_COLUMN_PX:
+    column = (labels_2d == DISC) | (labels_2d == BODY)
+    if int(column.sum()) < MIN_COLUMN_PX:
         return None
-    return float(rows.mean()), float(cols.mean())
+    return mask_centroid(column)
+
+
+def patch_box(coords: np.ndarray, shape: tuple[int, ...]) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """The native box that patch ``coords`` read from, and the coords relative to it.
+
+    Bilinear and nearest sampling at a coordinate only touch the pixels around it, and a
+    coordinate outside the box is outside the slice on that side too, so sampling the box
+    gives the patch of the whole slice (edge repeat and zero padding alike) for a tenth of
+    the work on a 512 x 512 slice. None when the patch misses the slice entirely.
+    """
+    h, w = shape[-2:]
+    r0, r1 = max(int(np.floor(coords[0].min())), 0), min(int(np.ceil(coords[0].max())), h - 1)
+    c0, c1 = max(int(np.floor(coords[1].min())), 0), min(int(np.ceil(coords[1].max())), w - 1)
+    if r1 < r0 or c1 < c0:
+        return None
+    shifted = coords - np.array([r0, c0], dtype=coords.dtype)[:, None, None]
+    return (slice(r0, r1 + 1), slice(c0, c1 + 1)), shifted
 
 
 def sample_planes(planes: np.ndarray, coords: np.ndarray, mode: str = "bilinear") -> np.ndarray:
@@ -151,6 +169,10 @@ def block_input(images: np.ndarray, labels: np.ndarray, k: int, coords: np.ndarr
     n_slices = len(images)
     idx = (k - 1, k, k + 1)
     present = [0 <= i < n_slices for i in idx]
+    box = patch_box(coords, images.shape)
+    if box is not None:
+        (rows, cols), coords = box
+        images, labels = images[:, rows, cols], labels[:, rows, cols]
     img = sample_planes(np.stack([images[i] if p else images[k] for i, p in zip(idx, present, strict=True)]), coords)
     lo, hi = np.percentile(img[1], NORM_PCT)
     img = np.clip((img - lo) / max(float(hi - lo), 1e-6), -0.5, 1.5)
