@@ -193,6 +193,23 @@ def native_to_patch(
     return inv[0, 0] * dr + inv[0, 1] * dc + half, inv[1, 0] * dr + inv[1, 1] * dc + half
 
 
+def patch_box(coords: np.ndarray, shape: tuple[int, ...]) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """The native box that patch ``coords`` read from, and the coords relative to it.
+
+    Bilinear and nearest sampling at a coordinate only touch the pixels around it, and a
+    coordinate outside the box is outside the slice on that side too, so sampling the box
+    gives the patch of the whole slice (edge repeat and zero padding alike) for a tenth of
+    the work on a 512 x 512 slice. None when the patch misses the slice entirely.
+    """
+    h, w = shape[-2:]
+    r0, r1 = max(int(np.floor(coords[0].min())), 0), min(int(np.ceil(coords[0].max())), h - 1)
+    c0, c1 = max(int(np.floor(coords[1].min())), 0), min(int(np.ceil(coords[1].max())), w - 1)
+    if r1 < r0 or c1 < c0:
+        return None
+    shifted = coords - np.array([r0, c0], dtype=coords.dtype)[:, None, None]
+    return (slice(r0, r1 + 1), slice(c0, c1 + 1)), shifted
+
+
 def patch_input(
     image: np.ndarray, labels_2d: np.ndarray, coords: np.ndarray
 ) -> np.ndarray:
@@ -200,22 +217,21 @@ def patch_input(
 
     Bilinear sampling of the image and of each binary mask at ``coords``
     (:func:`patch_coords`); outside the slice the image repeats its edge, the masks are 0.
-    Only the slice's bounding box of ``coords`` is read (one ``grid_sample`` per kind).
+    Only the box of the slice that ``coords`` read is sampled (:func:`patch_box`).
     """
-    rows, cols = image.shape
-    r0 = int(np.clip(np.floor(coords[0].min()) - 1, 0, rows - 1))
-    r1 = int(np.clip(np.ceil(coords[0].max()) + 2, r0 + 1, rows))
-    c0 = int(np.clip(np.floor(coords[1].min()) - 1, 0, cols - 1))
-    c1 = int(np.clip(np.ceil(coords[1].max()) + 2, c0 + 1, cols))
-    lab = labels_2d[r0:r1, c0:c1]
-    img = torch.from_numpy(np.ascontiguousarray(image[r0:r1, c0:c1], dtype=np.float32))
+    box = patch_box(coords, image.shape)
+    if box is not None:
+        (rows, cols), coords = box
+        image, labels_2d = image[rows, cols], labels_2d[rows, cols]
+    lab = labels_2d
+    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     masks = torch.from_numpy(
         np.stack([lab == int(Label.DURAL_SAC), lab == int(Label.EPIDURAL_SPACE)]).astype(np.float32)
     )
     h, w = lab.shape
     # grid_sample (align_corners=True): x = col / (w - 1) * 2 - 1; a 1-pixel crop maps to 0
-    gx = (coords[1] - c0) / max(w - 1, 1) * 2.0 - 1.0
-    gy = (coords[0] - r0) / max(h - 1, 1) * 2.0 - 1.0
+    gx = coords[1] / max(w - 1, 1) * 2.0 - 1.0
+    gy = coords[0] / max(h - 1, 1) * 2.0 - 1.0
     grid = torch.from_numpy(np.stack([gx, gy], axis=-1).astype(np.float32))[None]
     img_p = F.grid_sample(img[None, None], grid, mode="bilinear", padding_mode="border",
                           align_corners=True)[0, 0].numpy()
