@@ -72,3 +72,24 @@ def test_the_shipped_card_records_the_default_configuration() -> None:
     card = ColumnRefiner.load().card
     assert card["training"]["config"] == ColumnTrainConfig().to_dict()
     assert card["training"]["command"].startswith("lumbar-node train --task column")
+
+
+def test_the_command_line_maps_onto_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`train --task column --pool-subjects 3 --steps 7` trains every default set with 3 studies."""
+    import ai.train_column
+    from node.cli import main
+
+    seen: dict[str, object] = {}
+
+    def fake_train(out: Path, cfg: ColumnTrainConfig, **kwargs: object) -> dict[str, object]:
+        seen.update(out=out, cfg=cfg, **kwargs)
+        return {"evaluation": {"validation": {"all": {"studies": 1}}}}
+
+    monkeypatch.setattr(ai.train_column, "train_column", fake_train)
+    assert main(["train", "--task", "column", "--out", str(tmp_path), "--pool-subjects", "3",
+                 "--steps", "7", "--threads", "2"]) == 0
+    cfg = seen["cfg"]
+    assert isinstance(cfg, ColumnTrainConfig)
+    assert cfg.steps == 7 and [s[1] for s in cfg.sets] == [3] * len(ColumnTrainConfig().sets)
+    assert [s[0] for s in cfg.sets] == [s[0] for s in ColumnTrainConfig().sets]
+    assert seen["out"] == tmp_path and seen["threads"] == 2
