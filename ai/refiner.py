@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self
@@ -121,7 +122,7 @@ def read_checked_weights(
     return load_file(str(weights)), card
 
 
-class PatchRefiner:
+class PatchRefiner(ABC):
     """A loaded cascade network; subclasses name their files, error and card rules.
 
     Subclasses set :attr:`STAGE` (for logs and setup flags), :attr:`WHAT` (the prefix of
@@ -140,8 +141,9 @@ class PatchRefiner:
     BATCH: ClassVar[int] = 16
 
     @staticmethod
+    @abstractmethod
     def validate_card(card: dict[str, Any]) -> PatchConfig:
-        raise NotImplementedError
+        """The stage's config from a card; raises :attr:`ERROR` for an invalid one."""
 
     def __init__(self, model: UNet, card: dict[str, Any], device: torch.device | None = None) -> None:
         self.config = self.validate_card(card)

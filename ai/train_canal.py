@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import pickle
-import platform
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -53,7 +52,9 @@ from ai.canal_refine import (
     save_refiner,
 )
 from ai.labels import LEVEL_NAMES, Label
-from ai.model import UNet, count_parameters
+from ai.model import UNet
+from ai.refiner_training import Progress, run_record, save_checkpoint
+from ai.refiner_training import resume as resume_run
 from ai.results import SCHIZAS_GRADES
 from ai.train_grader import Segmenter, model_segmenter
 
@@ -445,22 +446,11 @@ def train_canal(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1,
                                                 div_factor=10.0, final_div_factor=50.0)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 999]))
-    step = 0
-    best = -1.0
-    history: list[dict[str, Any]] = []
-    elapsed = 0.0
     ckpt_path = out / "checkpoint.pt"
+    progress = Progress()
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own checkpoint
-        if ckpt["config"] != asdict(cfg):
-            raise ValueError("checkpoint was written with another configuration; refusing to resume")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        rng.bit_generator.state = ckpt["rng"]
-        step, best, history, elapsed = int(ckpt["step"]), float(ckpt["best"]), list(ckpt["history"]), float(ckpt["elapsed_s"])
-        logger.info("resumed at step %d", step)
-    if step == 0:
+        progress = resume_run(ckpt_path, asdict(cfg), model, opt, sched, rng)
+    if progress.step == 0:
         baseline = validate(model, rcfg, val)
         logger.info("coarse validation: %s", json.dumps({k: v["sac_dice_coarse"] for k, v in baseline.items()}))
     extra: dict[str, Any] = {
@@ -480,20 +470,13 @@ def train_canal(
                          "mask_perturbation": {"offset_sd_mm": PERTURB_OFFSET_SD, "field_mm": PERTURB_FIELD_MAX,
                                                "shift_mm": PERTURB_SHIFT_MM, "drop_prob": PERTURB_DROP_PROB}},
         "loss": "cross-entropy + soft Dice (dural sac) on native pixels, bilinear probabilities",
-        "command": command,
-        "threads": threads,
-        "device": "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "parameters": count_parameters(model),
-        "render_s": round(render_s, 1),
-        "init": str(init_dir) if init_dir is not None else None,
+        **run_record(model, command, threads, render_s, init_dir),
     }
     model.train()
-    t_start = time.monotonic() - elapsed
+    t_start = time.monotonic() - progress.elapsed_s
     loss_acc, n_acc = 0.0, 0
     stop = False
-    while step < cfg.steps and not stop:
+    while progress.step < cfg.steps and not stop:
         examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         while len(examples) < cfg.batch_size:
             ex = make_example(train[int(rng.integers(len(train)))], rcfg, rng, cfg.synth_fraction)
@@ -504,32 +487,31 @@ def train_canal(
         loss.backward()
         opt.step()
         sched.step()
-        step += 1
+        progress.step += 1
         loss_acc += float(loss.detach())
         n_acc += 1
         stop = max_minutes is not None and time.monotonic() - t_start > 60 * max_minutes
-        if step % cfg.val_every == 0 or step == cfg.steps or stop:
-            elapsed = time.monotonic() - t_start
+        if progress.step % cfg.val_every == 0 or progress.step == cfg.steps or stop:
+            progress.elapsed_s = time.monotonic() - t_start
             metrics = validate(model, rcfg, val)
             score = float(metrics["all"]["sac_dice_refined"])
-            history.append({"step": step, "loss": round(loss_acc / max(n_acc, 1), 4), "val": metrics,
-                            "elapsed_s": round(elapsed, 1)})
-            logger.info("step %d loss %.4f val sac Dice coarse %.4f refined %.4f (%.1f min)", step,
-                        loss_acc / max(n_acc, 1), metrics["all"]["sac_dice_coarse"], score, elapsed / 60)
+            progress.history.append({"step": progress.step, "loss": round(loss_acc / max(n_acc, 1), 4),
+                                     "val": metrics, "elapsed_s": round(progress.elapsed_s, 1)})
+            logger.info("step %d loss %.4f val sac Dice coarse %.4f refined %.4f (%.1f min)", progress.step,
+                        loss_acc / max(n_acc, 1), metrics["all"]["sac_dice_coarse"], score, progress.elapsed_s / 60)
             loss_acc, n_acc = 0.0, 0
-            if score > best:
-                best = score
-                save_refiner(model, _card(cfg, rcfg, {**extra, "step": step, "elapsed_s": round(elapsed, 1),
-                                                      "history": history}, metrics), out / "best")
-            torch.save({"config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "rng": rng.bit_generator.state, "step": step,
-                        "best": best, "history": history, "elapsed_s": elapsed}, out / "checkpoint.tmp")
-            (out / "checkpoint.tmp").replace(ckpt_path)
-            (out / "history.json").write_text(json.dumps(history, indent=1))
+            if score > progress.best:
+                progress.best = score
+                save_refiner(model, _card(cfg, rcfg, _training(extra, progress), metrics), out / "best")
+            save_checkpoint(ckpt_path, asdict(cfg), model, opt, sched, rng, progress)
+            (out / "history.json").write_text(json.dumps(progress.history, indent=1))
     final = validate(model, rcfg, val)
-    save_refiner(model, _card(cfg, rcfg, {**extra, "step": step, "elapsed_s": round(elapsed, 1),
-                                          "history": history}, final), out / "last")
+    save_refiner(model, _card(cfg, rcfg, _training(extra, progress), final), out / "last")
     return dict(json.loads((out / "best" / "canal-card.json").read_text()))
+
+
+def _training(extra: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    return {**extra, "step": progress.step, "elapsed_s": round(progress.elapsed_s, 1), "history": progress.history}
 
 
 def _card(cfg: CanalTrainConfig, rcfg: RefinerConfig, training: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:

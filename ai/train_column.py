@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import pickle
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -52,7 +51,9 @@ from ai.column_refine import (
     sample_planes,
 )
 from ai.levels import split_blocks
-from ai.model import UNet, count_parameters
+from ai.model import UNet
+from ai.refiner_training import Progress, run_record, save_checkpoint
+from ai.refiner_training import resume as resume_run
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -384,20 +385,10 @@ def train_column(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     rng = np.random.default_rng(cfg.seed)
-    step, best, elapsed = 0, -1.0, 0.0
-    history: list[dict[str, Any]] = []
     ckpt_path = out / "checkpoint.pt"
+    progress = Progress()
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own checkpoint
-        if ckpt["config"] != cfg.to_dict():
-            raise ValueError("checkpoint was written with another configuration; refusing to resume")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        rng.bit_generator.state = ckpt["rng"]
-        step, best, history, elapsed = (int(ckpt["step"]), float(ckpt["best"]), list(ckpt["history"]),
-                                        float(ckpt["elapsed_s"]))
-        logger.info("resumed at step %d", step)
+        progress = resume_run(ckpt_path, cfg.to_dict(), model, opt, sched, rng)
     extra: dict[str, Any] = {
         "data": (f"phantom studies rendered in memory as `lumbar-node phantom` writes them "
                  f"(sets {[list(s) for s in cfg.sets]}: seed, subjects, mode, matrix, spacing; subject "
@@ -415,20 +406,13 @@ def train_column(
         "loss": (f"cross-entropy over {{other, disc, body}}, weight 1 on coarse or true column pixels, "
                  f"{BACKGROUND_WEIGHT:g} elsewhere"),
         "optimiser": f"AdamW one-cycle (peak lr {cfg.lr:g}, weight decay {cfg.weight_decay:g})",
-        "command": command,
-        "threads": threads,
-        "device": "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "parameters": count_parameters(model),
-        "render_s": round(render_s, 1),
-        "init": str(init_dir) if init_dir is not None else None,
+        **run_record(model, command, threads, render_s, init_dir),
     }
     model.train()
-    t_start = time.monotonic() - elapsed
+    t_start = time.monotonic() - progress.elapsed_s
     loss_acc, n_acc = 0.0, 0
     stop = False
-    while step < cfg.steps and not stop:
+    while progress.step < cfg.steps and not stop:
         examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         while len(examples) < cfg.batch_size:
             b, k = items[int(rng.choice(len(items), p=draw))]
@@ -441,34 +425,35 @@ def train_column(
         loss.backward()
         opt.step()
         sched.step()
-        step += 1
+        progress.step += 1
         loss_acc += float(loss.detach())
         n_acc += 1
         stop = max_minutes is not None and time.monotonic() - t_start > 60 * max_minutes
-        if step % cfg.val_every == 0 or step == cfg.steps or stop:
-            elapsed = time.monotonic() - t_start
-            card = _card(cfg, {**extra, "step": step, "elapsed_s": round(elapsed, 1), "history": history}, {})
+        if progress.step % cfg.val_every == 0 or progress.step == cfg.steps or stop:
+            progress.elapsed_s = time.monotonic() - t_start
+            card = _card(cfg, _training(extra, progress), {})
             metrics = validate(model, card, val)
             model.train()
             score = _score(metrics)
-            history.append({"step": step, "loss": round(loss_acc / max(n_acc, 1), 4), "val": metrics,
-                            "elapsed_s": round(elapsed, 1)})
-            logger.info("step %d loss %.4f val disc Dice %.4f -> %.4f, body %.4f -> %.4f (%.1f min)", step,
+            progress.history.append({"step": progress.step, "loss": round(loss_acc / max(n_acc, 1), 4),
+                                     "val": metrics, "elapsed_s": round(progress.elapsed_s, 1)})
+            logger.info("step %d loss %.4f val disc Dice %.4f -> %.4f, body %.4f -> %.4f (%.1f min)", progress.step,
                         loss_acc / max(n_acc, 1), metrics["all"]["coarse"]["disc_dice"],
                         metrics["all"]["refined"]["disc_dice"], metrics["all"]["coarse"]["vb_dice"],
-                        metrics["all"]["refined"]["vb_dice"], elapsed / 60)
+                        metrics["all"]["refined"]["vb_dice"], progress.elapsed_s / 60)
             loss_acc, n_acc = 0.0, 0
-            card = _card(cfg, {**extra, "step": step, "elapsed_s": round(elapsed, 1), "history": history}, metrics)
-            if score > best:
-                best = score
+            card = _card(cfg, _training(extra, progress), metrics)
+            if score > progress.best:
+                progress.best = score
                 ColumnRefiner.save(model, card, out / "best")
             ColumnRefiner.save(model, card, out / "last")
-            torch.save({"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "rng": rng.bit_generator.state, "step": step,
-                        "best": best, "history": history, "elapsed_s": elapsed}, out / "checkpoint.tmp")
-            (out / "checkpoint.tmp").replace(ckpt_path)
-            (out / "history.json").write_text(json.dumps(history, indent=1))
+            save_checkpoint(ckpt_path, cfg.to_dict(), model, opt, sched, rng, progress)
+            (out / "history.json").write_text(json.dumps(progress.history, indent=1))
     return dict(json.loads((out / "best" / "column-card.json").read_text()))
+
+
+def _training(extra: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    return {**extra, "step": progress.step, "elapsed_s": round(progress.elapsed_s, 1), "history": progress.history}
 
 
 def _card(cfg: ColumnTrainConfig, training: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
