@@ -57,6 +57,12 @@ MIN_COLUMN_PX = 20
 NORM_PCT = (1.0, 99.0)
 #: A slice whose column changes identity over more than this share gets a flag.
 FLAG_SHARE = 0.5
+#: Longest block (slices) the refiner runs on: it was trained on blocks planned through one
+#: disc (3-5 slices, :func:`ai.phantom.study.plan_blocks`). On a continuous stack (one long
+#: block through discs and vertebral bodies alike) it turned vertebral-body slices into discs
+#: and the level finder saw discs that are not there (all 22 continuous series of the 60
+#: held-out grading series, ``docs/grading.md``), so longer blocks keep the coarse column.
+MAX_BLOCK_SLICES = 5
 DISC = int(Label.DISC)
 BODY = int(Label.VERTEBRAL_BODY)
 
@@ -196,12 +202,15 @@ class ColumnRefiner(PatchRefiner):
 
         A flag names each slice where more than :data:`FLAG_SHARE` of the column changed
         between disc and vertebral body, so a reader sees that the two stages disagreed.
+        Blocks longer than :data:`MAX_BLOCK_SLICES` are left as they are.
         """
         if labels.shape != volume.pixels.shape:
             raise ValueError(f"labels {labels.shape} and volume {volume.pixels.shape} differ")
         todo: list[tuple[int, tuple[float, float], np.ndarray]] = []
         inputs: list[np.ndarray] = []
         for block in split_blocks(volume):
+            if len(block) > MAX_BLOCK_SLICES:
+                continue
             images = volume.pixels[block]
             block_labels = labels[block]
             for j, k in enumerate(block):

@@ -107,3 +107,37 @@ def test_shipped_refiner_changes_identity_only_and_restores_a_lost_disc(randomis
     assert any(f.startswith("slice 7:") for f in flags)
     discs = [k for k in range(len(truth)) if (truth[k] == DISC).any()]
     assert np.mean([disc_dice(refined, k) for k in discs]) >= np.mean([disc_dice(coarse, k) for k in discs])
+
+
+def test_blocks_longer_than_trained_keep_the_coarse_column(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ai.column_refine import MAX_BLOCK_SLICES
+    from ai.volume import Volume
+
+    n = MAX_BLOCK_SLICES + 2
+    images, labels = _block(n)
+    volume = Volume(
+        pixels=images, pixel_spacing=(1.0, 1.0),
+        positions=np.array([[0.0, 0.0, 4.0 * k] for k in range(n)]),
+        orientations=np.tile([1.0, 0, 0, 0, 1.0, 0], (n, 1)),
+        slice_uids=tuple(f"1.2.{k}" for k in range(n)), series_instance_uid="1.2",
+    )
+    refiner = ColumnRefiner.load()
+
+    def no_network(patches: np.ndarray) -> None:
+        raise AssertionError("the network ran on a continuous stack")
+
+    monkeypatch.setattr(refiner, "predict_patches", no_network)
+    out, flags = refiner.refine(labels, volume)
+    assert np.array_equal(out, labels) and flags == []
+
+
+def test_continuous_stack_levels_and_names_with_the_shipped_pipeline() -> None:
+    """Held-out grading series 22 (continuous, untilted, L3-L4..L5-S1): the column refiner once
+    turned its vertebral-body slices into discs and five levels L1-L2..L5-S1 were reported."""
+    from ai.grading_heldout import phantom_series
+    from ai.pipeline import Analyzer
+
+    series = phantom_series(22)
+    assert series.truth["layout"] == "continuous"
+    result = Analyzer(device="cpu", batch_size=8).analyze(series.volume)
+    assert [lv.level for lv in result.levels] == [lv["level"] for lv in series.truth["levels"]]
