@@ -22,6 +22,13 @@ SPACING_MM = 0.5
 REPEATS = 2
 
 
+#: Slices per block: the volume is laid out as a lumbar protocol acquires it, one parallel
+#: block through each disc (slices 4 mm apart, blocks 40 mm apart), so that every stage
+#: runs (the column refiner only reads blocks of up to 5 slices).
+BLOCK_SLICES = 4
+BLOCK_OFFSETS_MM = (-6.0, -2.0, 2.0, 6.0)
+
+
 def _volume() -> Any:
     from ai.phantom import render_slice, sample_subject
     from ai.volume import Volume
@@ -29,17 +36,19 @@ def _volume() -> Any:
     rng = np.random.default_rng(7)
     subject = sample_subject(rng, levels=("L3-L4", "L4-L5", "L5-S1"))
     images = []
+    positions = []
     for k in range(N_SLICES):
-        level = subject.level_names[k % 3]
-        s = render_slice(subject, level, "disc" if k % 4 else "mid", "realistic", rng,
+        block, j = divmod(k, BLOCK_SLICES)
+        level = subject.level_names[block % 3]
+        s = render_slice(subject, level, "disc", "realistic", rng, offset_mm=BLOCK_OFFSETS_MM[j],
                          pixel_spacing=SPACING_MM, matrix=MATRIX)
         images.append(s.image)
+        positions.append([0.0, 0.0, 40.0 * block + 4.0 * j])
     n = len(images)
-    positions = np.array([[0.0, 0.0, 4.0 * k] for k in range(n)])
     return Volume(
         pixels=np.stack(images).astype(np.float32),
         pixel_spacing=(SPACING_MM, SPACING_MM),
-        positions=positions,
+        positions=np.array(positions),
         orientations=np.tile([1.0, 0, 0, 0, 1.0, 0], (n, 1)),
         slice_uids=tuple(f"1.2.3.{k}" for k in range(n)),
         series_instance_uid="1.2.3",
