@@ -409,12 +409,17 @@ def predict_native(
     for start in range(0, n, batch_size):
         logits = predict(model, pre.images[start : start + batch_size], device, batch_size, dtype)
         evidence[start : start + logits.shape[0]] = disc_evidence(logits)
+        # the model-grid arg-max of the whole batch at once: torch spreads it over the
+        # threads, numpy's arg-max over a 13-long last axis runs row by row (2-3 ms a slice)
+        model_labels = logits.argmax(dim=1).to(torch.uint8).numpy()
         for k in range(logits.shape[0]):
-            out[start + k] = to_native(logits[k], pre.grids[start + k])
+            out[start + k] = to_native(logits[k], pre.grids[start + k], model_labels[k])
     return NativePrediction(out, evidence)
 
 
-def to_native(logits: torch.Tensor, grid: SliceGrid) -> np.ndarray:
+def to_native(
+    logits: torch.Tensor, grid: SliceGrid, model_labels: np.ndarray | None = None
+) -> np.ndarray:
     """Model-grid logits ``(classes, H, W)`` of one slice -> native label map (uint8).
 
     Equivalent to bilinear interpolation of the logits followed by arg-max, computed
@@ -423,6 +428,7 @@ def to_native(logits: torch.Tensor, grid: SliceGrid) -> np.ndarray:
     near a label boundary are interpolated. Native pixels outside the model's field of
     view are background. Grids without in-plane rotation (the usual axial slice) take a
     separable path: model row and column follow from native row and column alone.
+    ``model_labels`` is the logits' arg-max over classes when the caller has it already.
     """
     nr, nc = grid.native_shape
     mr, mc = grid.model_shape
@@ -434,7 +440,8 @@ def to_native(logits: torch.Tensor, grid: SliceGrid) -> np.ndarray:
     # (H, W, classes): free for the model's channels-last output, and both the arg-max
     # and the gathers below then read each pixel's class scores contiguously.
     lg = logits.float().permute(1, 2, 0).contiguous().numpy()
-    model_labels = lg.argmax(axis=-1).astype(np.uint8)
+    if model_labels is None:
+        model_labels = lg.argmax(axis=-1).astype(np.uint8)
     # uniform[i, j]: the 2x2 block with top-left (i, j) has one label
     lab_p = np.pad(model_labels, ((0, 1), (0, 1)), mode="edge")
     uniform = (
@@ -488,11 +495,13 @@ def _interpolated_argmax(
     dj = (pj - j0).astype(np.float32)[:, None]
     i1 = np.minimum(i0 + 1, mr - 1)
     j1 = np.minimum(j0 + 1, mc - 1)
+    # rows of the (H * W, classes) view by flat index: take() is ~5x cheaper than lg[i, j]
+    flat = lg.reshape(mr * mc, -1)
     val = (
-        lg[i0, j0] * ((1 - di) * (1 - dj))
-        + lg[i1, j0] * (di * (1 - dj))
-        + lg[i0, j1] * ((1 - di) * dj)
-        + lg[i1, j1] * (di * dj)
+        flat.take(i0 * mc + j0, axis=0) * ((1 - di) * (1 - dj))
+        + flat.take(i1 * mc + j0, axis=0) * (di * (1 - dj))
+        + flat.take(i0 * mc + j1, axis=0) * ((1 - di) * dj)
+        + flat.take(i1 * mc + j1, axis=0) * (di * dj)
     )
     return val.argmax(axis=1).astype(np.uint8)
 
