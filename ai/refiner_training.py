@@ -1,8 +1,10 @@
-"""What the cascade refiners' training commands share: the resumable checkpoint and the run record.
+"""What the training commands share: progress, the resumable checkpoint and the run record.
 
 :mod:`ai.train_canal` and :mod:`ai.train_column` train different networks on different
-examples, but resume alike (model, optimiser, scheduler and sampler state, refused under
-another configuration) and record the same facts about a run in their cards.
+examples, but step, validate and resume alike (model, optimiser, scheduler and sampler
+state, refused under another configuration) and record the same facts about a run in
+their cards. :mod:`ai.train` (the segmentation model, with AMP and its own checkpoint
+keys) keeps its progress in the same :class:`Progress`.
 """
 
 from __future__ import annotations
@@ -17,18 +19,47 @@ import numpy as np
 import torch
 
 from ai.model import count_parameters
+from ai.refiner import PatchRefiner
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Progress:
-    """How far a run is: steps done, best validation score, its history and time spent."""
+    """How far a run is: steps done, best validation score, its history and time spent.
+
+    ``loss_sum`` / ``loss_steps`` accumulate the training loss since the last validation
+    (not checkpointed: a resumed run starts a fresh interval).
+    """
 
     step: int = 0
     best: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
+    loss_sum: float = 0.0
+    loss_steps: int = 0
+
+    def take_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any) -> None:
+        """Back-propagate ``loss``, step the optimiser and the schedule, count the step."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        self.step += 1
+        self.loss_sum += float(loss.detach())
+        self.loss_steps += 1
+
+    def record_validation(self, metrics: dict[str, Any]) -> float:
+        """Append a history entry for ``metrics``; returns the interval's mean loss and resets it."""
+        mean_loss = self.loss_sum / max(self.loss_steps, 1)
+        self.history.append({"step": self.step, "loss": round(mean_loss, 4), "val": metrics,
+                             "elapsed_s": round(self.elapsed_s, 1)})
+        self.loss_sum, self.loss_steps = 0.0, 0
+        return mean_loss
+
+    def training_record(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """The card's ``training`` section: the run's facts ``extra`` plus where it stands."""
+        return {**extra, "step": self.step, "elapsed_s": round(self.elapsed_s, 1), "history": self.history}
 
 
 def save_checkpoint(
@@ -74,3 +105,10 @@ def run_record(
         "render_s": round(render_s, 1),
         "init": str(init_dir) if init_dir is not None else None,
     }
+
+
+def init_from(model: torch.nn.Module, stage: type[PatchRefiner], init_dir: Path | str) -> None:
+    """Start ``model`` from the ``stage`` weights in ``init_dir`` (checked like at start-up)."""
+    init = stage.load(init_dir)
+    model.load_state_dict(init.net.state_dict())
+    logger.info("initialised from %s (%s)", init_dir, str(init.card["weights_sha256"])[:12])

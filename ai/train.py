@@ -27,7 +27,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,6 +39,7 @@ from ai.card import ModelCard, label_map, load_model, save_weights
 from ai.inference import labels_to_model, pre_process_slice
 from ai.labels import LEVEL_NAMES, NUM_CLASSES, STRUCTURES, Label
 from ai.model import UNet, UNetConfig, count_parameters
+from ai.refiner_training import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -310,14 +311,6 @@ def structure_dice(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 # ------------------------------------------------------------------ training loop
 
 
-@dataclass
-class TrainState:
-    step: int = 0
-    best_score: float = -1.0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    elapsed_s: float = 0.0
-
-
 def build_card(cfg: TrainConfig, extra: dict[str, Any]) -> ModelCard:
     """The card of a model trained with ``cfg`` (metrics added as they come)."""
     return ModelCard(
@@ -466,7 +459,7 @@ def train(
     )
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed)
-    state = TrainState()
+    state = Progress()
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -476,8 +469,8 @@ def train(
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         gen.set_state(ckpt["generator"])
-        state = TrainState(step=int(ckpt["step"]), best_score=float(ckpt["best_score"]),
-                           history=list(ckpt["history"]), elapsed_s=float(ckpt["elapsed_s"]))
+        state = Progress(step=int(ckpt["step"]), best=float(ckpt["best_score"]),
+                         history=list(ckpt["history"]), elapsed_s=float(ckpt["elapsed_s"]))
         say(f"resumed at step {state.step}")
 
     extra: dict[str, Any] = {
@@ -538,8 +531,8 @@ def train(
             last_val = state.step
             say(f"step {state.step}/{cfg.steps} loss {entry['loss']:.3f} val mean Dice {score:.4f} "
                 f"({state.elapsed_s / 60:.1f} min)")
-            if score > state.best_score:
-                state.best_score = score
+            if score > state.best:
+                state.best = score
                 card = build_card(cfg, {**extra, "step": state.step,
                                         "elapsed_s": round(state.elapsed_s, 1)})
                 card = ModelCard.from_dict({**card.to_dict(), "metrics": {
@@ -551,7 +544,7 @@ def train(
                 "config": cfg.to_dict(), "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "generator": gen.get_state(), "step": state.step,
-                "best_score": state.best_score, "history": state.history,
+                "best_score": state.best, "history": state.history,
                 "elapsed_s": state.elapsed_s,
             }, out_dir / "checkpoint.tmp")
             (out_dir / "checkpoint.tmp").replace(ckpt_path)

@@ -41,6 +41,7 @@ from torch.nn import functional as F
 from ai.canal_refine import (
     CLASSES,
     MODEL_NAME,
+    CanalRefiner,
     RefinerConfig,
     canal_centre,
     label_map_of_classes,
@@ -53,7 +54,7 @@ from ai.canal_refine import (
 )
 from ai.labels import LEVEL_NAMES, Label
 from ai.model import UNet
-from ai.refiner_training import Progress, run_record, save_checkpoint
+from ai.refiner_training import Progress, init_from, run_record, save_checkpoint
 from ai.refiner_training import resume as resume_run
 from ai.results import SCHIZAS_GRADES
 from ai.train_grader import Segmenter, model_segmenter
@@ -437,11 +438,7 @@ def train_canal(
     rcfg = RefinerConfig()
     model = UNet(rcfg.unet_config)
     if init_dir is not None:
-        from ai.canal_refine import CanalRefiner
-
-        init = CanalRefiner.load(init_dir)
-        model.load_state_dict(init.net.state_dict())
-        logger.info("initialised from %s (%s)", init_dir, str(init.card["weights_sha256"])[:12])
+        init_from(model, CanalRefiner, init_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1,
                                                 div_factor=10.0, final_div_factor=50.0)
@@ -474,7 +471,6 @@ def train_canal(
     }
     model.train()
     t_start = time.monotonic() - progress.elapsed_s
-    loss_acc, n_acc = 0.0, 0
     stop = False
     while progress.step < cfg.steps and not stop:
         examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -483,35 +479,23 @@ def train_canal(
             if ex is not None:
                 examples.append(ex)
         loss = batch_loss(model, examples, cfg.dice_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        progress.step += 1
-        loss_acc += float(loss.detach())
-        n_acc += 1
+        progress.take_step(loss, opt, sched)
         stop = max_minutes is not None and time.monotonic() - t_start > 60 * max_minutes
         if progress.step % cfg.val_every == 0 or progress.step == cfg.steps or stop:
             progress.elapsed_s = time.monotonic() - t_start
             metrics = validate(model, rcfg, val)
             score = float(metrics["all"]["sac_dice_refined"])
-            progress.history.append({"step": progress.step, "loss": round(loss_acc / max(n_acc, 1), 4),
-                                     "val": metrics, "elapsed_s": round(progress.elapsed_s, 1)})
+            mean_loss = progress.record_validation(metrics)
             logger.info("step %d loss %.4f val sac Dice coarse %.4f refined %.4f (%.1f min)", progress.step,
-                        loss_acc / max(n_acc, 1), metrics["all"]["sac_dice_coarse"], score, progress.elapsed_s / 60)
-            loss_acc, n_acc = 0.0, 0
+                        mean_loss, metrics["all"]["sac_dice_coarse"], score, progress.elapsed_s / 60)
             if score > progress.best:
                 progress.best = score
-                save_refiner(model, _card(cfg, rcfg, _training(extra, progress), metrics), out / "best")
+                save_refiner(model, _card(cfg, rcfg, progress.training_record(extra), metrics), out / "best")
             save_checkpoint(ckpt_path, asdict(cfg), model, opt, sched, rng, progress)
             (out / "history.json").write_text(json.dumps(progress.history, indent=1))
     final = validate(model, rcfg, val)
-    save_refiner(model, _card(cfg, rcfg, _training(extra, progress), final), out / "last")
+    save_refiner(model, _card(cfg, rcfg, progress.training_record(extra), final), out / "last")
     return dict(json.loads((out / "best" / "canal-card.json").read_text()))
-
-
-def _training(extra: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    return {**extra, "step": progress.step, "elapsed_s": round(progress.elapsed_s, 1), "history": progress.history}
 
 
 def _card(cfg: CanalTrainConfig, rcfg: RefinerConfig, training: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:

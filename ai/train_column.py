@@ -52,7 +52,7 @@ from ai.column_refine import (
 )
 from ai.levels import split_blocks
 from ai.model import UNet
-from ai.refiner_training import Progress, run_record, save_checkpoint
+from ai.refiner_training import Progress, init_from, run_record, save_checkpoint
 from ai.refiner_training import resume as resume_run
 from ai.volume import Volume
 
@@ -379,9 +379,7 @@ def train_column(
     torch.manual_seed(cfg.seed)  # here, not earlier: loading the coarse model draws from torch's generator
     model = UNet(cfg.model.unet_config)
     if init_dir is not None:
-        init = ColumnRefiner.load(init_dir)
-        model.load_state_dict(init.net.state_dict())
-        logger.info("initialised from %s (%s)", init_dir, str(init.card["weights_sha256"])[:12])
+        init_from(model, ColumnRefiner, init_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     rng = np.random.default_rng(cfg.seed)
@@ -410,7 +408,6 @@ def train_column(
     }
     model.train()
     t_start = time.monotonic() - progress.elapsed_s
-    loss_acc, n_acc = 0.0, 0
     stop = False
     while progress.step < cfg.steps and not stop:
         examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -421,28 +418,20 @@ def train_column(
                 examples.append(ex)
         x, y, w = (torch.from_numpy(np.stack(a)) for a in zip(*examples, strict=True))
         loss = (F.cross_entropy(model(x), y, reduction="none") * w).sum() / w.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        progress.step += 1
-        loss_acc += float(loss.detach())
-        n_acc += 1
+        progress.take_step(loss, opt, sched)
         stop = max_minutes is not None and time.monotonic() - t_start > 60 * max_minutes
         if progress.step % cfg.val_every == 0 or progress.step == cfg.steps or stop:
             progress.elapsed_s = time.monotonic() - t_start
-            card = _card(cfg, _training(extra, progress), {})
+            card = _card(cfg, progress.training_record(extra), {})
             metrics = validate(model, card, val)
             model.train()
             score = _score(metrics)
-            progress.history.append({"step": progress.step, "loss": round(loss_acc / max(n_acc, 1), 4),
-                                     "val": metrics, "elapsed_s": round(progress.elapsed_s, 1)})
+            mean_loss = progress.record_validation(metrics)
             logger.info("step %d loss %.4f val disc Dice %.4f -> %.4f, body %.4f -> %.4f (%.1f min)", progress.step,
-                        loss_acc / max(n_acc, 1), metrics["all"]["coarse"]["disc_dice"],
+                        mean_loss, metrics["all"]["coarse"]["disc_dice"],
                         metrics["all"]["refined"]["disc_dice"], metrics["all"]["coarse"]["vb_dice"],
                         metrics["all"]["refined"]["vb_dice"], progress.elapsed_s / 60)
-            loss_acc, n_acc = 0.0, 0
-            card = _card(cfg, _training(extra, progress), metrics)
+            card = _card(cfg, progress.training_record(extra), metrics)
             if score > progress.best:
                 progress.best = score
                 ColumnRefiner.save(model, card, out / "best")
@@ -450,10 +439,6 @@ def train_column(
             save_checkpoint(ckpt_path, cfg.to_dict(), model, opt, sched, rng, progress)
             (out / "history.json").write_text(json.dumps(progress.history, indent=1))
     return dict(json.loads((out / "best" / "column-card.json").read_text()))
-
-
-def _training(extra: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    return {**extra, "step": progress.step, "elapsed_s": round(progress.elapsed_s, 1), "history": progress.history}
 
 
 def _card(cfg: ColumnTrainConfig, training: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
