@@ -92,6 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "slices' tissue maps (default 0: cached pool images only)",
     )
     parser.add_argument(
+        "--model-subjects",
+        type=int,
+        default=None,
+        help="canal: phantom subjects whose crops carry the coarse model's own masks "
+        "(default 60; rendered with a full field of view, slower than --pool-subjects)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch default)"
     )
     parser.add_argument(
@@ -208,7 +215,7 @@ def _run_canal(args: argparse.Namespace) -> int:
 
     overrides = _given(
         args, {"steps": "steps", "batch_size": "batch_size", "pool_subjects": "subjects", "lr": "lr",
-               "synth_fraction": "synth_fraction"}
+               "synth_fraction": "synth_fraction", "model_subjects": "model_subjects"}
     )
     if args.seed:
         overrides["seed"] = args.seed

@@ -70,3 +70,29 @@ def test_evaluate_takes_each_stage_a_weights_folder_holds(tmp_path: Path) -> Non
     (tmp_path / "column-card.json").write_text("{}")
     (tmp_path / "seg-card.json").write_text("{}")
     assert set(stage_dirs(tmp_path).values()) == {tmp_path}
+
+
+def test_train_command_passes_the_canal_options_to_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train --task canal` options reach CanalTrainConfig (none silently dropped)."""
+    import ai.train_canal
+    from node.cli import build_parser
+    from node.commands import train
+
+    seen: dict[str, object] = {}
+
+    def fake_train(out_dir: Path, cfg: CanalTrainConfig, **kwargs: object) -> dict[str, object]:
+        seen["cfg"], seen["kwargs"] = cfg, kwargs
+        return {"evaluation": {"validation": {"all": {}}}}
+
+    monkeypatch.setattr(ai.train_canal, "train_canal", fake_train)
+    args = build_parser().parse_args([
+        "train", "--task", "canal", "--out", str(tmp_path), "--steps", "7", "--pool-subjects", "5",
+        "--model-subjects", "9", "--synth-fraction", "0.3", "--lr", "0.001", "--init", str(tmp_path),
+    ])
+    assert train.run(args) == 0
+    cfg = seen["cfg"]
+    assert isinstance(cfg, CanalTrainConfig)
+    assert (cfg.steps, cfg.subjects, cfg.model_subjects, cfg.synth_fraction, cfg.lr) == (7, 5, 9, 0.3, 0.001)
+    assert seen["kwargs"]["init_dir"] == tmp_path  # type: ignore[index]
