@@ -6,6 +6,12 @@ Pre-processing (resample + normalise), prediction (batched network) and post-pro
 wall time and in process CPU time (the latter is less sensitive to other load on a shared
 machine; with 2 threads it can exceed wall time). One-thread figures are reported too:
 on a machine shared with other work, two threads often wait for each other.
+
+The same CPU can run this 1.5x slower from one hour to the next (shared host), so absolute
+milliseconds from different sessions are weak evidence. :func:`reference_ms` times a fixed
+workload of the same kinds (float32 convolutions at 2 threads, connected components and a
+distance transform) before and after the stages; ``total_in_reference_units`` (total /
+reference) is the figure to compare between runs and machines.
 """
 
 from __future__ import annotations
@@ -55,6 +61,48 @@ def _volume() -> Any:
     )
 
 
+#: Fixed reference workload (never change it: its whole use is to stay the same).
+REFERENCE_CONV_SHAPE = (1, 16, 224, 224)
+REFERENCE_CONV_LAYERS = 4
+REFERENCE_MASK_SIDE = 512
+REFERENCE_REPEATS = 5
+
+
+def reference_ms(threads: int = 2) -> float:
+    """Median ms of a fixed CPU workload: how fast this machine is right now.
+
+    Four float32 3x3 convolutions (16 -> 16 channels, 224 x 224) and, on a fixed 512 x 512
+    random mask, connected-component labelling plus a Euclidean distance transform: the
+    two kinds of work :meth:`ai.pipeline.Analyzer.segment` spends its time in.
+    """
+    import torch
+    from scipy import ndimage
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(REFERENCE_CONV_SHAPE, generator=gen)
+        conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * 0.05)
+        rng = np.random.default_rng(0)
+        mask = ndimage.binary_opening(rng.random((REFERENCE_MASK_SIDE,) * 2) < 0.55)
+        times = []
+        for _ in range(REFERENCE_REPEATS + 1):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                y = x
+                for _ in range(REFERENCE_CONV_LAYERS):
+                    y = torch.relu(conv(y))
+            ndimage.label(mask)
+            ndimage.distance_transform_edt(mask)
+            times.append(time.perf_counter() - t0)
+        return 1000.0 * float(np.median(times[1:]))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _time_stages(device: str, threads: int, precision: str = "auto") -> dict[str, float]:
     """Median ms per slice of each stage of ``Analyzer.segment`` (its own timings)."""
     import torch
@@ -93,6 +141,7 @@ def run() -> dict:  # type: ignore[type-arg]
     from ai.card import load_model
 
     _, card = load_model()
+    before = reference_ms()
     result: dict[str, Any] = {
         "model": f"{card.name} {card.version}",
         "matrix": list(MATRIX),
@@ -105,6 +154,9 @@ def run() -> dict:  # type: ignore[type-arg]
     result["bfloat16_speedup"] = (
         result["cpu_float32"]["total_ms_per_slice"] / result["cpu"]["total_ms_per_slice"]
     )
+    after = reference_ms()
+    result["reference_ms"] = {"before": before, "after": after}
+    result["total_in_reference_units"] = result["cpu"]["total_ms_per_slice"] / (0.5 * (before + after))
     if torch.cuda.is_available():
         result["cuda"] = _time_stages("cuda", threads=2)
     return result
