@@ -71,9 +71,9 @@ REFERENCE_REPEATS = 5
 def reference_ms(threads: int = 2) -> float:
     """Median ms of a fixed CPU workload: how fast this machine is right now.
 
-    Four float32 3x3 convolutions (16 -> 16 channels, 224 x 224) and, on a fixed 512 x 512
-    random mask, connected-component labelling plus a Euclidean distance transform: the
-    two kinds of work :meth:`ai.pipeline.Analyzer.segment` spends its time in.
+    :data:`REFERENCE_CONV_LAYERS` float32 3x3 convolutions over :data:`REFERENCE_CONV_SHAPE`
+    (channels in = out) and, on a fixed random mask, connected-component labelling plus a
+    Euclidean distance transform: the two kinds of work :meth:`ai.pipeline.Analyzer.segment` spends its time in.
     """
     import torch
     from scipy import ndimage
@@ -83,7 +83,8 @@ def reference_ms(threads: int = 2) -> float:
     try:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(REFERENCE_CONV_SHAPE, generator=gen)
-        conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+        channels = REFERENCE_CONV_SHAPE[1]
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
         with torch.no_grad():
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * 0.05)
         rng = np.random.default_rng(0)
