@@ -15,10 +15,13 @@ their joint probability, so a hesitant refiner leaves the coarse decision alone;
 and no other structure is touched. The patch is laid out in the canonical frame of
 :mod:`ai.inference` (rows toward posterior, columns toward the patient's left).
 
-Input channels (:data:`IN_CHANNELS`): the images of slice k-1, k, k+1 (normalised together by
-the 1st-99th percentiles of slice k's patch; a missing neighbour is zeros), their coarse
-column labels as +1 disc / -1 vertebral body / 0 other, and two constant planes saying
-whether the lower and the upper neighbour exist.
+Input channels (:func:`in_channels`): the images of slices k-c .. k+c, ``c`` =
+:attr:`ColumnConfig.context` (normalised together by the 1st-99th percentiles of slice k's
+patch; a missing neighbour is zeros), their coarse column labels as +1 disc / -1 vertebral
+body / 0 other, and one constant plane per neighbour saying whether it exists. Version 1
+read one neighbour each side (8 channels); version 2 reads two (14 channels), which sees a
+whole 5-slice block: an endplate slice next to the disc centre is told from the disc by
+comparing it with the vertebral body beyond it.
 Weights and card: ``ai/weights/column.safetensors`` + ``column-card.json`` (name
 :data:`MODEL_NAME`), checked (schema, geometry, SHA-256) at load.
 """
@@ -49,8 +52,6 @@ WEIGHTS_FILE = "column.safetensors"
 CARD_FILE = "column-card.json"
 #: Refiner classes, in output-channel order.
 CLASSES: tuple[str, ...] = ("other", "disc", "vertebral_body")
-#: images (k-1, k, k+1) + coarse column labels (k-1, k, k+1) + neighbour-present planes
-IN_CHANNELS = 8
 #: Fewer coarse column pixels than this on a slice: no column to refine.
 MIN_COLUMN_PX = 20
 #: Intensity percentiles of slice k's patch mapped to 0 and 1 (all three images).
@@ -78,6 +79,8 @@ class ColumnConfig:
     patch_mm: float = 76.8
     patch_px: int = 48
     channels: tuple[int, ...] = (12, 24, 48, 64)
+    #: neighbouring slices read on each side (1: k-1, k+1; 2: k-2 .. k+2)
+    context: int = 1
     #: a coarse pixel changes identity only where the refiner gives the other of the two
     #: classes more than this share of P(disc) + P(body) (0.8: chosen on tuning studies)
     min_share: float = 0.8
@@ -91,6 +94,8 @@ class ColumnConfig:
             )
         if not 0.5 <= self.min_share < 1.0:
             raise ColumnRefinerError(f"min_share {self.min_share} outside 0.5-1")
+        if self.context not in (1, 2):
+            raise ColumnRefinerError(f"context must be 1 or 2 slices, got {self.context}")
 
     @property
     def mm_per_px(self) -> float:
@@ -98,18 +103,20 @@ class ColumnConfig:
 
     @property
     def unet_config(self) -> UNetConfig:
-        return UNetConfig(in_channels=IN_CHANNELS, num_classes=len(CLASSES), channels=self.channels)
+        return UNetConfig(in_channels=in_channels(self.context), num_classes=len(CLASSES),
+                          channels=self.channels)
 
     def to_dict(self) -> dict[str, Any]:
         return {"patch_mm": self.patch_mm, "patch_px": self.patch_px,
                 "mm_per_px": round(self.mm_per_px, 5), "channels": list(self.channels),
-                "min_share": self.min_share}
+                "context": self.context, "min_share": self.min_share}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ColumnConfig:
         try:
             return cls(patch_mm=float(d["patch_mm"]), patch_px=int(d["patch_px"]),
                        channels=tuple(int(c) for c in d["channels"]),
+                       context=int(d.get("context", 1)),  # version 1 cards predate the field
                        min_share=float(d.get("min_share", 0.8)))
         except (KeyError, TypeError) as exc:
             raise ColumnRefinerError(f"column refiner config is malformed: {exc}") from exc
@@ -126,9 +133,17 @@ def validate_card(card: dict[str, Any]) -> ColumnConfig:
 # --------------------------------------------------------------------------- inputs
 
 
-def column_centre(labels_2d: np.ndarray) -> tuple[float, float] | None:
-    """Centroid ``(row, col)`` of the coarse disc + vertebral body, or None when too small."""
-    column = (labels_2d == DISC) | (labels_2d == BODY)
+def column_mask(labels_2d: np.ndarray) -> np.ndarray:
+    """Disc + vertebral body pixels of a label slice."""
+    return (labels_2d == DISC) | (labels_2d == BODY)
+
+
+def column_centre(labels_2d: np.ndarray, column: np.ndarray | None = None) -> tuple[float, float] | None:
+    """Centroid ``(row, col)`` of the coarse disc + vertebral body, or None when too small.
+
+    ``column``: :func:`column_mask` of the slice when the caller has it already.
+    """
+    column = column_mask(labels_2d) if column is None else column
     if int(column.sum()) < MIN_COLUMN_PX:
         return None
     return mask_centroid(column)
@@ -153,17 +168,23 @@ def signed_column(labels_2d: np.ndarray) -> np.ndarray:
     return (labels_2d == DISC).astype(np.float32) - (labels_2d == BODY).astype(np.float32)
 
 
-def block_input(images: np.ndarray, labels: np.ndarray, k: int, coords: np.ndarray) -> np.ndarray:
-    """Network input ``(IN_CHANNELS, n, n)`` for slice ``k`` of one block's ``images`` / ``labels``."""
+def in_channels(context: int) -> int:
+    """Input channels for ``context`` neighbours each side: images, coarse labels, presence planes."""
+    return 2 * (2 * context + 1) + 2 * context
+
+
+def block_input(images: np.ndarray, labels: np.ndarray, k: int, coords: np.ndarray,
+                context: int = 1) -> np.ndarray:
+    """Network input ``(in_channels(context), n, n)`` for slice ``k`` of one block's ``images`` / ``labels``."""
     n_slices = len(images)
-    idx = (k - 1, k, k + 1)
+    idx = tuple(range(k - context, k + context + 1))
     present = [0 <= i < n_slices for i in idx]
     box = patch_box(coords, images.shape)
     if box is not None:
         (rows, cols), coords = box
         images, labels = images[:, rows, cols], labels[:, rows, cols]
     img = sample_planes(np.stack([images[i] if p else images[k] for i, p in zip(idx, present, strict=True)]), coords)
-    lo, hi = np.percentile(img[1], NORM_PCT)
+    lo, hi = np.percentile(img[context], NORM_PCT)
     img = np.clip((img - lo) / max(float(hi - lo), 1e-6), -0.5, 1.5)
     masks = sample_planes(
         np.stack([signed_column(labels[i]) if p else np.zeros(labels[k].shape, np.float32)
@@ -174,8 +195,8 @@ def block_input(images: np.ndarray, labels: np.ndarray, k: int, coords: np.ndarr
     for j, p in enumerate(present):
         if not p:
             img[j] = 0.0
-    flags = np.stack([np.full((n, n), float(present[0]), np.float32),
-                      np.full((n, n), float(present[2]), np.float32)])
+    flags = np.stack([np.full((n, n), float(p), np.float32)
+                      for j, p in enumerate(present) if j != context])
     return np.concatenate([img, masks, flags]).astype(np.float32)
 
 
@@ -206,7 +227,7 @@ class ColumnRefiner(PatchRefiner):
         """
         if labels.shape != volume.pixels.shape:
             raise ValueError(f"labels {labels.shape} and volume {volume.pixels.shape} differ")
-        todo: list[tuple[int, tuple[float, float], np.ndarray]] = []
+        todo: list[tuple[int, tuple[float, float], np.ndarray, int]] = []
         inputs: list[np.ndarray] = []
         for block in split_blocks(volume):
             if len(block) > MAX_BLOCK_SLICES:
@@ -214,19 +235,20 @@ class ColumnRefiner(PatchRefiner):
             images = volume.pixels[block]
             block_labels = labels[block]
             for j, k in enumerate(block):
-                centre = column_centre(labels[k])
+                column = column_mask(labels[k])  # whole-slice: once per slice, for the centre and the flag
+                centre = column_centre(labels[k], column)
                 if centre is None:
                     continue
                 matrix = patch_matrix(volume.pixel_spacing, self.config.mm_per_px, volume.orientations[k])
                 coords = patch_coords(centre, matrix, self.config.patch_px)
-                inputs.append(block_input(images, block_labels, j, coords))
-                todo.append((k, centre, matrix))
+                inputs.append(block_input(images, block_labels, j, coords, self.config.context))
+                todo.append((k, centre, matrix, int(column.sum())))
         out = labels.copy()
         flags: list[str] = []
         if not todo:
             return out, flags
         probs = self.predict_patches(np.stack(inputs))
-        for (k, centre, matrix), p in zip(todo, probs, strict=True):
+        for (k, centre, matrix, n_column), p in zip(todo, probs, strict=True):
             box, sampled, inside = probs_to_native(p, labels[k].shape, centre, matrix)
             if sampled.size == 0:
                 continue
@@ -238,7 +260,6 @@ class ColumnRefiner(PatchRefiner):
             changed = to_disc | to_body
             sub[to_disc] = DISC
             sub[to_body] = BODY
-            n_column = int(((labels[k] == DISC) | (labels[k] == BODY)).sum())
             if changed.sum() > FLAG_SHARE * n_column:
                 flags.append(
                     f"slice {k}: the column refiner changed {int(changed.sum())} of {n_column} "

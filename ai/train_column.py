@@ -84,9 +84,18 @@ DEFAULT_SETS: tuple[StudySet, ...] = (
     (5102, 40, "randomised", 384, 0.65),
     (5103, 40, "randomised", 320, 0.8),
     (5106, 40, "randomised", 384, 0.75),
+    # version 2: twice the randomised studies, and realistic ones so that it keeps them right
+    (5107, 40, "randomised", 512, 0.6),
+    (5108, 40, "randomised", 320, 0.9),
+    (5109, 40, "randomised", 448, 0.7),
+    (5110, 40, "randomised", 384, 0.55),
+    (5111, 40, "randomised", 256, 1.1),
+    (5112, 40, "randomised", 512, 0.45),
+    (5113, 30, "realistic", 448, 0.6),
+    (5114, 30, "realistic", 320, 0.8),
 )
 DEFAULT_VAL_SETS: tuple[StudySet, ...] = (
-    (5301, 12, "randomised", 384, 0.6),
+    (5301, 24, "randomised", 384, 0.6),
     (5302, 8, "realistic", 320, 0.7),
 )
 #: Seeds the training must never draw from (held-out evaluation, tuning sets).
@@ -99,15 +108,17 @@ class ColumnTrainConfig:
 
     sets: tuple[StudySet, ...] = DEFAULT_SETS
     val_sets: tuple[StudySet, ...] = DEFAULT_VAL_SETS
-    steps: int = 2000
+    steps: int = 4000
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4
     hard_weight: float = 4.0
     val_every: int = 250
     seed: int = 0
-    version: str = "1.0.0"
-    model: ColumnConfig = field(default_factory=ColumnConfig)
+    version: str = "2.0.0"
+    #: version 2: two neighbours each side, 1.2 mm pixels (1.6 mm blurred the thin cortical
+    #: ring that tells an endplate slice from the disc)
+    model: ColumnConfig = field(default_factory=lambda: ColumnConfig(patch_px=64, context=2))
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
@@ -276,10 +287,11 @@ def make_example(
     coords = patch_coords(c, m, cfg.patch_px)
     if rng.random() < AUG_REVERSE:
         imgs, labs, truth, k = imgs[::-1], labs[::-1], truth[::-1], len(imgs) - 1 - k
-    x = block_input(imgs, labs, k, coords)
+    x = block_input(imgs, labs, k, coords, cfg.context)
+    n_img = 2 * cfg.context + 1
     gamma = float(np.exp(rng.normal(0, AUG_GAMMA_LOG_SD)))
-    x[:3] = np.sign(x[:3]) * np.abs(x[:3]) ** gamma
-    x[:3] += rng.normal(0, rng.uniform(0, AUG_NOISE_MAX), x[:3].shape).astype(np.float32)
+    x[:n_img] = np.sign(x[:n_img]) * np.abs(x[:n_img]) ** gamma
+    x[:n_img] += rng.normal(0, rng.uniform(0, AUG_NOISE_MAX), x[:n_img].shape).astype(np.float32)
     t = sample_planes(truth[k][None].astype(np.float32), coords, "nearest")[0]
     y = np.zeros(t.shape, np.int64)
     y[t == DISC] = 1
@@ -303,6 +315,21 @@ def _slice_dice(pred: np.ndarray, truth: np.ndarray, label: int) -> tuple[list[f
     return dices, fp
 
 
+def swapped_slices(pred: np.ndarray, truth: np.ndarray) -> int:
+    """Slices whose true column (disc or body) is given the other identity on more than half of it.
+
+    These whole-slice swaps, each 1000-2000 mm2 of CSA, are what the CSA ICC of the disc and the
+    vertebral body is most sensitive to (``docs/evaluation.md``).
+    """
+    n = 0
+    for p, t in zip(pred, truth, strict=True):
+        column = (t == DISC) | (t == BODY)
+        if column.any():
+            wrong = ((t == DISC) & (p == BODY)) | ((t == BODY) & (p == DISC))
+            n += int(wrong.sum() > 0.5 * column.sum())
+    return n
+
+
 def validate(model: UNet, card: dict[str, Any], studies: list[Study]) -> dict[str, Any]:
     """Disc / vertebral-body Dice (mean over slices) and disc FP slices, coarse vs refined, per mode."""
     refiner = ColumnRefiner(model, card)  # a folded inference copy: ``model`` stays trainable
@@ -319,14 +346,16 @@ def validate(model: UNet, card: dict[str, Any], studies: list[Study]) -> dict[st
         for which in ("coarse", "refined"):
             disc: list[float] = []
             body: list[float] = []
-            disc_fp = 0
+            disc_fp = swaps = 0
             for labels, truth in sel:
+                swaps += swapped_slices(labels[which], truth)
                 d, fp = _slice_dice(labels[which], truth, DISC)
                 disc += d
                 disc_fp += fp
                 body += _slice_dice(labels[which], truth, BODY)[0]
             entry[which] = {"disc_dice": round(float(np.mean(disc)) if disc else 1.0, 4),
-                            "vb_dice": round(float(np.mean(body)) if body else 1.0, 4), "disc_fp_slices": disc_fp}
+                            "vb_dice": round(float(np.mean(body)) if body else 1.0, 4), "disc_fp_slices": disc_fp,
+                            "swapped_slices": swaps}
         out[mode] = entry
     return out
 
@@ -427,10 +456,11 @@ def train_column(
             model.train()
             score = _score(metrics)
             mean_loss = progress.record_validation(metrics)
-            logger.info("step %d loss %.4f val disc Dice %.4f -> %.4f, body %.4f -> %.4f (%.1f min)", progress.step,
-                        mean_loss, metrics["all"]["coarse"]["disc_dice"],
+            logger.info("step %d loss %.4f val disc Dice %.4f -> %.4f, body %.4f -> %.4f, swapped slices "
+                        "%d -> %d (%.1f min)", progress.step, mean_loss, metrics["all"]["coarse"]["disc_dice"],
                         metrics["all"]["refined"]["disc_dice"], metrics["all"]["coarse"]["vb_dice"],
-                        metrics["all"]["refined"]["vb_dice"], progress.elapsed_s / 60)
+                        metrics["all"]["refined"]["vb_dice"], metrics["all"]["coarse"]["swapped_slices"],
+                        metrics["all"]["refined"]["swapped_slices"], progress.elapsed_s / 60)
             card = _card(cfg, progress.training_record(extra), metrics)
             if score > progress.best:
                 progress.best = score
@@ -441,6 +471,16 @@ def train_column(
     return dict(json.loads((out / "best" / "column-card.json").read_text()))
 
 
+def _channel_names(context: int) -> list[str]:
+    """What each input channel of :func:`ai.column_refine.block_input` holds, in order."""
+    offsets = [f"k{d:+d}" if d else "k" for d in range(-context, context + 1)]
+    neighbours = [o for o in offsets if o != "k"]
+    return ([f"image {o}" for o in offsets[:-1]]
+            + [f"image {offsets[-1]} (joint 1st-99th percentile of slice k's patch -> 0..1; missing neighbour 0)"]
+            + [f"coarse column {o}" + (" (+1 disc, -1 body)" if i == 0 else "") for i, o in enumerate(offsets)]
+            + [f"neighbour {o} present" for o in neighbours])
+
+
 def _card(cfg: ColumnTrainConfig, training: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": MODEL_NAME,
@@ -449,10 +489,7 @@ def _card(cfg: ColumnTrainConfig, training: dict[str, Any], metrics: dict[str, A
         "config": cfg.model.to_dict(),
         "classes": list(CLASSES),
         "input": {
-            "channels": ["image k-1", "image k",
-                         "image k+1 (joint 1st-99th percentile of slice k's patch -> 0..1; missing neighbour 0)",
-                         "coarse column k-1 (+1 disc, -1 body)", "coarse column k", "coarse column k+1",
-                         "lower neighbour present", "upper neighbour present"],
+            "channels": _channel_names(cfg.model.context),
             "centre": "centroid of the coarse disc + vertebral body",
             "frame": "rows toward posterior, columns toward the patient's left (ai.inference.canonical_axes)",
         },
@@ -461,6 +498,6 @@ def _card(cfg: ColumnTrainConfig, training: dict[str, Any], metrics: dict[str, A
         "training": training,
         "evaluation": {"validation": metrics},
         "intended_use": ("research: re-decides disc vs vertebral body on the coarse anterior column of "
-                         "lumbar-seg-unet from the slice and its two block neighbours; trained on synthetic "
+                         "lumbar-seg-unet from the slice and its block neighbours; trained on synthetic "
                          "phantoms only, not validated on patient data"),
     }

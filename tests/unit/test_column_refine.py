@@ -12,13 +12,13 @@ import pytest
 from ai.canal_refine import patch_coords, patch_matrix
 from ai.column_refine import (
     CARD_FILE,
-    IN_CHANNELS,
     SHIPPED_WEIGHTS_DIR,
     WEIGHTS_FILE,
     ColumnRefiner,
     ColumnRefinerError,
     block_input,
     column_centre,
+    in_channels,
 )
 from ai.labels import Label
 
@@ -41,7 +41,7 @@ def test_block_input_marks_missing_neighbours_and_signs_the_column() -> None:
     coords = patch_coords(centre, patch_matrix((1.0, 1.0), 1.6), 48)
     first = block_input(images, labels, 0, coords)
     middle = block_input(images, labels, 1, coords)
-    assert first.shape == middle.shape == (IN_CHANNELS, 48, 48)
+    assert first.shape == middle.shape == (in_channels(1), 48, 48) == (8, 48, 48)
     # slice 0 has no lower neighbour: zero image, zero column, presence plane 0
     assert not first[0].any() and not first[3].any()
     assert first[6].max() == 0.0 and first[7].min() == 1.0
@@ -49,6 +49,22 @@ def test_block_input_marks_missing_neighbours_and_signs_the_column() -> None:
     # coarse column: +1 disc on the middle slice, -1 body on its neighbours
     assert middle[4].max() == pytest.approx(1.0) and middle[3].min() == pytest.approx(-1.0)
     assert column_centre(np.zeros((10, 10), np.uint8)) is None
+
+
+def test_block_input_with_two_neighbours_each_side() -> None:
+    """Context 2 (version 2 weights): images and columns of k-2 .. k+2, presence of the four neighbours."""
+    images, labels = _block(4)
+    images = images + np.linspace(0.0, 300.0, images.shape[-1], dtype=np.float32)  # a ramp to normalise on
+    coords = patch_coords(column_centre(labels[1]), patch_matrix((1.0, 1.0), 1.2), 64)  # type: ignore[arg-type]
+    x = block_input(images, labels, 1, coords, context=2)
+    assert x.shape == (in_channels(2), 64, 64) == (14, 64, 64)
+    # image planes k-2 (missing), k-1, k, k+1, k+2 (100 brighter each), normalised on slice k
+    assert not x[0].any()
+    assert x[1].mean() < x[2].mean() < x[3].mean() < x[4].mean()
+    # column planes: k+1 (index 2 of the block) is the disc, the others body, k-2 missing
+    assert not x[5].any() and x[6].min() == pytest.approx(-1.0) and x[8].max() == pytest.approx(1.0)
+    # presence of k-2, k-1, k+1, k+2
+    assert [float(x[c].mean()) for c in range(10, 14)] == [0.0, 1.0, 1.0, 1.0]
 
 
 def test_card_checksum_and_fields_checked(tmp_path: Path) -> None:

@@ -30,6 +30,20 @@ def test_in_memory_studies_equal_what_the_phantom_command_writes(tmp_path: Path)
     assert volume.pixel_spacing == case.volume.pixel_spacing
 
 
+def test_swapped_slices_counts_a_column_given_the_other_identity_on_most_of_it() -> None:
+    from ai.train_column import BODY, DISC, swapped_slices
+
+    truth = np.zeros((4, 10, 10), np.uint8)
+    truth[:, 2:8, 2:8] = BODY
+    truth[1, 2:8, 2:8] = DISC
+    pred = truth.copy()
+    assert swapped_slices(pred, truth) == 0
+    pred[1, 2:8, 2:8] = BODY  # the disc slice called body in full
+    pred[2, 2:5, 2:8] = DISC  # half of a body slice called disc: not more than half
+    pred[3, 2:6, 2:8] = DISC  # two thirds: swapped
+    assert swapped_slices(pred, truth) == 2
+
+
 def test_config_keeps_evaluation_and_validation_seeds_out_of_training() -> None:
     with pytest.raises(ValueError, match="evaluation and tuning"):
         ColumnTrainConfig(sets=((9002, 5, "randomised", 448, 0.55),))
@@ -55,6 +69,7 @@ def test_a_short_run_writes_loadable_weights_and_resumes(tmp_path: Path) -> None
     assert set(val) == {"all", "realistic", "randomised"} and val["all"]["studies"] == 2
     assert set(val["all"]) == {"studies", "coarse", "refined"}
     assert 0.0 <= val["all"]["coarse"]["disc_dice"] <= 1.0
+    assert val["all"]["refined"]["swapped_slices"] >= 0
     assert len(list(out.glob("column-blocks-*.pkl"))) == 1  # rendered once, cached
 
     with pytest.raises(ValueError, match="another configuration"):
