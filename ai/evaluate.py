@@ -8,6 +8,9 @@ Per structure key of :data:`ai.labels.STRUCTURES`:
 * **CSA agreement** over those slices: ICC(2,1) (two-way random effects, absolute
   agreement, single measurement; Shrout & Fleiss 1979 / McGraw & Wong 1996) and
   Bland-Altman bias and 95 % limits of agreement (prediction - truth, mm2).
+* **Swapped slices** of the disc and the vertebral body: slices where more than half of the
+  true structure is predicted as the other one (a whole-slice identity error, 1000-2000 mm2
+  of CSA each; the CSA ICC of both is most sensitive to these).
 * **Fat fraction** of the muscles, when the truth carries ``fat_fraction_pct`` per slice:
   mean absolute error (percentage points).
 * **Sampling error**: a 95 % bootstrap interval of the mean Dice and of the ICC over
@@ -99,6 +102,16 @@ def bland_altman(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {"bias": bias, "loa_low": bias - 1.96 * sd, "loa_high": bias + 1.96 * sd}
 
 
+#: Structures that can take each other's identity on a whole slice: structure -> the other one.
+IDENTITY_PAIRS: dict[str, str] = {"disc": "vertebral_body", "vertebral_body": "disc"}
+
+
+def identity_swapped(pred: np.ndarray, truth: np.ndarray, labels: Sequence[int], other: Sequence[int]) -> bool:
+    """True when more than half of the true structure (``labels``) is predicted as ``other``."""
+    true = np.isin(truth, labels)
+    return bool(int((true & np.isin(pred, other)).sum()) * 2 > int(true.sum()) > 0)
+
+
 @dataclass
 class _Acc:
     dice: list[float] = field(default_factory=list)
@@ -108,6 +121,7 @@ class _Acc:
     inter: int = 0
     total: int = 0
     fp_slices: int = 0
+    swapped_slices: int = 0
     csa_truth: list[float] = field(default_factory=list)
     csa_pred: list[float] = field(default_factory=list)
     ff_err: list[float] = field(default_factory=list)
@@ -160,6 +174,8 @@ class SegmentationMetrics:
                     if np_ > 0:
                         acc.fp_slices += 1
                     continue
+                if key in IDENTITY_PAIRS and identity_swapped(pred, truth, labs, STRUCTURES[IDENTITY_PAIRS[key]]):
+                    acc.swapped_slices += 1
                 acc.dice.append(2 * inter / (np_ + nt))
                 acc.case.append(self._case)
                 acc.iou.append(inter / (np_ + nt - inter))
@@ -194,6 +210,7 @@ class SegmentationMetrics:
                     "dice_pooled": 2 * a.inter / a.total if a.total else None,
                     **_case_intervals(a),
                     "fp_slices": a.fp_slices,
+                    "swapped_slices": a.swapped_slices if key in IDENTITY_PAIRS else None,
                     "csa_icc": _nan_to_none(icc_2_1(np.array(a.csa_pred), np.array(a.csa_truth))),
                     "csa_bias_mm2": _nan_to_none(ba["bias"]),
                     "csa_loa_low_mm2": _nan_to_none(ba["loa_low"]),

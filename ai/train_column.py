@@ -50,6 +50,7 @@ from ai.column_refine import (
     column_centre,
     sample_planes,
 )
+from ai.evaluate import identity_swapped
 from ai.levels import split_blocks
 from ai.model import UNet
 from ai.refiner_training import Progress, init_from, run_record, save_checkpoint
@@ -316,18 +317,10 @@ def _slice_dice(pred: np.ndarray, truth: np.ndarray, label: int) -> tuple[list[f
 
 
 def swapped_slices(pred: np.ndarray, truth: np.ndarray) -> int:
-    """Slices whose true column (disc or body) is given the other identity on more than half of it.
-
-    These whole-slice swaps, each 1000-2000 mm2 of CSA, are what the CSA ICC of the disc and the
-    vertebral body is most sensitive to (``docs/evaluation.md``).
-    """
-    n = 0
-    for p, t in zip(pred, truth, strict=True):
-        column = (t == DISC) | (t == BODY)
-        if column.any():
-            wrong = ((t == DISC) & (p == BODY)) | ((t == BODY) & (p == DISC))
-            n += int(wrong.sum() > 0.5 * column.sum())
-    return n
+    """Slices whose true disc or vertebral body is given the other identity on more than half
+    of it (:func:`ai.evaluate.identity_swapped`): what the CSA ICC of both is most sensitive to."""
+    return sum(identity_swapped(p, t, (DISC,), (BODY,)) or identity_swapped(p, t, (BODY,), (DISC,))
+               for p, t in zip(pred, truth, strict=True))
 
 
 def validate(model: UNet, card: dict[str, Any], studies: list[Study]) -> dict[str, Any]:

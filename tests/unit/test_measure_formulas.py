@@ -148,3 +148,19 @@ def test_case_bootstrap_interval_is_wide_for_few_cases_and_narrows_with_more() -
     lo_m, hi_m = many["dice_ci95"]
     assert lo_m <= 5 / 6 <= hi_m and hi_m - lo_m < 0.5 * (hi - lo)
     assert report(1, 5)["dice_ci95"] is None
+
+
+def test_evaluation_counts_slices_whose_disc_or_body_took_the_other_identity() -> None:
+    from ai.evaluate import SegmentationMetrics
+
+    m = SegmentationMetrics()
+    disc, body = np.zeros((20, 20), np.uint8), np.zeros((20, 20), np.uint8)
+    disc[5:15, 5:15], body[5:15, 5:15] = 2, 1
+    m.add(body, disc, disc.astype(np.float32), (1.0, 1.0))  # a disc slice called body: swapped
+    half = body.copy()
+    half[5:10, 5:15] = 2
+    m.add(half, body, body.astype(np.float32), (1.0, 1.0))  # half of a body slice called disc: not
+    m.add(body, body, body.astype(np.float32), (1.0, 1.0))
+    r = m.report()["all"]
+    assert r["disc"]["swapped_slices"] == 1 and r["vertebral_body"]["swapped_slices"] == 0
+    assert r["psoas_left"]["swapped_slices"] is None
