@@ -54,7 +54,7 @@ CARD_FILE = "column-card.json"
 CLASSES: tuple[str, ...] = ("other", "disc", "vertebral_body")
 #: Fewer coarse column pixels than this on a slice: no column to refine.
 MIN_COLUMN_PX = 20
-#: Intensity percentiles of slice k's patch mapped to 0 and 1 (all three images).
+#: Intensity percentiles of slice k's patch mapped to 0 and 1 (all the block images read).
 NORM_PCT = (1.0, 99.0)
 #: A slice whose column changes identity over more than this share gets a flag.
 FLAG_SHARE = 0.5
@@ -168,9 +168,14 @@ def signed_column(labels_2d: np.ndarray) -> np.ndarray:
     return (labels_2d == DISC).astype(np.float32) - (labels_2d == BODY).astype(np.float32)
 
 
+def image_planes(context: int) -> int:
+    """Slices read for ``context`` neighbours each side: the first this many input channels are images."""
+    return 2 * context + 1
+
+
 def in_channels(context: int) -> int:
     """Input channels for ``context`` neighbours each side: images, coarse labels, presence planes."""
-    return 2 * (2 * context + 1) + 2 * context
+    return 2 * image_planes(context) + 2 * context
 
 
 def block_input(images: np.ndarray, labels: np.ndarray, k: int, coords: np.ndarray,

@@ -106,10 +106,9 @@ def bland_altman(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 IDENTITY_PAIRS: dict[str, str] = {"disc": "vertebral_body", "vertebral_body": "disc"}
 
 
-def identity_swapped(pred: np.ndarray, truth: np.ndarray, labels: Sequence[int], other: Sequence[int]) -> bool:
-    """True when more than half of the true structure (``labels``) is predicted as ``other``."""
-    true = np.isin(truth, labels)
-    return bool(int((true & np.isin(pred, other)).sum()) * 2 > int(true.sum()) > 0)
+def identity_swapped(true: np.ndarray, predicted_other: np.ndarray) -> bool:
+    """True when more than half of a true structure's mask is predicted as the other one."""
+    return bool(int((true & predicted_other).sum()) * 2 > int(true.sum()) > 0)
 
 
 @dataclass
@@ -174,7 +173,7 @@ class SegmentationMetrics:
                     if np_ > 0:
                         acc.fp_slices += 1
                     continue
-                if key in IDENTITY_PAIRS and identity_swapped(pred, truth, labs, STRUCTURES[IDENTITY_PAIRS[key]]):
+                if key in IDENTITY_PAIRS and identity_swapped(t, np.isin(pred, STRUCTURES[IDENTITY_PAIRS[key]])):
                     acc.swapped_slices += 1
                 acc.dice.append(2 * inter / (np_ + nt))
                 acc.case.append(self._case)

@@ -48,6 +48,7 @@ from ai.column_refine import (
     ColumnRefiner,
     block_input,
     column_centre,
+    image_planes,
     sample_planes,
 )
 from ai.evaluate import identity_swapped
@@ -289,7 +290,7 @@ def make_example(
     if rng.random() < AUG_REVERSE:
         imgs, labs, truth, k = imgs[::-1], labs[::-1], truth[::-1], len(imgs) - 1 - k
     x = block_input(imgs, labs, k, coords, cfg.context)
-    n_img = 2 * cfg.context + 1
+    n_img = image_planes(cfg.context)
     gamma = float(np.exp(rng.normal(0, AUG_GAMMA_LOG_SD)))
     x[:n_img] = np.sign(x[:n_img]) * np.abs(x[:n_img]) ** gamma
     x[:n_img] += rng.normal(0, rng.uniform(0, AUG_NOISE_MAX), x[:n_img].shape).astype(np.float32)
@@ -319,7 +320,7 @@ def _slice_dice(pred: np.ndarray, truth: np.ndarray, label: int) -> tuple[list[f
 def swapped_slices(pred: np.ndarray, truth: np.ndarray) -> int:
     """Slices whose true disc or vertebral body is given the other identity on more than half
     of it (:func:`ai.evaluate.identity_swapped`): what the CSA ICC of both is most sensitive to."""
-    return sum(identity_swapped(p, t, (DISC,), (BODY,)) or identity_swapped(p, t, (BODY,), (DISC,))
+    return sum(identity_swapped(t == DISC, p == BODY) or identity_swapped(t == BODY, p == DISC)
                for p, t in zip(pred, truth, strict=True))
 
 
