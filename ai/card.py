@@ -30,6 +30,8 @@ CARD_FILE = "seg-card.json"
 SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 #: Hard ceiling on the shipped weights (issue: <= 20 MB).
 MAX_WEIGHTS_BYTES = 20 * 1024 * 1024
+#: Largest logit offset a card may carry (e^5: a prior ratio of about 150).
+MAX_LOGIT_OFFSET = 5.0
 
 
 class CardError(ValueError):
@@ -87,6 +89,10 @@ class ModelCard:
         Data description, seed, configuration, command line, duration.
     metrics
         Held-out metrics (Dice, IoU, CSA ICC per structure...).
+    calibration
+        Post-training calibration chosen on tuning studies: ``logit_offsets`` (label name ->
+        amount subtracted from that class's logit, see :func:`ai.inference.calibrate_logits`)
+        and free-text fields saying why and on what it was chosen. Empty: raw logits.
     """
 
     name: str
@@ -99,6 +105,7 @@ class ModelCard:
     weights_sha256: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
     card_schema_version: str = CARD_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -117,6 +124,21 @@ class ModelCard:
             )
         if cfg.num_classes != len(self.labels):
             raise CardError("architecture num_classes differs from the label map")
+        self.logit_offsets()  # validates the calibration
+
+    def logit_offsets(self) -> torch.Tensor:
+        """Per-class amounts subtracted from the logits (float32, one per label; zeros when uncalibrated)."""
+        offsets = self.calibration.get("logit_offsets", {})
+        if not isinstance(offsets, dict):
+            raise CardError("calibration.logit_offsets must map label names to numbers")
+        out = torch.zeros(len(self.labels))
+        for name, value in offsets.items():
+            if name not in Label.__members__:
+                raise CardError(f"calibration.logit_offsets names an unknown label {name!r}")
+            if not isinstance(value, int | float) or not abs(value) <= MAX_LOGIT_OFFSET:
+                raise CardError(f"calibration.logit_offsets[{name}] = {value!r}: a number within +-{MAX_LOGIT_OFFSET}")
+            out[int(Label[name])] = float(value)
+        return out
 
     @property
     def unet_config(self) -> UNetConfig:
@@ -141,6 +163,7 @@ class ModelCard:
                 weights_sha256=str(d.get("weights_sha256", "")),
                 training=dict(d.get("training", {})),
                 metrics=dict(d.get("metrics", {})),
+                calibration=dict(d.get("calibration", {})),
                 card_schema_version=str(d.get("card_schema_version", CARD_SCHEMA_VERSION)),
             )
         except (KeyError, TypeError, IndexError) as exc:

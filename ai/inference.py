@@ -354,6 +354,44 @@ def predict(
     return torch.cat(outputs)
 
 
+def calibrate_logits(logits: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Logits ``(n, classes, H, W)`` minus per-class ``offsets``, the disc / body identity kept raw.
+
+    Why: the network was trained with the vertebral body weighted 5 times in the
+    cross-entropy, which moves its boundary outward by about one native pixel (+50 mm2 per
+    slice, all of it on the ring just outside the true body). Subtracting log(5) from its
+    logit undoes that prior (logit adjustment). It must move the anterior column (disc +
+    vertebral body) against its surroundings only: between the two, the column refiner and
+    the series disc assignment decide, both tuned on the raw decision, and on randomised
+    contrast an offset there turned vertebral-body slices into disc. So the column's score
+    is the larger of the two offset logits and the raw difference decides which one it is;
+    both stay continuous, so :func:`to_native`'s interpolation keeps its meaning.
+    """
+    out = logits - offsets.to(logits.dtype).view(1, -1, 1, 1)
+    body, disc = int(Label.VERTEBRAL_BODY), int(Label.DISC)
+    raw_margin = logits[:, body] - logits[:, disc]
+    column = torch.maximum(out[:, body], out[:, disc])
+    out[:, body] = column - torch.relu(-raw_margin)
+    out[:, disc] = column - torch.relu(raw_margin)
+    return out
+
+
+class CalibratedNetwork(torch.nn.Module):
+    """The segmentation network followed by :func:`calibrate_logits` with the card's offsets."""
+
+    def __init__(self, network: torch.nn.Module, offsets: torch.Tensor) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("offsets", offsets.float())
+        self.calibrated = bool(offsets.abs().sum() > 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.network(x)
+        if not self.calibrated:
+            return logits  # type: ignore[no-any-return]
+        return calibrate_logits(logits.float(), self.offsets)  # type: ignore[arg-type]
+
+
 #: Model-grid pixels count as "body" (disc or vertebral body) for :func:`disc_evidence`
 #: where the two classes together hold more than this probability.
 BODY_PROBABILITY = 0.5

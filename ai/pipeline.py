@@ -19,7 +19,7 @@ from ai.canal_refine import CanalRefiner
 from ai.card import ModelCard, load_model
 from ai.column_refine import ColumnRefiner
 from ai.disc_assignment import assign_block_discs
-from ai.inference import autocast_dtype, pre_process, predict_native
+from ai.inference import CalibratedNetwork, autocast_dtype, pre_process, predict_native
 from ai.levels import LevelAssignment, find_levels
 from ai.measure import measure_level, plausibility_flags
 from ai.model import fold_batchnorm
@@ -97,7 +97,8 @@ class Analyzer:
         self.batch_size = batch_size
         model, card = load_model(Path(weights_dir) if weights_dir is not None else None)
         self.autocast = autocast_dtype(self.device, precision)
-        self.model = fold_batchnorm(model).to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        network = CalibratedNetwork(fold_batchnorm(model), card.logit_offsets())
+        self.model = network.to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.card: ModelCard = card
         self.grader: Any = None
         self._setup_flags: list[str] = []

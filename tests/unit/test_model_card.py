@@ -92,3 +92,17 @@ def test_shipped_weights_fit_their_card_and_the_size_limit() -> None:
     for key in ("seed", "command", "config"):
         assert key in card.training or key in card.training.get("config", {})
     assert card.metrics, "the shipped card must carry held-out metrics"
+
+
+def test_calibration_offsets_are_validated_and_round_trip() -> None:
+    card = ModelCard.from_dict({**_card().to_dict(),
+                                "calibration": {"logit_offsets": {"VERTEBRAL_BODY": 1.5, "PSOAS_LEFT": -0.3}}})
+    offsets = ModelCard.from_dict(card.to_dict()).logit_offsets()
+    assert offsets.shape == (NUM_CLASSES,)
+    assert offsets[1].item() == pytest.approx(1.5) and offsets[6].item() == pytest.approx(-0.3)
+    assert offsets.abs().sum().item() == pytest.approx(1.8)
+    assert _card().logit_offsets().abs().sum().item() == 0.0  # uncalibrated card: raw logits
+    for bad, match in (({"BONE": 1.0}, "unknown label"), ({"DISC": "1"}, "a number"),
+                       ({"DISC": 9.0}, "a number"), ({"DISC": float("nan")}, "a number")):
+        with pytest.raises(CardError, match=match):
+            ModelCard.from_dict({**_card().to_dict(), "calibration": {"logit_offsets": bad}})

@@ -1,0 +1,63 @@
+"""Logit calibration: offsets move the anterior column against its surroundings, not disc against body."""
+
+from __future__ import annotations
+
+import torch
+
+from ai.card import load_model
+from ai.inference import CalibratedNetwork, calibrate_logits
+from ai.labels import NUM_CLASSES, Label
+from ai.pipeline import Analyzer
+
+BG, BODY, DISC, PSOAS = int(Label.BACKGROUND), int(Label.VERTEBRAL_BODY), int(Label.DISC), int(Label.PSOAS_LEFT)
+
+
+def _pixels(*scores: dict[int, float]) -> torch.Tensor:
+    """Logits ``(1, classes, 1, n)``: one pixel per dict of class -> logit (others -10)."""
+    out = torch.full((1, NUM_CLASSES, 1, len(scores)), -10.0)
+    for j, s in enumerate(scores):
+        for c, v in s.items():
+            out[0, c, 0, j] = v
+    return out
+
+
+def _offsets(**by_label: float) -> torch.Tensor:
+    out = torch.zeros(NUM_CLASSES)
+    for name, v in by_label.items():
+        out[int(Label[name])] = v
+    return out
+
+
+def test_body_offset_moves_the_column_boundary_but_not_the_disc_body_identity() -> None:
+    logits = _pixels(
+        {BODY: 1.0, BG: 0.5},             # body barely ahead of background: becomes background
+        {BODY: 3.0, BG: 0.5},             # clear body: stays body
+        {BODY: 1.0, DISC: 0.8, BG: -1.0},  # body barely ahead of disc: stays body (identity raw)
+        {DISC: 1.0, BODY: 0.9, BG: 0.5},   # disc ahead of body: stays disc
+        {DISC: 1.0, BG: 0.5},             # disc and background: untouched by a body offset
+    )
+    raw = logits.argmax(1)[0, 0].tolist()
+    assert raw == [BODY, BODY, BODY, DISC, DISC]
+    out = calibrate_logits(logits, _offsets(VERTEBRAL_BODY=1.6))
+    assert out.argmax(1)[0, 0].tolist() == [BG, BODY, BODY, DISC, DISC]
+    # the disc - body margin is the raw one wherever the column wins
+    margin = (out[0, BODY, 0] - out[0, DISC, 0])[2:4]
+    assert torch.allclose(margin, (logits[0, BODY, 0] - logits[0, DISC, 0])[2:4])
+    # a negative offset grows a structure
+    grown = calibrate_logits(_pixels({PSOAS: 0.2, BG: 0.4}), _offsets(PSOAS_LEFT=-0.3))
+    assert grown.argmax(1).item() == PSOAS
+
+
+def test_zero_offsets_leave_the_logits_alone() -> None:
+    logits = torch.randn(2, NUM_CLASSES, 4, 4)
+    assert torch.equal(calibrate_logits(logits, torch.zeros(NUM_CLASSES)).argmax(1), logits.argmax(1))
+    net = CalibratedNetwork(torch.nn.Identity(), torch.zeros(NUM_CLASSES))
+    assert not net.calibrated and torch.equal(net(logits), logits)
+
+
+def test_analyzer_applies_the_shipped_cards_offsets() -> None:
+    _, card = load_model()
+    analyzer = Analyzer(device="cpu", refine=False)
+    assert isinstance(analyzer.model, CalibratedNetwork)
+    assert torch.equal(analyzer.model.offsets, card.logit_offsets())
+    assert analyzer.model.calibrated, "the shipped card carries the calibration chosen on tuning studies"
