@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from ai.card import ModelCard, Normalisation
 from ai.labels import Label
+from ai.model import UNet
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -367,29 +368,51 @@ def calibrate_logits(logits: torch.Tensor, offsets: torch.Tensor) -> torch.Tenso
     is the larger of the two offset logits and the raw difference decides which one it is;
     both stay continuous, so :func:`to_native`'s interpolation keeps its meaning.
     """
-    out = logits - offsets.to(logits.dtype).view(1, -1, 1, 1)
     body, disc = int(Label.VERTEBRAL_BODY), int(Label.DISC)
-    raw_margin = logits[:, body] - logits[:, disc]
-    column = torch.maximum(out[:, body], out[:, disc])
-    out[:, body] = column - torch.relu(-raw_margin)
-    out[:, disc] = column - torch.relu(raw_margin)
-    return out
+    shifted = logits - offsets.to(logits.dtype).view(1, -1, 1, 1)
+    return keep_column_identity(shifted, float(offsets[body] - offsets[disc]))
+
+
+def keep_column_identity(shifted: torch.Tensor, margin_shift: float) -> torch.Tensor:
+    """In place on offset logits: the column scores as its better class, the raw margin picks which.
+
+    ``margin_shift`` is the body offset minus the disc offset: adding it back to the offset
+    margin gives the raw one. With equal offsets this changes nothing.
+    """
+    if margin_shift == 0:
+        return shifted
+    body, disc = int(Label.VERTEBRAL_BODY), int(Label.DISC)
+    raw_margin = shifted[:, body] - shifted[:, disc] + margin_shift
+    column = torch.maximum(shifted[:, body], shifted[:, disc])
+    shifted[:, body] = column - torch.relu(-raw_margin)
+    shifted[:, disc] = column - torch.relu(raw_margin)
+    return shifted
 
 
 class CalibratedNetwork(torch.nn.Module):
-    """The segmentation network followed by :func:`calibrate_logits` with the card's offsets."""
+    """A U-Net whose output is :func:`calibrate_logits` of its logits, at almost no cost.
 
-    def __init__(self, network: torch.nn.Module, offsets: torch.Tensor) -> None:
+    The offsets are folded into the bias of the network's last (1x1) convolution, which
+    is exactly a per-class logit offset; only the two column channels are then re-mixed.
+    Takes ownership of ``network`` (its head's bias is changed): pass an inference copy.
+    """
+
+    def __init__(self, network: UNet, offsets: torch.Tensor) -> None:
         super().__init__()
+        bias = network.head.bias
+        if bias is None:
+            raise ValueError("the network's head has no bias to fold logit offsets into")
+        with torch.no_grad():
+            bias -= offsets.to(bias)
         self.network = network
-        self.register_buffer("offsets", offsets.float())
+        body, disc = int(Label.VERTEBRAL_BODY), int(Label.DISC)
+        self.margin_shift = float(offsets[body] - offsets[disc])
         self.calibrated = bool(offsets.abs().sum() > 0)
+        self.offsets = offsets.float().clone()  # as the card gives them (already folded into the head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.network(x)
-        if not self.calibrated:
-            return logits  # type: ignore[no-any-return]
-        return calibrate_logits(logits.float(), self.offsets)  # type: ignore[arg-type]
+        logits: torch.Tensor = self.network(x)
+        return keep_column_identity(logits, self.margin_shift)
 
 
 #: Model-grid pixels count as "body" (disc or vertebral body) for :func:`disc_evidence`

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ai.card import load_model
 from ai.inference import CalibratedNetwork, calibrate_logits
 from ai.labels import NUM_CLASSES, Label
+from ai.model import UNet, UNetConfig
 from ai.pipeline import Analyzer
 
 BG, BODY, DISC, PSOAS = int(Label.BACKGROUND), int(Label.VERTEBRAL_BODY), int(Label.DISC), int(Label.PSOAS_LEFT)
@@ -50,9 +53,24 @@ def test_body_offset_moves_the_column_boundary_but_not_the_disc_body_identity() 
 
 def test_zero_offsets_leave_the_logits_alone() -> None:
     logits = torch.randn(2, NUM_CLASSES, 4, 4)
-    assert torch.equal(calibrate_logits(logits, torch.zeros(NUM_CLASSES)).argmax(1), logits.argmax(1))
-    net = CalibratedNetwork(torch.nn.Identity(), torch.zeros(NUM_CLASSES))
-    assert not net.calibrated and torch.equal(net(logits), logits)
+    assert torch.equal(calibrate_logits(logits, torch.zeros(NUM_CLASSES)), logits)
+    network = UNet(UNetConfig(channels=(4, 8))).eval()
+    x = torch.randn(1, 1, 16, 16)
+    raw = CalibratedNetwork(copy.deepcopy(network), torch.zeros(NUM_CLASSES))
+    assert not raw.calibrated and torch.equal(raw(x), network(x))
+
+
+def test_the_folded_network_equals_calibrating_its_logits() -> None:
+    """CalibratedNetwork folds the offsets into the head's bias: same logits as calibrate_logits."""
+    torch.manual_seed(0)
+    network = UNet(UNetConfig(channels=(4, 8))).eval()
+    offsets = _offsets(VERTEBRAL_BODY=1.6, POSTERIOR_ELEMENTS=0.8, PSOAS_LEFT=-0.3)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        expected = calibrate_logits(network(x), offsets)
+        folded = CalibratedNetwork(copy.deepcopy(network), offsets)
+        assert folded.calibrated
+        assert torch.allclose(folded(x), expected, atol=1e-5)
 
 
 def test_analyzer_applies_the_shipped_cards_offsets() -> None:
