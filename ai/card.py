@@ -135,7 +135,7 @@ class ModelCard:
         for name, value in offsets.items():
             if name not in Label.__members__:
                 raise CardError(f"calibration.logit_offsets names an unknown label {name!r}")
-            if not isinstance(value, int | float) or not abs(value) <= MAX_LOGIT_OFFSET:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= MAX_LOGIT_OFFSET:
                 raise CardError(f"calibration.logit_offsets[{name}] = {value!r}: a number within +-{MAX_LOGIT_OFFSET}")
             out[int(Label[name])] = float(value)
         return out

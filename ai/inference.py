@@ -355,6 +355,10 @@ def predict(
     return torch.cat(outputs)
 
 
+#: The anterior column's two classes, whose mutual decision the logit calibration keeps raw.
+_BODY, _DISC = int(Label.VERTEBRAL_BODY), int(Label.DISC)
+
+
 def calibrate_logits(logits: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Logits ``(n, classes, H, W)`` minus per-class ``offsets``, the disc / body identity kept raw.
 
@@ -368,9 +372,8 @@ def calibrate_logits(logits: torch.Tensor, offsets: torch.Tensor) -> torch.Tenso
     is the larger of the two offset logits and the raw difference decides which one it is;
     both stay continuous, so :func:`to_native`'s interpolation keeps its meaning.
     """
-    body, disc = int(Label.VERTEBRAL_BODY), int(Label.DISC)
     shifted = logits - offsets.to(logits.dtype).view(1, -1, 1, 1)
-    return keep_column_identity(shifted, float(offsets[body] - offsets[disc]))
+    return keep_column_identity(shifted, float(offsets[_BODY] - offsets[_DISC]))
 
 
 def keep_column_identity(shifted: torch.Tensor, margin_shift: float) -> torch.Tensor:
@@ -381,11 +384,10 @@ def keep_column_identity(shifted: torch.Tensor, margin_shift: float) -> torch.Te
     """
     if margin_shift == 0:
         return shifted
-    body, disc = int(Label.VERTEBRAL_BODY), int(Label.DISC)
-    raw_margin = shifted[:, body] - shifted[:, disc] + margin_shift
-    column = torch.maximum(shifted[:, body], shifted[:, disc])
-    shifted[:, body] = column - torch.relu(-raw_margin)
-    shifted[:, disc] = column - torch.relu(raw_margin)
+    raw_margin = shifted[:, _BODY] - shifted[:, _DISC] + margin_shift
+    column = torch.maximum(shifted[:, _BODY], shifted[:, _DISC])
+    shifted[:, _BODY] = column - torch.relu(-raw_margin)
+    shifted[:, _DISC] = column - torch.relu(raw_margin)
     return shifted
 
 
@@ -405,8 +407,7 @@ class CalibratedNetwork(torch.nn.Module):
         with torch.no_grad():
             bias -= offsets.to(bias)
         self.network = network
-        body, disc = int(Label.VERTEBRAL_BODY), int(Label.DISC)
-        self.margin_shift = float(offsets[body] - offsets[disc])
+        self.margin_shift = float(offsets[_BODY] - offsets[_DISC])
         self.calibrated = bool(offsets.abs().sum() > 0)
         self.offsets = offsets.float().clone()  # as the card gives them (already folded into the head)
 

@@ -103,6 +103,6 @@ def test_calibration_offsets_are_validated_and_round_trip() -> None:
     assert offsets.abs().sum().item() == pytest.approx(1.8)
     assert _card().logit_offsets().abs().sum().item() == 0.0  # uncalibrated card: raw logits
     for bad, match in (({"BONE": 1.0}, "unknown label"), ({"DISC": "1"}, "a number"),
-                       ({"DISC": 9.0}, "a number"), ({"DISC": float("nan")}, "a number")):
+                       ({"DISC": 9.0}, "a number"), ({"DISC": True}, "a number"), ({"DISC": float("nan")}, "a number")):
         with pytest.raises(CardError, match=match):
             ModelCard.from_dict({**_card().to_dict(), "calibration": {"logit_offsets": bad}})
