@@ -126,6 +126,15 @@ class ModelCard:
             raise CardError("architecture num_classes differs from the label map")
         self.logit_offsets()  # validates the calibration
 
+    def tag(self) -> str:
+        """``name-version-sha12``, plus the logit offsets when calibrated: names the masks these
+        weights produce, so training caches of one model's masks are never reused for another."""
+        tag = f"{self.name}-{self.version}-{self.weights_sha256[:12]}"
+        offsets = self.calibration.get("logit_offsets") or {}
+        if offsets:
+            tag += "+offsets-" + ",".join(f"{k}={v:g}" for k, v in sorted(offsets.items()))
+        return tag
+
     def logit_offsets(self) -> torch.Tensor:
         """Per-class amounts subtracted from the logits (float32, one per label; zeros when uncalibrated)."""
         offsets = self.calibration.get("logit_offsets", {})

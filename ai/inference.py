@@ -408,8 +408,12 @@ class CalibratedNetwork(torch.nn.Module):
             bias -= offsets.to(bias)
         self.network = network
         self.margin_shift = float(offsets[_BODY] - offsets[_DISC])
-        self.calibrated = bool(offsets.abs().sum() > 0)
         self.offsets = offsets.float().clone()  # as the card gives them (already folded into the head)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether any offset is non-zero (an uncalibrated card gives the raw logits)."""
+        return bool(self.offsets.abs().sum() > 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.network(x)

@@ -208,8 +208,7 @@ def coarse_segmenter(threads: int = 1) -> tuple[Any, str]:
                              analyzer.batch_size, analyzer.autocast)
         return post_process(raw.labels, volume)[0]
 
-    tag = f"{analyzer.card.name}-{analyzer.card.version}-{str(getattr(analyzer.card, 'weights_sha256', ''))[:12]}"
-    return segment, tag
+    return segment, analyzer.card.tag()
 
 
 def render_studies(sets: tuple[StudySet, ...], segment: Any) -> list[Study]:

@@ -217,7 +217,7 @@ def model_segmenter(
         )
         return analyzer.segment(volume)[0][0]
 
-    tag = f"{analyzer.card.name}-{analyzer.card.version}-{str(getattr(analyzer.card, 'weights_sha256', ''))[:12]}"
+    tag = analyzer.card.tag()
     refiner = getattr(analyzer, "refiner", None)
     if refiner is not None:  # the masks depend on the refiner too: cached samples must say so
         tag += f"+{refiner.name}-{refiner.version}-{str(refiner.card.get('weights_sha256', ''))[:12]}"

@@ -106,3 +106,10 @@ def test_calibration_offsets_are_validated_and_round_trip() -> None:
                        ({"DISC": 9.0}, "a number"), ({"DISC": True}, "a number"), ({"DISC": float("nan")}, "a number")):
         with pytest.raises(CardError, match=match):
             ModelCard.from_dict({**_card().to_dict(), "calibration": {"logit_offsets": bad}})
+
+
+def test_the_tag_names_the_weights_and_their_calibration() -> None:
+    card = ModelCard.from_dict({**_card().to_dict(), "weights_sha256": "ab" * 32})
+    assert card.tag() == "test-unet-0.0.1-" + "ab" * 6  # uncalibrated: caches keyed before calibration stay valid
+    calibrated = ModelCard.from_dict({**card.to_dict(), "calibration": {"logit_offsets": {"VERTEBRAL_BODY": 1.609}}})
+    assert calibrated.tag() == card.tag() + "+offsets-VERTEBRAL_BODY=1.609"
