@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "contact-sheet": ("phantom", "render slices of a phantom study with label overlays to PNG"),
     "train": ("train", "train the segmentation (and grading) model"),
     "evaluate": ("evaluate", "compare the pipeline's output with ground truth"),
+    "calibrate": ("calibrate", "fit a segmentation model's logit offsets on labelled studies"),
 }
 
 

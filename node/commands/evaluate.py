@@ -84,7 +84,8 @@ def phantom_cases(root: Path) -> Iterator[Any]:
         )
 
 
-def _all_cases(root: Path) -> Iterator[Any]:
+def labelled_cases(root: Path) -> Iterator[Any]:
+    """EvalCases under ``root``: phantom studies when it holds any, else real labelled cases."""
     from ai.realdata import iter_cases
     from node.volume_io import load_volume
 
@@ -104,7 +105,7 @@ def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
     names: list[str] = []
     n_slices = 0
     seconds = 0.0
-    for case in _all_cases(data):
+    for case in labelled_cases(data):
         result = analyzer.analyze(case.volume)
         metrics.add_case(case, result.labels)
         predicted.append(result)
