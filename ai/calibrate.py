@@ -10,11 +10,18 @@ the card (``calibration.logit_offsets``), where the Analyzer applies them.
 The fit: the network runs once over the calibration studies and its logits are kept on the
 model grid (every :data:`STRIDE`-th row and column, inside the native field of view, with
 the truth sampled on the same grid). For each fitted class, the offset at which the model
-predicts as many pixels of that class as the truth holds, over all slices, is found by
-bisection; classes are fitted one after the other, and the sweep repeats until no offset
-moves by more than the tolerance (neighbouring classes compete for the same boundary
-pixels). Offsets are applied exactly as the Analyzer applies them
-(:func:`ai.inference.calibrate_logits`: the disc / vertebral body identity stays raw).
+predicts as many pixels of that class as the truth holds, over all slices: in closed form
+for a class outside the anterior column (it is predicted where its logit margin over the
+best other class exceeds the offset), by bisection for the disc and the vertebral body,
+whose offsets interact through the kept identity and whose confusions with each other are
+left out of the count (see :class:`Counts`). Classes are fitted one after the other, and
+the sweep repeats until no offset moves by more than the tolerance (neighbouring classes
+compete for the same boundary pixels). Offsets are applied exactly as the Analyzer applies
+them (:func:`ai.inference.calibrate_logits`: the disc / vertebral body identity stays raw).
+
+Limitation: zero area bias on the model grid is not zero CSA bias on the native grid for
+thin structures (the posterior elements kept +21 mm2 on the held-out phantoms,
+``docs/evaluation.md``), whose native labels come from logits interpolated onto a finer grid.
 
 Not fitted by default: the dural sac and the epidural space, which the canal refiner
 re-decides from the coarse masks (their coarse area is that stage's input, not an output),
