@@ -159,7 +159,8 @@ class Counts:
         return 2.0 * float(self.inter[cls]) / max(int(self.pred[cls] + self.true[cls]), 1)
 
 
-_OTHER_COLUMN = {int(Label.VERTEBRAL_BODY): int(Label.DISC), int(Label.DISC): int(Label.VERTEBRAL_BODY)}
+#: Column class -> the other one (whose confusions with it :meth:`Counts.excess` leaves out).
+_OTHER_COLUMN = {int(c): int(other) for c, other in zip(COLUMN, reversed(COLUMN), strict=True)}
 
 
 def counts(data: CalibrationSet, offsets: torch.Tensor) -> Counts:

@@ -10,12 +10,17 @@ evaluation will not use.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch and the model code load only when the command runs
+    from ai.calibrate import CalibrationFit
+    from ai.card import ModelCard
+    from ai.labels import Label
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ def next_version(version: str) -> str:
     return f"{match.group(1)}{int(match.group(2)) + 1}"
 
 
-def parse_classes(text: str | None) -> list[Any] | None:
+def parse_classes(text: str | None) -> list[Label] | None:
     """``"VERTEBRAL_BODY,PSOAS_LEFT"`` -> Labels (None: the default set); unknown names raise."""
     from ai.labels import Label
 
@@ -64,9 +69,11 @@ def parse_classes(text: str | None) -> list[Any] | None:
     return [Label[n] for n in names]
 
 
-def write_calibrated(src: Path, out: Path, card: Any, fit: Any, version: str, data: Path) -> Any:
+def write_calibrated(
+    src: Path, out: Path, card: ModelCard, fit: CalibrationFit, version: str, data: Path
+) -> ModelCard:
     """Copy the weights into ``out`` and write the card with ``fit``'s offsets (atomically)."""
-    from ai.card import CARD_FILE, WEIGHTS_FILE, ModelCard
+    from ai.card import CARD_FILE, WEIGHTS_FILE
 
     out.mkdir(parents=True, exist_ok=True)
     if (src / WEIGHTS_FILE).resolve() != (out / WEIGHTS_FILE).resolve():
@@ -87,7 +94,7 @@ def write_calibrated(src: Path, out: Path, card: Any, fit: Any, version: str, da
     metrics = dict(card.metrics)
     if metrics:
         metrics["note"] = f"measured with version {card.version}, before this calibration: re-run `lumbar-node evaluate`"
-    new = ModelCard.from_dict({**card.to_dict(), "version": version, "calibration": calibration, "metrics": metrics})
+    new = dataclasses.replace(card, version=version, calibration=calibration, metrics=metrics)
     tmp_card = out / (CARD_FILE + ".tmp")
     new.save(tmp_card)
     tmp_card.replace(out / CARD_FILE)
@@ -144,5 +151,4 @@ def run(args: argparse.Namespace) -> int:
                       f"{row['dice_before']:.4f}", f"{row['dice_after']:.4f}")
     Console().print(table)
     print(f"calibrated card written to {args.out} (evaluate it: lumbar-node evaluate --data DIR --weights {args.out})")
-    logger.debug("fit: %s", json.dumps(fit.to_dict()))
     return 0
