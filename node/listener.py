@@ -35,7 +35,9 @@ class SlotCountingAE(AE):
     pynetdicom counts every accepted TCP connection, so N silent connections (port scans,
     half-open peers, a slow client) would have a legitimate modality rejected with "local
     limit exceeded" until their ACSE timeout. A connection takes a slot once its
-    A-ASSOCIATE-RQ has arrived.
+    A-ASSOCIATE-RQ has arrived and gives it back as soon as it is released or aborted (the
+    association thread lives on a moment after that, and a modality that sends one
+    association per file re-associates at once).
     """
 
     @property
@@ -43,7 +45,8 @@ class SlotCountingAE(AE):
         return [
             a
             for a in super().active_associations
-            if not a.is_acceptor or a.requestor.primitive is not None
+            if not a.is_acceptor
+            or (a.requestor.primitive is not None and not (a.is_released or a.is_aborted))
         ]
 
 

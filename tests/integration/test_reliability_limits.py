@@ -44,6 +44,21 @@ def associate(node: NodeProcess) -> Association:
     return ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
 
 
+def associate_when_free(node: NodeProcess, timeout_s: float = 15.0) -> Association:
+    """Associate, retrying while the node still counts an association that just released.
+
+    The node frees a slot when the association's thread has finished with the release, a
+    moment after the peer sees the release (the start-up probe's C-ECHO, or a test's own):
+    on a loaded machine the next association can arrive before that.
+    """
+    deadline = time.monotonic() + timeout_s
+    assoc = associate(node)
+    while not assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.2)
+        assoc = associate(node)
+    return assoc
+
+
 def store(assoc: Association, ds: Dataset) -> int | None:
     rsp = assoc.send_c_store(ds)
     return int(rsp.Status) if rsp is not None and "Status" in rsp else None
@@ -53,7 +68,7 @@ def test_association_limit_rejects_with_reason_and_recovers(
     node_factory: Callable[..., NodeProcess],
 ) -> None:
     node = node_factory(node={"max_associations": 2}, series=INGEST_ONLY)
-    held = [associate(node) for _ in range(2)]
+    held = [associate_when_free(node) for _ in range(2)]
     assert all(a.is_established for a in held)
     extra = associate(node)
     assert extra.is_rejected, "a third association must be refused"
@@ -61,13 +76,7 @@ def test_association_limit_rejects_with_reason_and_recovers(
     assert rj is not None and (rj.result, rj.result_source, rj.diagnostic) == REJECT_LOCAL_LIMIT
     held[0].release()
     ds = make_mr_dataset(study_uid=generate_uid(), series_uid=generate_uid())
-    # the node frees the slot when its association thread has finished with the release:
-    # poll for it with a deadline (on a loaded machine that takes a moment)
-    deadline = time.monotonic() + 15.0
-    again = associate(node)
-    while not again.is_established and time.monotonic() < deadline:
-        time.sleep(0.2)
-        again = associate(node)
+    again = associate_when_free(node)
     assert again.is_established, "a slot freed by a release must be usable again"
     assert store(again, ds) == 0
     again.release()

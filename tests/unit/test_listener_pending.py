@@ -3,6 +3,8 @@
 A connection moves from the server's "starting" count to its association thread; if the
 accept loop looked in between it counted that connection twice and refused a legitimate
 peer (a CI flake). Here the hand-over is slowed down on purpose so the window is wide.
+Likewise ``node.max_associations`` must not count an association that has released while
+its thread finishes (another CI flake).
 """
 
 from __future__ import annotations
@@ -83,3 +85,35 @@ def test_an_association_request_frees_its_pending_place(server: NodeAssociationS
         assert not closed_by_peer(idle, 0.5)
     finally:
         idle.close()
+
+
+def test_a_released_association_gives_its_slot_back_at_once(
+    server: NodeAssociationServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A modality sending one association per file re-associates the moment it has released.
+
+    The acceptor's thread is kept alive 3 s past the release here: the slot must come back
+    with the release, not with the thread (retried for 1 s, the requestor's side of the race).
+    """
+    original = Association._run_reactor
+
+    def run_then_linger(self: Association) -> None:
+        original(self)
+        time.sleep(3.0)
+
+    monkeypatch.setattr(Association, "_run_reactor", run_then_linger)
+    server.ae.maximum_associations = 1
+    port = server.server_address[1]
+    requestor = AE(ae_title="ECHOSCU")
+    requestor.add_requested_context(Verification)
+    first = requestor.associate("127.0.0.1", port, ae_title="PENDING")
+    assert first.is_established
+    assert requestor.associate("127.0.0.1", port, ae_title="PENDING").is_rejected, "the limit holds"
+    first.release()
+    deadline = time.monotonic() + 1.0
+    again = requestor.associate("127.0.0.1", port, ae_title="PENDING")
+    while not again.is_established and time.monotonic() < deadline:
+        time.sleep(0.1)
+        again = requestor.associate("127.0.0.1", port, ae_title="PENDING")
+    assert again.is_established, "the released association still held the only slot"
+    again.release()
