@@ -38,15 +38,23 @@ class SlotCountingAE(AE):
     A-ASSOCIATE-RQ has arrived and gives it back as soon as it is released or aborted (the
     association thread lives on a moment after that, and a modality that sends one
     association per file re-associates at once).
+
+    The threads are matched against pynetdicom's base ``Association`` class here:
+    pynetdicom's own property matches the module name ``pynetdicom.ae.Association``,
+    which :func:`node.reactor.use_race_free_requestors` rebinds to a subclass.
     """
 
     @property
     def active_associations(self) -> list[Association]:
         return [
             a
-            for a in super().active_associations
-            if not a.is_acceptor
-            or (a.requestor.primitive is not None and not (a.is_released or a.is_aborted))
+            for a in threading.enumerate()
+            if isinstance(a, Association)
+            and a.ae is self
+            and (
+                not a.is_acceptor
+                or (a.requestor.primitive is not None and not (a.is_released or a.is_aborted))
+            )
         ]
 
 
