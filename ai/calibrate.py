@@ -7,9 +7,13 @@ it (logit adjustment). The offsets belong to one set of weights, so every retrai
 needs its own: ``lumbar-node calibrate`` fits them on labelled studies and writes them into
 the card (``calibration.logit_offsets``), where the Analyzer applies them.
 
-The fit: the network runs once over the calibration studies and its logits are kept on the
-model grid (every :data:`STRIDE`-th row and column, inside the native field of view, with
-the truth sampled on the same grid). For each fitted class, the offset at which the model
+The fit: the network runs once over the calibration studies and its logits are kept at
+every :data:`STRIDE`-th pixel row and column, with the truth there. By default on the
+native grid (``grid="native"``): the logits interpolated bilinearly onto the native pixels,
+as :func:`ai.inference.to_native` does before its arg-max, so the fitted areas are the
+native areas the measurements use. ``grid="model"`` keeps the model-grid logits and the
+truth resampled to the model grid (the first version: see the limitation below). For each
+fitted class, the offset at which the model
 predicts as many pixels of that class as the truth holds, over all slices: in closed form
 for a class outside the anterior column (it is predicted where its logit margin over the
 best other class exceeds the offset), by bisection for the disc and the vertebral body,
@@ -19,9 +23,12 @@ the sweep repeats until no offset moves by more than the tolerance (neighbouring
 compete for the same boundary pixels). Offsets are applied exactly as the Analyzer applies
 them (:func:`ai.inference.calibrate_logits`: the disc / vertebral body identity stays raw).
 
-Limitation: zero area bias on the model grid is not zero CSA bias on the native grid for
-thin structures (the posterior elements kept +21 mm2 on the held-out phantoms,
-``docs/evaluation.md``), whose native labels come from logits interpolated onto a finer grid.
+Why the native grid: zero area bias on the model grid is not zero CSA bias on the native
+grid for thin structures (fitted on the model grid, the posterior elements kept +21 mm2 on
+the held-out phantoms, ``docs/evaluation.md``), whose native labels come from logits
+interpolated onto a finer grid. One approximation remains: the pipeline keeps the disc /
+body identity (:func:`ai.inference.keep_column_identity`) before interpolating, the fit
+after; the two differ only where the identity changes between neighbouring model pixels.
 
 Not fitted by default: the dural sac and the epidural space, which the canal refiner
 re-decides from the coarse masks (their coarse area is that stage's input, not an output),
@@ -39,15 +46,24 @@ import numpy as np
 import torch
 
 from ai.card import MAX_LOGIT_OFFSET, ModelCard
-from ai.inference import calibrate_logits, labels_to_model, pre_process, predict
+from ai.inference import (
+    SliceGrid,
+    calibrate_logits,
+    labels_to_model,
+    normalised_grid,
+    pre_process,
+    predict,
+)
 from ai.labels import Label
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
 
-#: The fit reads every STRIDE-th model-grid row and column (a quarter of the pixels: the
-#: pixel counts stay unbiased and the logits of 1,500 slices fit in about 500 MB).
+#: The fit reads every STRIDE-th row and column (a quarter of the pixels: the pixel counts
+#: stay unbiased, and the native-grid logits of 1,500 slices fit in about 1.5 GB).
 STRIDE = 2
+#: Where the logits and the truth are compared (see the module docstring).
+GRIDS = ("native", "model")
 #: Classes :func:`fit_offsets` leaves alone unless asked (see the module docstring).
 NOT_FITTED_BY_DEFAULT: tuple[Label, ...] = (Label.BACKGROUND, Label.DURAL_SAC, Label.EPIDURAL_SPACE)
 #: Stop when no offset moved by more than this in a sweep (logit units).
@@ -80,9 +96,30 @@ class CalibrationSet:
     truth: torch.Tensor
     n_slices: int = 0
     n_cases: int = 0
+    grid: str = "native"
 
     def subset(self, keep: torch.Tensor) -> CalibrationSet:
-        return CalibrationSet(self.logits[keep], self.truth[keep], self.n_slices, self.n_cases)
+        return CalibrationSet(self.logits[keep], self.truth[keep], self.n_slices, self.n_cases, self.grid)
+
+
+def native_samples(logits: torch.Tensor, grid: SliceGrid, stride: int = STRIDE) -> tuple[torch.Tensor, np.ndarray]:
+    """One slice's model-grid logits ``(classes, H, W)`` interpolated onto its native grid.
+
+    Returns ``(pixels, classes)`` float32 logits at every ``stride``-th native row and column
+    that lies inside the model's field of view (bilinear, as :func:`ai.inference.to_native`),
+    and the boolean ``(rows, cols)`` mask of those pixels on the strided native grid (outside
+    it :func:`~ai.inference.to_native` gives background whatever the offsets).
+    """
+    nr, nc = grid.native_shape
+    mr, mc = grid.model_shape
+    rows, cols = np.meshgrid(np.arange(0, nr, stride), np.arange(0, nc, stride), indexing="ij")
+    ij = grid.native_to_model(np.stack([rows, cols], axis=-1).astype(np.float64))
+    inside = (ij[..., 0] >= 0) & (ij[..., 0] <= mr - 1) & (ij[..., 1] >= 0) & (ij[..., 1] <= mc - 1)
+    points = normalised_grid(ij[inside], grid.model_shape).view(1, 1, -1, 2)
+    sampled = torch.nn.functional.grid_sample(
+        logits[None].float(), points, mode="bilinear", align_corners=True
+    )
+    return sampled[0, :, 0, :].T, inside
 
 
 def collect(
@@ -94,8 +131,14 @@ def collect(
     batch_size: int = 8,
     dtype: torch.dtype | None = None,
     progress: Callable[[int], None] | None = None,
+    grid: str = "native",
 ) -> CalibrationSet:
-    """Run the raw ``network`` once over ``(volume, truth labels)`` pairs (the truth on the native grid)."""
+    """Run the raw ``network`` once over ``(volume, truth labels)`` pairs (the truth on the native grid).
+
+    ``grid``: ``"native"`` (the default) or ``"model"``, see the module docstring.
+    """
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, not {grid!r}")
     logits: list[torch.Tensor] = []
     truths: list[torch.Tensor] = []
     n_cases = n_slices = 0
@@ -103,19 +146,25 @@ def collect(
         if truth_labels.shape != volume.pixels.shape:
             raise ValueError(f"truth {truth_labels.shape} differs from the volume {volume.pixels.shape}")
         pre = pre_process(volume, card)
-        out = predict(network, pre.images, device, batch_size, dtype)[:, :, ::STRIDE, ::STRIDE]
-        for k, grid in enumerate(pre.grids):
+        out = predict(network, pre.images, device, batch_size, dtype)
+        for k, slice_grid in enumerate(pre.grids):
+            if grid == "native":
+                sampled, native_inside = native_samples(out[k], slice_grid)
+                truth = truth_labels[k][::STRIDE, ::STRIDE][native_inside].astype(np.int64)
+                logits.append(sampled.to(torch.float16))
+                truths.append(torch.from_numpy(truth))
+                continue
             inside = torch.from_numpy(pre.valid[k][::STRIDE, ::STRIDE].copy())
-            truth = labels_to_model(truth_labels[k], grid)[::STRIDE, ::STRIDE].astype(np.int64)
-            logits.append(out[k].permute(1, 2, 0)[inside].to(torch.float16))
-            truths.append(torch.from_numpy(truth)[inside])
+            model_truth = labels_to_model(truth_labels[k], slice_grid)[::STRIDE, ::STRIDE].astype(np.int64)
+            logits.append(out[k, :, ::STRIDE, ::STRIDE].permute(1, 2, 0)[inside].to(torch.float16))
+            truths.append(torch.from_numpy(model_truth)[inside])
         n_cases += 1
         n_slices += volume.n_slices
         if progress is not None:
             progress(volume.n_slices)
     if not logits:
         raise ValueError("no calibration cases")
-    return CalibrationSet(torch.cat(logits), torch.cat(truths), n_slices, n_cases)
+    return CalibrationSet(torch.cat(logits), torch.cat(truths), n_slices, n_cases, grid)
 
 
 def _chunks(data: CalibrationSet, offsets: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -189,10 +238,11 @@ class CalibrationFit:
     sweeps: int = 0
     n_slices: int = 0
     n_cases: int = 0
+    grid: str = "native"
 
     def to_dict(self) -> dict[str, Any]:
         return {"offsets": self.offsets, "table": self.table, "sweeps": self.sweeps,
-                "n_slices": self.n_slices, "n_cases": self.n_cases, "stride": STRIDE}
+                "n_slices": self.n_slices, "n_cases": self.n_cases, "grid": self.grid, "stride": STRIDE}
 
 
 def _margins(data: CalibrationSet, offsets: torch.Tensor, cls: int) -> torch.Tensor:
@@ -316,5 +366,5 @@ def fit_offsets(
     }
     return CalibrationFit(
         offsets={c.name: round(float(offsets[int(c)]), 3) for c in fitted},
-        table=table, sweeps=sweeps, n_slices=data.n_slices, n_cases=data.n_cases,
+        table=table, sweeps=sweeps, n_slices=data.n_slices, n_cases=data.n_cases, grid=data.grid,
     )

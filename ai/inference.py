@@ -124,7 +124,7 @@ def slice_grid(
     return SliceGrid(matrix=matrix, native_shape=native_shape, model_shape=card.input_size)
 
 
-def _normalised_grid(points_rc: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+def normalised_grid(points_rc: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
     """Pixel (row, col) -> grid_sample (x, y) in [-1, 1] (align_corners=True)."""
     rows, cols = shape
     x = points_rc[..., 1] / max(cols - 1, 1) * 2.0 - 1.0
@@ -250,7 +250,7 @@ def _sampling_grid(
     rc = grid.model_to_native(np.stack([ii, jj], axis=-1))
     nr, nc = native_shape
     inside = (rc[..., 0] >= -0.5) & (rc[..., 0] <= nr - 0.5) & (rc[..., 1] >= -0.5) & (rc[..., 1] <= nc - 0.5)
-    return _normalised_grid(rc, native_shape)[None], inside
+    return normalised_grid(rc, native_shape)[None], inside
 
 
 def normalise(image: np.ndarray, valid: np.ndarray, norm: Normalisation) -> np.ndarray:

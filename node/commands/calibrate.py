@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--version", default=None,
         help="version of the calibrated card (default: the input version with its last number + 1)",
     )
+    parser.add_argument(
+        "--grid", choices=("native", "model"), default="native",
+        help="compare areas on the native pixel grid (default: the areas the measurements use) "
+        "or on the model grid",
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
 
@@ -86,7 +91,7 @@ def write_calibrated(
         "method": "subtracted from the class logits before the arg-max; the disc / vertebral body "
         "identity stays the raw one (ai.inference.calibrate_logits). Fitted by `lumbar-node "
         "calibrate` (ai.calibrate): per class, the offset at which the predicted area equals the "
-        "true area over the calibration slices.",
+        f"true area over the calibration slices ({fit.grid} pixel grid).",
         "chosen_on": f"{fit.n_cases} studies ({fit.n_slices} slices) under {data}",
         "fit": fit.to_dict(),
         "previous": {"version": card.version, "logit_offsets": card.calibration.get("logit_offsets", {})},
@@ -136,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             data = collect(
                 network, card, ((c.volume, c.truth_labels) for c in labelled_cases(args.data)), device,
-                dtype=autocast_dtype(device), progress=lambda n: progress.advance(task, n),
+                dtype=autocast_dtype(device), progress=lambda n: progress.advance(task, n), grid=args.grid,
             )
         except ValueError as exc:
             logger.error("%s: %s", args.data, exc)

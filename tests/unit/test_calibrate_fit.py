@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from ai.calibrate import CalibrationSet, counts, fit_offsets
+from ai.calibrate import STRIDE, CalibrationSet, counts, fit_offsets, native_samples
 from ai.card import CARD_FILE, load_model
+from ai.inference import SliceGrid, to_native
 from ai.labels import NUM_CLASSES, Label
 from node.commands.calibrate import next_version, parse_classes
 
@@ -80,6 +82,25 @@ def test_classes_not_fitted_keep_their_start_offsets_and_absent_classes_are_refu
         fit_offsets(data, [Label.PSOAS_LEFT])
 
 
+@pytest.mark.parametrize("angle_deg", [0.0, 17.0])
+def test_native_samples_give_the_labels_the_pipeline_gives_on_the_native_grid(angle_deg: float) -> None:
+    """The fit must count the pixels :func:`to_native` labels: same interpolation, same field of view."""
+    gen = torch.Generator().manual_seed(3)
+    coarse = torch.randn(NUM_CLASSES, 12, 12, generator=gen) * 4
+    logits = torch.nn.functional.interpolate(coarse[None], size=(64, 64), mode="bilinear")[0]
+    a = np.deg2rad(angle_deg)
+    # 1.67 native pixels per model pixel (native finer), rotated, field of view cropped on one side
+    matrix = 1.0 / 0.6 * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    grid = SliceGrid(matrix=matrix, native_shape=(90, 120), model_shape=(64, 64))
+    native = to_native(logits, grid)
+    sampled, inside = native_samples(logits, grid)
+    strided = native[::STRIDE, ::STRIDE]
+    assert inside.shape == strided.shape and 0 < inside.sum() < inside.size
+    assert (strided[~inside] == 0).all(), "outside the model's field the pipeline gives background"
+    agree = (sampled.argmax(dim=1).numpy() == strided[inside]).mean()
+    assert agree > 0.999, f"only {agree:.4f} of the native pixels agree with to_native"
+
+
 def test_version_and_class_arguments() -> None:
     assert next_version("1.2.1") == "1.2.2"
     assert next_version("2.0.9") == "2.0.10"
@@ -110,6 +131,7 @@ def test_calibrate_command_writes_a_loadable_card_with_the_fitted_offsets(tmp_pa
     fitted = card.calibration["fit"]["offsets"]["VERTEBRAL_BODY"]
     assert offsets["VERTEBRAL_BODY"] == fitted and abs(fitted) < 5.0
     assert abs(card.calibration["fit"]["table"]["VERTEBRAL_BODY"]["bias_pct_after"]) < 1.0
+    assert card.calibration["fit"]["grid"] == "native"
     for name in ("POSTERIOR_ELEMENTS", "PSOAS_LEFT", "PSOAS_RIGHT"):  # not fitted: kept from the input card
         assert offsets[name] == shipped.calibration["logit_offsets"][name]
     assert card.calibration["previous"]["version"] == shipped.version
