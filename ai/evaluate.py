@@ -22,7 +22,7 @@ Per structure key of :data:`ai.labels.STRUCTURES`:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,23 +221,31 @@ class SegmentationMetrics:
 
 def _case_intervals(a: _Acc) -> dict[str, Any]:
     """Cases, and 95 % bootstrap intervals over cases of the mean Dice and the CSA ICC."""
-    cases = np.unique(np.asarray(a.case, dtype=int))
-    out: dict[str, Any] = {"n_cases": int(len(cases)), "dice_ci95": None, "csa_icc_ci95": None}
-    if len(cases) < 2:
-        return out
-    rows = [np.flatnonzero(np.asarray(a.case) == c) for c in cases]
     dice, pred, truth = np.asarray(a.dice), np.asarray(a.csa_pred), np.asarray(a.csa_truth)
+    return {
+        "n_cases": int(len(np.unique(np.asarray(a.case, dtype=int)))),
+        "dice_ci95": case_bootstrap(a.case, lambda idx: float(dice[idx].mean())),
+        "csa_icc_ci95": case_bootstrap(a.case, lambda idx: icc_2_1(pred[idx], truth[idx])),
+    }
+
+
+def case_bootstrap(case: Sequence[int], statistic: Callable[[np.ndarray], float]) -> list[float] | None:
+    """95 % interval of ``statistic(row indices)`` over resamples of whole cases (None below 2 cases).
+
+    ``case[i]`` is the case of row ``i``; a resample draws cases with replacement and takes
+    all their rows. Non-finite values of the statistic are left out.
+    """
+    cases = np.unique(np.asarray(case, dtype=int))
+    if len(cases) < 2:
+        return None
+    rows = [np.flatnonzero(np.asarray(case) == c) for c in cases]
     rng = np.random.default_rng(BOOTSTRAP_SEED)
-    means, iccs = [], []
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        idx = np.concatenate([rows[i] for i in rng.integers(0, len(cases), len(cases))])
-        means.append(dice[idx].mean())
-        iccs.append(icc_2_1(pred[idx], truth[idx]))
-    out["dice_ci95"] = [float(v) for v in np.percentile(means, [2.5, 97.5])]
-    finite = np.asarray(iccs)[np.isfinite(iccs)]
-    if len(finite):
-        out["csa_icc_ci95"] = [float(v) for v in np.percentile(finite, [2.5, 97.5])]
-    return out
+    values = [
+        statistic(np.concatenate([rows[i] for i in rng.integers(0, len(cases), len(cases))]))
+        for _ in range(BOOTSTRAP_RESAMPLES)
+    ]
+    finite = np.asarray(values)[np.isfinite(values)]
+    return [float(v) for v in np.percentile(finite, [2.5, 97.5])] if len(finite) else None
 
 
 def _mean(xs: Iterable[float]) -> float | None:
@@ -258,15 +266,19 @@ DICE_TARGETS: dict[str, float] = {
 ICC_TARGET = 0.95
 
 
+def format_value(x: float | None, nd: int = 3) -> str:
+    """A table cell: ``x`` with ``nd`` decimals, ``-`` when missing."""
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def format_interval(x: Sequence[float] | None) -> str:
+    """A table cell for a 95 % interval, ``-`` when missing."""
+    return "-" if not x else f"{x[0]:.3f}-{x[1]:.3f}"
+
+
 def markdown_table(report: Mapping[str, Mapping[str, Mapping[str, Any]]], group: str = "all") -> str:
     """The per-structure table of one group as Markdown."""
-
-    def f(x: Any, nd: int = 3) -> str:
-        return "-" if x is None else f"{x:.{nd}f}"
-
-    def ci(x: Any) -> str:
-        return "-" if not x else f"{x[0]:.3f}-{x[1]:.3f}"
-
+    f, ci = format_value, format_interval
     lines = [
         "| structure | cases | slices | Dice | Dice 95 % CI | IoU | pooled Dice | FP slices | CSA ICC(2,1) "
         "| ICC 95 % CI | BA bias mm2 | BA 95 % LoA mm2 | FF MAE % | target |",

@@ -98,8 +98,10 @@ def labelled_cases(root: Path) -> Iterator[Any]:
 def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
     """Run the analyzer on every case under ``data`` and compare with the truth."""
     from ai.evaluate import SegmentationMetrics
+    from ai.evaluate_levels import LevelAgreement
 
     metrics = SegmentationMetrics()
+    level_agreement = LevelAgreement()
     predicted: list[Any] = []
     truths: list[dict[str, Any]] = []
     names: list[str] = []
@@ -108,6 +110,7 @@ def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
     for case in labelled_cases(data):
         result = analyzer.analyze(case.volume)
         metrics.add_case(case, result.labels)
+        level_agreement.add_case(case, result.levels)
         predicted.append(result)
         truths.append(case.truth)
         names.append(case.name)
@@ -120,6 +123,7 @@ def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
         "cases": names,
         "n_slices": n_slices,
         "segmentation": metrics.report(),
+        "level_measurements": level_agreement.report(),
         "segmentation_ms_per_slice": round(1000 * seconds / n_slices, 1) if n_slices else None,
     }
     try:
@@ -157,6 +161,7 @@ def stage_dirs(weights: Path | None) -> dict[str, Path | None]:
 
 def run(args: argparse.Namespace) -> int:
     from ai.evaluate import markdown_table
+    from ai.evaluate_levels import markdown_level_table
     from ai.pipeline import Analyzer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -182,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
         for group in report["segmentation"]:
             print(f"\n## {group}\n")
             print(markdown_table(report["segmentation"], group))
+        for group in report["level_measurements"]:
+            print(f"\n## {group}: per-level measurements (results.json vs truth on the same slices)\n")
+            print(markdown_level_table(report["level_measurements"], group))
         if report.get("grades"):
             print("\n## grades\n")
             print(json.dumps(report["grades"], indent=2, default=str))
