@@ -23,12 +23,17 @@ the sweep repeats until no offset moves by more than the tolerance (neighbouring
 compete for the same boundary pixels). Offsets are applied exactly as the Analyzer applies
 them (:func:`ai.inference.calibrate_logits`: the disc / vertebral body identity stays raw).
 
-Why the native grid: zero area bias on the model grid is not zero CSA bias on the native
-grid for thin structures (fitted on the model grid, the posterior elements kept +21 mm2 on
-the held-out phantoms, ``docs/evaluation.md``), whose native labels come from logits
-interpolated onto a finer grid. One approximation remains: the pipeline keeps the disc /
-body identity (:func:`ai.inference.keep_column_identity`) before interpolating, the fit
-after; the two differ only where the identity changes between neighbouring model pixels.
+Why the native grid: the measurements count native pixels, labelled from logits
+interpolated onto a finer grid, so that is where the areas should match (for the shipped
+model both grids give offsets within 0.04 except the disc's, ``docs/evaluation.md``). One
+approximation remains: the pipeline keeps the disc / body identity
+(:func:`ai.inference.keep_column_identity`) before interpolating, the fit after; the two
+differ only where the identity changes between neighbouring model pixels.
+
+Limitation: the fit sees the coarse model's output only. Later stages move areas too: the
+canal refiner hands the canal pixels it removes to their nearest label, mostly posterior
+elements (+13-18 mm2 per slice on the held-out phantoms), which a fitted posterior-element
+offset cannot anticipate.
 
 Not fitted by default: the dural sac and the epidural space, which the canal refiner
 re-decides from the coarse masks (their coarse area is that stage's input, not an output),
