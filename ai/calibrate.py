@@ -154,15 +154,11 @@ def collect(
         out = predict(network, pre.images, device, batch_size, dtype)
         for k, slice_grid in enumerate(pre.grids):
             if grid == "native":
-                sampled, native_inside = native_samples(out[k], slice_grid)
-                truth = truth_labels[k][::STRIDE, ::STRIDE][native_inside].astype(np.int64)
-                logits.append(sampled.to(torch.float16))
-                truths.append(torch.from_numpy(truth))
-                continue
-            inside = torch.from_numpy(pre.valid[k][::STRIDE, ::STRIDE].copy())
-            model_truth = labels_to_model(truth_labels[k], slice_grid)[::STRIDE, ::STRIDE].astype(np.int64)
-            logits.append(out[k, :, ::STRIDE, ::STRIDE].permute(1, 2, 0)[inside].to(torch.float16))
-            truths.append(torch.from_numpy(model_truth)[inside])
+                sampled, truth = _native_pixels(out[k], slice_grid, truth_labels[k])
+            else:
+                sampled, truth = _model_pixels(out[k], slice_grid, truth_labels[k], pre.valid[k])
+            logits.append(sampled.to(torch.float16))
+            truths.append(truth)
         n_cases += 1
         n_slices += volume.n_slices
         if progress is not None:
@@ -170,6 +166,22 @@ def collect(
     if not logits:
         raise ValueError("no calibration cases")
     return CalibrationSet(torch.cat(logits), torch.cat(truths), n_slices, n_cases, grid)
+
+
+def _native_pixels(logits: torch.Tensor, grid: SliceGrid, truth: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pixels, classes)`` logits interpolated onto the strided native grid, and the truth there."""
+    sampled, inside = native_samples(logits, grid)
+    return sampled, torch.from_numpy(truth[::STRIDE, ::STRIDE][inside].astype(np.int64))
+
+
+def _model_pixels(
+    logits: torch.Tensor, grid: SliceGrid, truth: np.ndarray, valid: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pixels, classes)`` logits on the strided model grid inside the field of view, and the
+    truth resampled there."""
+    inside = torch.from_numpy(valid[::STRIDE, ::STRIDE].copy())
+    model_truth = labels_to_model(truth, grid)[::STRIDE, ::STRIDE].astype(np.int64)
+    return logits[:, ::STRIDE, ::STRIDE].permute(1, 2, 0)[inside], torch.from_numpy(model_truth)[inside]
 
 
 def _chunks(data: CalibrationSet, offsets: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -210,10 +210,10 @@ class SegmentationMetrics:
                     **_case_intervals(a),
                     "fp_slices": a.fp_slices,
                     "swapped_slices": a.swapped_slices if key in IDENTITY_PAIRS else None,
-                    "csa_icc": _nan_to_none(icc_2_1(np.array(a.csa_pred), np.array(a.csa_truth))),
-                    "csa_bias_mm2": _nan_to_none(ba["bias"]),
-                    "csa_loa_low_mm2": _nan_to_none(ba["loa_low"]),
-                    "csa_loa_high_mm2": _nan_to_none(ba["loa_high"]),
+                    "csa_icc": finite_or_none(icc_2_1(np.array(a.csa_pred), np.array(a.csa_truth))),
+                    "csa_bias_mm2": finite_or_none(ba["bias"]),
+                    "csa_loa_low_mm2": finite_or_none(ba["loa_low"]),
+                    "csa_loa_high_mm2": finite_or_none(ba["loa_high"]),
                     "fat_fraction_mae_pct": _mean(a.ff_err),
                 }
         return out
@@ -253,7 +253,8 @@ def _mean(xs: Iterable[float]) -> float | None:
     return float(np.mean(v)) if v else None
 
 
-def _nan_to_none(x: float) -> float | None:
+def finite_or_none(x: float) -> float | None:
+    """``x``, or None when it is NaN or infinite (JSON has neither)."""
     return None if not np.isfinite(x) else float(x)
 
 
@@ -276,22 +277,26 @@ def format_interval(x: Sequence[float] | None) -> str:
     return "-" if not x else f"{x[0]:.3f}-{x[1]:.3f}"
 
 
+def markdown(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A Markdown table: a header row, its separator, one line per row."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines.extend("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)
+    return "\n".join(lines)
+
+
 def markdown_table(report: Mapping[str, Mapping[str, Mapping[str, Any]]], group: str = "all") -> str:
     """The per-structure table of one group as Markdown."""
     f, ci = format_value, format_interval
-    lines = [
-        "| structure | cases | slices | Dice | Dice 95 % CI | IoU | pooled Dice | FP slices | CSA ICC(2,1) "
-        "| ICC 95 % CI | BA bias mm2 | BA 95 % LoA mm2 | FF MAE % | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    headers = ("structure", "cases", "slices", "Dice", "Dice 95 % CI", "IoU", "pooled Dice", "FP slices",
+               "CSA ICC(2,1)", "ICC 95 % CI", "BA bias mm2", "BA 95 % LoA mm2", "FF MAE %", "target")
+    rows = []
     for key, m in report.get(group, {}).items():
         target = DICE_TARGETS.get(key)
-        lines.append(
-            f"| {key} | {m.get('n_cases', '-')} | {m['n_slices']} | {f(m['dice'])} | {ci(m.get('dice_ci95'))} | "
-            f"{f(m['iou'])} | {f(m['dice_pooled'])} | "
-            f"{m['fp_slices']} | {f(m['csa_icc'])} | {ci(m.get('csa_icc_ci95'))} | {f(m['csa_bias_mm2'], 1)} | "
-            f"{f(m['csa_loa_low_mm2'], 1)} .. {f(m['csa_loa_high_mm2'], 1)} | "
-            f"{f(m['fat_fraction_mae_pct'], 1)} | "
-            f"{'Dice >= ' + format(target, '.2f') + ', ICC >= 0.95' if target else '-'} |"
-        )
-    return "\n".join(lines)
+        rows.append((
+            key, m.get("n_cases", "-"), m["n_slices"], f(m["dice"]), ci(m.get("dice_ci95")), f(m["iou"]),
+            f(m["dice_pooled"]), m["fp_slices"], f(m["csa_icc"]), ci(m.get("csa_icc_ci95")),
+            f(m["csa_bias_mm2"], 1), f"{f(m['csa_loa_low_mm2'], 1)} .. {f(m['csa_loa_high_mm2'], 1)}",
+            f(m["fat_fraction_mae_pct"], 1),
+            f"Dice >= {target:.2f}, ICC >= 0.95" if target else "-",
+        ))
+    return markdown(headers, rows)

@@ -29,9 +29,11 @@ from ai.evaluate import (
     EvalCase,
     bland_altman,
     case_bootstrap,
+    finite_or_none,
     format_interval,
     format_value,
     icc_2_1,
+    markdown,
 )
 from ai.labels import MUSCLES, STRUCTURES
 from ai.measure import measure_level
@@ -100,34 +102,27 @@ class LevelAgreement:
                 out[group][key] = {
                     "n_levels": int(truth.size),
                     "n_cases": len(set(a.case)),
-                    "csa_icc": _finite(icc),
+                    "csa_icc": finite_or_none(icc),
                     "csa_icc_ci95": case_bootstrap(a.case, icc_of),
-                    "csa_bias_mm2": _finite(ba["bias"]),
-                    "csa_loa_low_mm2": _finite(ba["loa_low"]),
-                    "csa_loa_high_mm2": _finite(ba["loa_high"]),
-                    "csa_median_abs_pct_error": _finite(float(np.median(ape))) if ape.size else None,
+                    "csa_bias_mm2": finite_or_none(ba["bias"]),
+                    "csa_loa_low_mm2": finite_or_none(ba["loa_low"]),
+                    "csa_loa_high_mm2": finite_or_none(ba["loa_high"]),
+                    "csa_median_abs_pct_error": finite_or_none(float(np.median(ape))) if ape.size else None,
                     "fp_levels": a.fp_levels,
                     "fat_fraction_mae_pct": float(np.mean(a.ff_err)) if a.ff_err else None,
                 }
         return out
 
 
-def _finite(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
-
-
 def markdown_level_table(report: Mapping[str, Mapping[str, Mapping[str, Any]]], group: str = "all") -> str:
     """The per-level table of one group as Markdown."""
     f, ci = format_value, format_interval
-    lines = [
-        "| structure | cases | levels | CSA ICC(2,1) | ICC 95 % CI | BA bias mm2 | BA 95 % LoA mm2 "
-        "| median abs error % | FP levels | FF MAE % |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    headers = ("structure", "cases", "levels", "CSA ICC(2,1)", "ICC 95 % CI", "BA bias mm2", "BA 95 % LoA mm2",
+               "median abs error %", "FP levels", "FF MAE %")
+    rows = [
+        (key, m["n_cases"], m["n_levels"], f(m["csa_icc"]), ci(m["csa_icc_ci95"]), f(m["csa_bias_mm2"], 1),
+         f"{f(m['csa_loa_low_mm2'], 1)} .. {f(m['csa_loa_high_mm2'], 1)}", f(m["csa_median_abs_pct_error"], 1),
+         m["fp_levels"], f(m["fat_fraction_mae_pct"], 1))
+        for key, m in report.get(group, {}).items()
     ]
-    for key, m in report.get(group, {}).items():
-        lines.append(
-            f"| {key} | {m['n_cases']} | {m['n_levels']} | {f(m['csa_icc'])} | {ci(m['csa_icc_ci95'])} | "
-            f"{f(m['csa_bias_mm2'], 1)} | {f(m['csa_loa_low_mm2'], 1)} .. {f(m['csa_loa_high_mm2'], 1)} | "
-            f"{f(m['csa_median_abs_pct_error'], 1)} | {m['fp_levels']} | {f(m['fat_fraction_mae_pct'], 1)} |"
-        )
-    return "\n".join(lines)
+    return markdown(headers, rows)

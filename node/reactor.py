@@ -283,7 +283,9 @@ def use_race_free_requestors() -> None:
     ``AE.associate()`` builds its association from the module-level name
     ``pynetdicom.ae.Association``, with no hook to choose the class; rebinding that name
     is the only way to give the node's own requests (result export, ``push``, ``echo``)
-    the race-free reactor without copying ``associate()``.
+    the race-free reactor without copying ``associate()``. Side effect: pynetdicom's
+    ``AE.active_associations`` matches that name, so it no longer sees plain (base-class)
+    associations; :class:`node.listener.SlotCountingAE` matches the base class instead.
     """
     pynetdicom_ae.Association = RaceFreeAssociation  # type: ignore[misc]
 
