@@ -30,8 +30,10 @@ MIN_BLOCK_SLICES = 3
 MAX_BLOCK_SLICES = 9
 #: The peak slice's disc evidence must exceed every other slice's of the block by this factor ...
 PEAK_RATIO = 1.5
-#: ... and reach this absolute value (evidence is the disc share of the body, 0-1).
-MIN_EVIDENCE = 0.01
+#: ... and reach this absolute value (evidence is the disc share of the body, 0-1). Scaled to
+#: the model: 0.01 for segmentation 1.2.x; 1.3.0 is more confident and gives a black disc
+#: 0.0057 (tuning study 7701_025), so 0.003, checked on the tuning studies 7701-7704.
+MIN_EVIDENCE = 0.003
 
 
 def assign_block_discs(

@@ -62,13 +62,21 @@ def test_disc_less_block_gets_its_disc_at_the_evidence_peak() -> None:
     [
         [0.003, 0.1, 0.2, 0.15, 0.003],  # peak not clear of a neighbour (ratio < 1.5)
         [0.003, 0.004, 0.004, 0.004, 0.3],  # peak on the block's edge
-        [0.0005, 0.001, 0.008, 0.001, 0.0005],  # peak below the absolute floor
+        [0.0002, 0.0005, 0.0025, 0.0005, 0.0002],  # peak below the absolute floor
     ],
 )
 def test_unclear_or_edge_peaks_change_nothing(evidence: list[float]) -> None:
     vol, labels = _blocks([["body"] * 5])
     out, flags = assign_block_discs(labels, vol, np.array(evidence))
     assert out is labels and flags == []
+
+
+def test_a_confident_models_faint_peak_still_counts() -> None:
+    # segmentation 1.3.0 on tuning study 7701_025: a black disc whose evidence is 0.0057
+    vol, labels = _blocks([["body"] * 4])
+    out, flags = assign_block_discs(labels, vol, np.array([0.0026, 0.0057, 0.0017, 0.0004]))
+    assert len(flags) == 1 and "slice 1" in flags[0]
+    assert (out[1] == Label.DISC).any() and not (out[1] == Label.VERTEBRAL_BODY).any()
 
 
 def test_blocks_with_a_disc_and_long_stacks_are_left_alone() -> None:
