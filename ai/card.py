@@ -92,7 +92,10 @@ class ModelCard:
     calibration
         Post-training calibration chosen on tuning studies: ``logit_offsets`` (label name ->
         amount subtracted from that class's logit, see :func:`ai.inference.calibrate_logits`)
-        and free-text fields saying why and on what it was chosen. Empty: raw logits.
+        and ``disc_evidence_floor`` (the least disc evidence that lets the series disc assignment
+        place a disc, :func:`ai.disc_assignment.assign_block_discs`: it scales with how
+        confident the model is), and free-text fields saying why and on what it was chosen.
+        Empty: raw logits and the assignment's default floor.
     """
 
     name: str
@@ -125,6 +128,7 @@ class ModelCard:
         if cfg.num_classes != len(self.labels):
             raise CardError("architecture num_classes differs from the label map")
         self.logit_offsets()  # validates the calibration
+        self.disc_evidence_floor()
 
     def tag(self) -> str:
         """``name-version-sha12``, plus the logit offsets when calibrated: names the masks these
@@ -134,6 +138,15 @@ class ModelCard:
         if offsets:
             tag += "+offsets-" + ",".join(f"{k}={v:g}" for k, v in sorted(offsets.items()))
         return tag
+
+    def disc_evidence_floor(self) -> float | None:
+        """The card's ``calibration.disc_evidence_floor`` (0-1), None when it sets none."""
+        value = self.calibration.get("disc_evidence_floor")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+            raise CardError(f"calibration.disc_evidence_floor = {value!r}: a number in [0, 1)")
+        return float(value)
 
     def logit_offsets(self) -> torch.Tensor:
         """Per-class amounts subtracted from the logits (float32, one per label; zeros when uncalibrated)."""

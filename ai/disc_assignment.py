@@ -30,14 +30,16 @@ MIN_BLOCK_SLICES = 3
 MAX_BLOCK_SLICES = 9
 #: The peak slice's disc evidence must exceed every other slice's of the block by this factor ...
 PEAK_RATIO = 1.5
-#: ... and reach this absolute value (evidence is the disc share of the body, 0-1). Scaled to
-#: the model: 0.01 for segmentation 1.2.x; 1.3.0 is more confident and gives a black disc
-#: 0.0057 (tuning study 7701_025), so 0.003, checked on the tuning studies 7701-7704.
+#: ... and reach this absolute value (evidence is the disc share of the body, 0-1). It scales
+#: with the model's confidence, so a model card may set its own
+#: (``calibration.disc_evidence_floor``); this default is the shipped model's: 0.01 suited
+#: segmentation 1.2.x, 1.3.x gives a black disc 0.0057 (tuning study 7701_025), so 0.003,
+#: checked on the tuning studies 7701-7704.
 MIN_EVIDENCE = 0.003
 
 
 def assign_block_discs(
-    labels: np.ndarray, volume: Volume, evidence: np.ndarray
+    labels: np.ndarray, volume: Volume, evidence: np.ndarray, min_evidence: float = MIN_EVIDENCE
 ) -> tuple[np.ndarray, list[str]]:
     """Relabel the vertebral body of a disc-less block's evidence peak as disc.
 
@@ -47,7 +49,7 @@ def assign_block_discs(
     slices qualifies when none of its slices is a disc slice by the level finder's own
     criteria (:func:`ai.levels.disc_slices`). Its peak must be an interior slice (a block
     is centred on its disc), beat every other slice of the block by :data:`PEAK_RATIO`,
-    reach :data:`MIN_EVIDENCE` and show at least :data:`ai.levels.MIN_DISC_AREA_MM2` of
+    reach ``min_evidence`` (default :data:`MIN_EVIDENCE`) and show at least :data:`ai.levels.MIN_DISC_AREA_MM2` of
     vertebral body. Returns new labels (the input is not changed) and one flag per
     assignment.
     """
@@ -64,7 +66,7 @@ def assign_block_discs(
         peak = max(interior, key=lambda i: float(evidence[i]))
         others = max(float(evidence[i]) for i in block if i != peak)
         value = float(evidence[peak])
-        if value < MIN_EVIDENCE or value < PEAK_RATIO * others or body_area[peak] < MIN_DISC_AREA_MM2:
+        if value < min_evidence or value < PEAK_RATIO * others or body_area[peak] < MIN_DISC_AREA_MM2:
             continue
         if out is labels:
             out = labels.copy()

@@ -18,7 +18,7 @@ import torch
 from ai.canal_refine import CanalRefiner
 from ai.card import ModelCard, load_model
 from ai.column_refine import ColumnRefiner
-from ai.disc_assignment import assign_block_discs
+from ai.disc_assignment import MIN_EVIDENCE, assign_block_discs
 from ai.inference import CalibratedNetwork, autocast_dtype, pre_process, predict_native
 from ai.levels import LevelAssignment, find_levels
 from ai.measure import measure_level, plausibility_flags
@@ -100,6 +100,8 @@ class Analyzer:
         network = CalibratedNetwork(fold_batchnorm(model), card.logit_offsets())
         self.model = network.to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.card: ModelCard = card
+        floor = card.disc_evidence_floor()
+        self.disc_evidence_floor = MIN_EVIDENCE if floor is None else floor
         self.grader: Any = None
         self._setup_flags: list[str] = []
         try:
@@ -149,7 +151,7 @@ class Analyzer:
             flags.extend(changed)
             timings["column_refine"] = time.perf_counter() - t
         t = time.perf_counter()
-        labels, assigned = assign_block_discs(labels, volume, raw.disc_evidence)
+        labels, assigned = assign_block_discs(labels, volume, raw.disc_evidence, self.disc_evidence_floor)
         flags.extend(assigned)
         timings["post_process"] += time.perf_counter() - t
         if self.refiner is not None:

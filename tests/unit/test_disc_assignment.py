@@ -79,6 +79,13 @@ def test_a_confident_models_faint_peak_still_counts() -> None:
     assert (out[1] == Label.DISC).any() and not (out[1] == Label.VERTEBRAL_BODY).any()
 
 
+def test_the_floor_is_the_callers_to_set() -> None:
+    # a model card's calibration.disc_evidence_floor reaches this argument (ai.pipeline)
+    vol, labels = _blocks([["body"] * 4])
+    out, flags = assign_block_discs(labels, vol, np.array([0.0026, 0.0057, 0.0017, 0.0004]), min_evidence=0.01)
+    assert out is labels and flags == []
+
+
 def test_blocks_with_a_disc_and_long_stacks_are_left_alone() -> None:
     vol, labels = _blocks([["body", "body", "disc", "body", "body"]])
     out, flags = assign_block_discs(labels, vol, np.array([0.0, 0.5, 0.1, 0.0, 0.0]))

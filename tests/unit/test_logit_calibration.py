@@ -79,3 +79,4 @@ def test_analyzer_applies_the_shipped_cards_offsets() -> None:
     assert isinstance(analyzer.model, CalibratedNetwork)
     assert torch.equal(analyzer.model.offsets, card.logit_offsets())
     assert analyzer.model.calibrated, "the shipped card carries the calibration chosen on tuning studies"
+    assert analyzer.disc_evidence_floor == card.disc_evidence_floor() == 0.003

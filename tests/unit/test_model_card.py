@@ -108,6 +108,15 @@ def test_calibration_offsets_are_validated_and_round_trip() -> None:
             ModelCard.from_dict({**_card().to_dict(), "calibration": {"logit_offsets": bad}})
 
 
+def test_the_disc_evidence_floor_is_validated_and_optional() -> None:
+    assert _card().disc_evidence_floor() is None  # the assignment's default applies
+    card = ModelCard.from_dict({**_card().to_dict(), "calibration": {"disc_evidence_floor": 0.003}})
+    assert ModelCard.from_dict(card.to_dict()).disc_evidence_floor() == pytest.approx(0.003)
+    for bad in (-0.1, 1.0, "0.01", True, float("nan")):
+        with pytest.raises(CardError, match="disc_evidence_floor"):
+            ModelCard.from_dict({**_card().to_dict(), "calibration": {"disc_evidence_floor": bad}})
+
+
 def test_the_tag_names_the_weights_and_their_calibration() -> None:
     card = ModelCard.from_dict({**_card().to_dict(), "weights_sha256": "ab" * 32})
     assert card.tag() == "test-unet-0.0.1-" + "ab" * 6  # uncalibrated: caches keyed before calibration stay valid
