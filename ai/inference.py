@@ -2,8 +2,9 @@
 
 * :func:`pre_process` resamples every slice onto the model's grid: a canonical in-plane
   frame (model columns run to the patient's left, model rows to posterior, whatever the
-  acquisition's orientation), the card's pixel spacing, a fixed size centred on the
-  slice centre (crop or zero-pad), then a robust percentile normalisation.
+  acquisition's orientation), the card's pixel spacing, a window centred on the slice
+  centre, the card's size (zero-padded or cropped) but widened to hold the whole
+  left-right field of view (:func:`covering_shape`), then a robust percentile normalisation.
 * :func:`predict` runs the network in batches (CUDA + AMP when present, CPU otherwise).
 * :func:`to_native` maps the logits back onto each slice's native pixel grid
   (bilinear on logits, then arg-max); :func:`ai.postprocess.post_process` then cleans the
@@ -26,7 +27,7 @@ from torch.nn import functional as F
 
 from ai.card import ModelCard, Normalisation
 from ai.labels import Label
-from ai.model import UNet
+from ai.model import UNet, UNetConfig
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "float32", "bfloat16")
 #: Native pixels per model pixel above which the slice is low-pass filtered first.
 ANTIALIAS_FACTOR = 1.5
+#: Widest field of view (mm) the model window grows to (:func:`covering_shape`): 512 px at
+#: the card's 1 mm, a whole adult abdomen; beyond it the window stays centred and crops.
+MAX_FIELD_MM = 512.0
 #: Gaussian sigma (native pixels) per unit of down-sampling factor.
 ANTIALIAS_SIGMA_PER_FACTOR = 0.4
 
@@ -105,8 +109,9 @@ def slice_grid(
     pixel_spacing: tuple[float, float],
     native_shape: tuple[int, int],
     card: ModelCard,
+    model_shape: tuple[int, int] | None = None,
 ) -> SliceGrid:
-    """The :class:`SliceGrid` of one slice for the card's spacing and size."""
+    """The :class:`SliceGrid` of one slice for the card's spacing (size: ``model_shape`` or the card's)."""
     row_dir = np.asarray(orientation[:3], dtype=np.float64)
     col_dir = np.asarray(orientation[3:], dtype=np.float64)
     row_dir /= np.linalg.norm(row_dir)
@@ -121,7 +126,39 @@ def slice_grid(
             [np.dot(v, row_dir) / cs, np.dot(u, row_dir) / cs],
         ]
     )
-    return SliceGrid(matrix=matrix, native_shape=native_shape, model_shape=card.input_size)
+    shape = card.input_size if model_shape is None else model_shape
+    return SliceGrid(matrix=matrix, native_shape=native_shape, model_shape=shape)
+
+
+def covering_shape(volume: Volume, card: ModelCard) -> tuple[int, int]:
+    """Model-grid size whose columns hold every slice's whole left-right field of view.
+
+    Why: the network is fully convolutional and was trained on the card's 224 mm window,
+    so a wider field of view (448 x 0.55 mm = 246 mm) lost what lies left and right of the
+    window: the lateral subcutaneous fat (-10 % of its area on such series), or a psoas
+    of a spine off the image centre. The window therefore grows along the model columns
+    (patient left-right) to the native field's extent there (the rotated rectangle's
+    bounding box), rounded up to the network's divisor and capped at :data:`MAX_FIELD_MM`.
+    The rows (anterior-posterior) keep the card's size: grown there too, the window took
+    in a wrap-around ghost of the spine at the edge of the field on 3 of 60 randomised
+    tuning studies, and the post-processing kept the ghost as the spine (all structures
+    lost). Lumbar structures lie within the card's 224 mm front to back.
+    """
+    divisor = UNetConfig.from_dict(card.architecture).divisor
+    s = card.input_spacing_mm
+    rs, cs = volume.pixel_spacing
+    rows, cols = volume.pixels.shape[1:]
+    need = float(card.input_size[1])
+    for orientation in np.unique(np.round(volume.orientations, 6), axis=0):
+        row_dir = np.asarray(orientation[:3], dtype=np.float64)
+        col_dir = np.asarray(orientation[3:], dtype=np.float64)
+        u, _v = canonical_axes(orientation)
+        # native rows advance along col_dir, native columns along row_dir
+        extent_u = abs(rows * rs * float(np.dot(col_dir, u))) + abs(cols * cs * float(np.dot(row_dir, u)))
+        need = max(need, extent_u / s)
+    cap = int(MAX_FIELD_MM / s) // divisor * divisor
+    width = max(card.input_size[1], min(cap, int(np.ceil(need / divisor)) * divisor))
+    return (card.input_size[0], width)
 
 
 def normalised_grid(points_rc: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
@@ -253,9 +290,23 @@ def _sampling_grid(
     return normalised_grid(rc, native_shape)[None], inside
 
 
-def normalise(image: np.ndarray, valid: np.ndarray, norm: Normalisation) -> np.ndarray:
-    """Robust percentile normalisation (see :class:`ai.card.Normalisation`)."""
-    values = image[valid] if valid.any() else image.ravel()
+def normalise(
+    image: np.ndarray, valid: np.ndarray, norm: Normalisation, stats_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Robust percentile normalisation (see :class:`ai.card.Normalisation`).
+
+    ``stats_size``: take the percentiles from the central window of that size only (the
+    card's), so a window grown by :func:`covering_shape` maps the centre's intensities as
+    training did; the lateral fat of a wide field would otherwise shift them.
+    """
+    region = valid
+    if stats_size is not None and tuple(stats_size) != image.shape:
+        r0 = max(0, (image.shape[0] - stats_size[0]) // 2)
+        c0 = max(0, (image.shape[1] - stats_size[1]) // 2)
+        central = np.zeros_like(valid)
+        central[r0 : r0 + stats_size[0], c0 : c0 + stats_size[1]] = True
+        region = valid & central if (valid & central).any() else valid
+    values = image[region] if region.any() else image.ravel()
     lo, hi = np.percentile(values, [norm.low_pct, norm.high_pct])
     scale = float(hi - lo) if hi > lo else 1.0
     out = (image - lo) / scale
@@ -278,21 +329,24 @@ def pre_process_slice(
     orientation: np.ndarray,
     pixel_spacing: tuple[float, float],
     card: ModelCard,
+    model_shape: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, SliceGrid]:
-    """One native slice -> (normalised model-grid image, valid mask, grid)."""
-    grid = slice_grid(orientation, pixel_spacing, image.shape[:2], card)  # type: ignore[arg-type]
+    """One native slice -> (normalised model-grid image, valid mask, grid); size as :func:`slice_grid`."""
+    grid = slice_grid(orientation, pixel_spacing, image.shape[:2], card, model_shape)  # type: ignore[arg-type]
     sampled, valid = resample_to_model(image, grid)
-    return normalise(sampled, valid, card.normalisation), valid, grid
+    return normalise(sampled, valid, card.normalisation, card.input_size), valid, grid
 
 
 def pre_process(volume: Volume, card: ModelCard) -> PreProcessed:
-    """Resample and normalise every slice of ``volume`` onto the model grid."""
+    """Resample and normalise every slice of ``volume`` onto one model grid, widened to the
+    whole left-right field of view (:func:`covering_shape`)."""
     images = []
     grids = []
     valids = []
+    shape = covering_shape(volume, card)
     for k in range(volume.n_slices):
         img, valid, grid = pre_process_slice(
-            volume.pixels[k], volume.orientations[k], volume.pixel_spacing, card
+            volume.pixels[k], volume.orientations[k], volume.pixel_spacing, card, shape
         )
         images.append(img)
         valids.append(valid)

@@ -47,6 +47,8 @@ def test_swapped_slices_counts_a_column_given_the_other_identity_on_most_of_it()
 def test_config_keeps_evaluation_and_validation_seeds_out_of_training() -> None:
     with pytest.raises(ValueError, match="evaluation and tuning"):
         ColumnTrainConfig(sets=((9002, 5, "randomised", 448, 0.55),))
+    with pytest.raises(ValueError, match="evaluation and tuning"):
+        ColumnTrainConfig(val_sets=((7704, 5, "realistic", 320, 0.7),))
     with pytest.raises(ValueError, match="different seeds"):
         ColumnTrainConfig(sets=((5301, 5, "randomised", 448, 0.55),))
     with pytest.raises(ValueError, match="realistic|randomised"):

@@ -8,11 +8,14 @@ import torch
 
 from ai.card import ModelCard, label_map
 from ai.inference import (
+    MAX_FIELD_MM,
     SliceGrid,
     antialias_sigma,
     autocast_dtype,
+    covering_shape,
     labels_to_model,
     normalise,
+    pre_process,
     pre_process_slice,
     resample_to_model,
     slice_grid,
@@ -21,6 +24,7 @@ from ai.inference import (
 from ai.labels import NUM_CLASSES, Label
 from ai.model import UNet, UNetConfig, fold_batchnorm
 from ai.postprocess import clean_components, fix_laterality, label_stats
+from ai.volume import Volume
 
 AXIAL = np.array([1.0, 0, 0, 0, 1.0, 0])
 
@@ -90,6 +94,48 @@ def test_crop_and_pad_around_the_centre() -> None:
     sampled, valid = resample_to_model(small, slice_grid(AXIAL, (1.0, 1.0), small.shape, card))
     assert 0.2 < valid.mean() < 0.3
     assert np.allclose(sampled[32, 32], 1.0)
+
+
+def _volume(pixels: np.ndarray, spacing: float, orientation: np.ndarray = AXIAL) -> Volume:
+    n = pixels.shape[0]
+    return Volume(
+        pixels=pixels.astype(np.float32), pixel_spacing=(spacing, spacing),
+        positions=np.array([[0.0, 0.0, 4.0 * k] for k in range(n)]),
+        orientations=np.tile(orientation, (n, 1)),
+        slice_uids=tuple(f"1.2.{k}" for k in range(n)), series_instance_uid="1.2",
+    )
+
+
+def test_the_window_widens_to_the_whole_left_right_field() -> None:
+    card = _card(spacing=1.0, size=64)  # divisor 2 for two levels
+    assert covering_shape(_volume(np.ones((2, 50, 60)), 1.0), card) == (64, 64)  # smaller: card's
+    # 100 rows x 150 columns of 0.8 mm: 120 x 120 mm; the columns run left-right
+    wide = _volume(np.ones((2, 100, 150)), 0.8)
+    assert covering_shape(wide, card) == (64, 120)
+    # the same field stored transposed (rows run left-right): the width follows the patient
+    transposed = _volume(np.ones((2, 150, 100)), 0.8, np.array([0, 1.0, 0, 1.0, 0, 0]))
+    assert covering_shape(transposed, card) == (64, 120)
+    # 45 degrees in-plane: the bounding box of the rotated field, rounded up to the divisor
+    c = np.cos(np.pi / 4)
+    rotated = _volume(np.ones((2, 100, 100)), 1.0, np.array([c, c, 0, -c, c, 0]))
+    assert covering_shape(rotated, card) == (64, 142)  # 100 * sqrt(2) = 141.4
+    huge = _volume(np.ones((1, 64, 1024)), 1.0)
+    assert covering_shape(huge, card) == (64, int(MAX_FIELD_MM))
+
+
+def test_a_wide_field_keeps_its_lateral_edges_and_the_centres_normalisation() -> None:
+    card = _card(spacing=1.0, size=64)
+    img = np.full((1, 64, 120), 100.0, np.float32)
+    img[0, :, :30] = 1000.0  # bright lateral fat 30-60 mm right of the centre
+    img[0, :, 28:34] = 50.0
+    pre = pre_process(_volume(img, 1.0), card)
+    assert pre.images.shape[-2:] == (64, 120) and pre.valid.all()
+    model = pre.images[0, 0].numpy()
+    # the lateral band (outside the card's central 64 mm) reaches the network ...
+    assert model[:, :26].mean() > 1.0
+    # ... and the central 64 mm is normalised by its own percentiles, as in training
+    central, _, _ = pre_process_slice(img[0, :, 28:92], AXIAL, (1.0, 1.0), card)
+    assert np.allclose(model[:, 28:92], central, atol=1e-4)
 
 
 def test_normalisation_is_robust_to_outliers() -> None:
