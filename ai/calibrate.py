@@ -51,15 +51,9 @@ import numpy as np
 import torch
 
 from ai.card import MAX_LOGIT_OFFSET, ModelCard
-from ai.inference import (
-    SliceGrid,
-    calibrate_logits,
-    labels_to_model,
-    normalised_grid,
-    pre_process,
-    predict,
-)
+from ai.inference import calibrate_logits, pre_process, predict
 from ai.labels import Label
+from ai.model_grid import SliceGrid, labels_to_model, normalised_grid
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)

@@ -36,9 +36,9 @@ from scipy import ndimage
 from torch.nn import functional as F
 
 from ai.canal_patch import canal_centre, normalise_patch_image
-from ai.inference import canonical_axes
 from ai.labels import STRUCTURES, Label
 from ai.model import UNet, UNetConfig
+from ai.model_grid import canonical_axes
 from ai.refiner import SHIPPED_WEIGHTS_DIR as SHIPPED_WEIGHTS_DIR
 from ai.refiner import PatchRefiner, RefinerCardError, check_card
 from ai.volume import Volume
@@ -148,7 +148,7 @@ def patch_matrix(
     """2x2 matrix: native ``(row, col)`` pixel offset per patch ``(row, col)`` pixel step.
 
     With ``orientation`` (the slice's 6 direction cosines) the patch rows run toward
-    posterior and its columns toward the patient's left (:func:`ai.inference.canonical_axes`);
+    posterior and its columns toward the patient's left (:func:`ai.model_grid.canonical_axes`);
     without it, along the native rows and columns. ``rotation_deg``, ``scale`` and
     ``flip_lr`` are training augmentations.
     """

@@ -18,7 +18,8 @@ import torch
 from torch.nn import functional as F
 
 from ai.card import Normalisation
-from ai.inference import SliceGrid, normalise, resample_to_model
+from ai.inference import normalise
+from ai.model_grid import SliceGrid, resample_to_model
 from ai.phantom.tissues import NUM_TISSUES, T2_SIGNAL, TISSUE_TO_LABEL, Tissue
 
 #: tissue-map value of model pixels outside the native field of view (zero padding)

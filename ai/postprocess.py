@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from ai.inference import superior_normal
 from ai.labels import PAIRS, STRUCTURES, Label
+from ai.model_grid import superior_normal
 from ai.volume import Volume
 
 #: Components smaller than this (mm2) are dropped for multi-part structures.

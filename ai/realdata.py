@@ -30,8 +30,9 @@ import numpy as np
 
 from ai.card import ModelCard
 from ai.evaluate import EvalCase
-from ai.inference import labels_to_model, pre_process_slice
+from ai.inference import pre_process_slice
 from ai.labels import DISPLAY_NAMES, NUM_CLASSES, Label
+from ai.model_grid import labels_to_model
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)

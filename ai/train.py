@@ -36,9 +36,10 @@ import torch
 from torch.nn import functional as F
 
 from ai.card import ModelCard, label_map, load_model, save_weights
-from ai.inference import labels_to_model, pre_process_slice
+from ai.inference import pre_process_slice
 from ai.labels import LEVEL_NAMES, NUM_CLASSES, STRUCTURES, Label
 from ai.model import UNet, UNetConfig, count_parameters
+from ai.model_grid import labels_to_model
 from ai.refiner_training import Progress
 
 logger = logging.getLogger(__name__)

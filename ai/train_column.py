@@ -484,7 +484,7 @@ def _card(cfg: ColumnTrainConfig, training: dict[str, Any], metrics: dict[str, A
         "input": {
             "channels": _channel_names(cfg.model.context),
             "centre": "centroid of the coarse disc + vertebral body",
-            "frame": "rows toward posterior, columns toward the patient's left (ai.inference.canonical_axes)",
+            "frame": "rows toward posterior, columns toward the patient's left (ai.model_grid.canonical_axes)",
         },
         "seed": cfg.seed,
         "weights_sha256": "",

@@ -12,8 +12,9 @@ import torch
 
 from ai.calibrate import STRIDE, CalibrationSet, counts, fit_offsets, native_samples
 from ai.card import CARD_FILE, load_model
-from ai.inference import SliceGrid, to_native
+from ai.inference import to_native
 from ai.labels import NUM_CLASSES, Label
+from ai.model_grid import SliceGrid
 from node.commands.calibrate import next_version, parse_classes
 
 BG, BODY, DISC, PSOAS = (int(Label.BACKGROUND), int(Label.VERTEBRAL_BODY), int(Label.DISC),

@@ -11,8 +11,8 @@ import torch
 
 from ai.card import ModelCard, Normalisation
 from ai.domain_randomise import OUTSIDE, labels_of_tissue, randomise_images, tissue_to_model
-from ai.inference import labels_to_model, slice_grid
 from ai.labels import Label
+from ai.model_grid import labels_to_model, slice_grid
 from ai.phantom import render_slice, sample_subject
 from ai.phantom.tissues import TISSUE_TO_LABEL, Tissue
 

@@ -7,22 +7,18 @@ import pytest
 import torch
 
 from ai.card import ModelCard, label_map
-from ai.inference import (
+from ai.inference import autocast_dtype, normalise, pre_process, pre_process_slice, to_native
+from ai.labels import NUM_CLASSES, Label
+from ai.model import UNet, UNetConfig, fold_batchnorm
+from ai.model_grid import (
     MAX_FIELD_MM,
     SliceGrid,
     antialias_sigma,
-    autocast_dtype,
     covering_shape,
     labels_to_model,
-    normalise,
-    pre_process,
-    pre_process_slice,
     resample_to_model,
     slice_grid,
-    to_native,
 )
-from ai.labels import NUM_CLASSES, Label
-from ai.model import UNet, UNetConfig, fold_batchnorm
 from ai.postprocess import clean_components, fix_laterality, label_stats
 from ai.volume import Volume
 
