@@ -4,7 +4,8 @@
   canonical in-plane frame, the card's pixel spacing, a window centred on the slice centre,
   the card's size but widened to the whole left-right field of view), then a robust
   percentile normalisation.
-* :func:`predict` runs the network in batches (CUDA + AMP when present, CPU otherwise).
+* :func:`predict` runs the network in batches (CUDA + AMP when present, CPU otherwise),
+  optionally averaging each slice's logits with those of its mirror image (``mirror``).
 * :func:`to_native` maps the logits back onto each slice's native pixel grid
   (bilinear on logits, then arg-max); :func:`ai.postprocess.post_process` then cleans the
   label map and flags (never hides) implausible results.
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from ai.card import ModelCard, Normalisation
-from ai.labels import Label
+from ai.labels import MIRRORED, Label
 from ai.model import UNet
 from ai.model_grid import SliceGrid, covering_shape, resample_to_model, slice_grid
 from ai.volume import Volume
@@ -131,29 +132,51 @@ def predict(
     device: torch.device,
     batch_size: int = 8,
     dtype: torch.dtype | None = None,
+    mirror: bool = False,
 ) -> torch.Tensor:
     """Logits ``(n, classes, H, W)`` float32 on the CPU, computed in batches.
 
     Channels-last tensors; under autocast to ``dtype`` when given (see
-    :func:`autocast_dtype`), in float32 otherwise.
+    :func:`autocast_dtype`), in float32 otherwise. ``mirror``: each batch runs together
+    with its left-right mirror image and the two answers are averaged
+    (:func:`unmirror_logits` maps the mirror's back), a second opinion that costs one
+    more forward pass. The anterior column's two logits (vertebral body, disc) stay those
+    of the first pass: which of the two a slice shows is the decision the column refiner
+    and the series disc assignment were tuned on (averaged, it moved whole realistic disc
+    slices to vertebral body), as the logit calibration keeps it raw.
     """
     outputs: list[torch.Tensor] = []
     with torch.inference_mode():
         for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size].to(device, non_blocking=True)
+            if mirror:
+                batch = torch.cat([batch, torch.flip(batch, dims=[-1])])
             batch = batch.contiguous(memory_format=torch.channels_last)
             with torch.autocast(
                 device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None
             ):
-                logits = model(batch)
-            outputs.append(logits.float().cpu())
+                logits = model(batch).float()
+            if mirror:
+                n = logits.shape[0] // 2
+                plain = logits[:n]
+                logits = 0.5 * (plain + unmirror_logits(logits[n:]))
+                logits[:, _COLUMN] = plain[:, _COLUMN]
+            outputs.append(logits.cpu())
     if not outputs:
         return torch.zeros((0, 1, *images.shape[-2:]))
     return torch.cat(outputs)
 
 
+def unmirror_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits ``(n, classes, H, W)`` of mirrored images, as the unmirrored images' logits:
+    flipped back along the columns (the patient's left-right axis on the model grid) and
+    each left class exchanged with its right (:data:`ai.labels.MIRRORED`)."""
+    return torch.flip(logits, dims=[-1])[:, list(MIRRORED)]
+
+
 #: The anterior column's two classes, whose mutual decision the logit calibration keeps raw.
 _BODY, _DISC = int(Label.VERTEBRAL_BODY), int(Label.DISC)
+_COLUMN = [_BODY, _DISC]
 
 
 def calibrate_logits(logits: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -257,6 +280,7 @@ def predict_native(
     device: torch.device,
     batch_size: int = 8,
     dtype: torch.dtype | None = None,
+    mirror: bool = False,
 ) -> NativePrediction:
     """:func:`predict` then :func:`to_native` (and :func:`disc_evidence`), one batch at a time.
 
@@ -270,7 +294,9 @@ def predict_native(
     out = np.zeros((n, *pre.grids[0].native_shape), dtype=np.uint8)
     evidence = np.zeros(n)
     for start in range(0, n, batch_size):
-        logits = predict(model, pre.images[start : start + batch_size], device, batch_size, dtype)
+        logits = predict(
+            model, pre.images[start : start + batch_size], device, batch_size, dtype, mirror
+        )
         evidence[start : start + logits.shape[0]] = disc_evidence(logits)
         # the model-grid arg-max of the whole batch at once: torch spreads it over the
         # threads, numpy's arg-max over a 13-long last axis runs row by row (2-3 ms a slice)

@@ -62,6 +62,18 @@ PAIRS: dict[str, tuple[str, str]] = {
     "multifidus": ("multifidus_left", "multifidus_right"),
 }
 
+def _mirrored() -> tuple[int, ...]:
+    muscles = ("PSOAS", "ERECTOR_SPINAE", "MULTIFIDUS")
+    swap = {int(Label[f"{m}_LEFT"]): int(Label[f"{m}_RIGHT"]) for m in muscles}
+    swap.update({right: left for left, right in swap.items()})
+    return tuple(swap.get(int(lab), int(lab)) for lab in Label)
+
+
+#: ``MIRRORED[label]``: the label the same pixel carries once the image is mirrored left to
+#: right (a left muscle becomes the right one; midline structures keep theirs). Used by the
+#: mirroring augmentation and the mirrored second opinion at inference.
+MIRRORED: tuple[int, ...] = _mirrored()
+
 #: Human-readable names, as viewers show them (segment labels).
 DISPLAY_NAMES: dict[Label, str] = {
     Label.VERTEBRAL_BODY: "Vertebral body",

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from ai.card import ModelCard, label_map, load_model, save_weights
 from ai.inference import pre_process_slice
-from ai.labels import LEVEL_NAMES, NUM_CLASSES, STRUCTURES, Label
+from ai.labels import LEVEL_NAMES, MIRRORED, NUM_CLASSES, STRUCTURES, Label
 from ai.model import UNet, UNetConfig, count_parameters
 from ai.model_grid import labels_to_model
 from ai.refiner_training import Progress
@@ -103,6 +103,9 @@ class TrainConfig:
     #: contrast, from the slices' tissue maps (:mod:`ai.domain_randomise`); 0 trains on
     #: the cached pool images only
     synth_fraction: float = 0.0
+    #: fraction of every batch mirrored left to right with the left / right labels swapped
+    #: (the mirror image of a patient is a plausible patient)
+    mirror_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -111,7 +114,8 @@ class TrainConfig:
             raise ValueError("crop must be a multiple of 16 and <= input_size")
         if self.pool_subjects < 1 or self.slices_per_subject < 1:
             raise ValueError("pool needs at least one subject and slice")
-        for name in ("randomised_fraction", "severe_fraction", "disc_fraction", "synth_fraction"):
+        for name in ("randomised_fraction", "severe_fraction", "disc_fraction", "synth_fraction",
+                     "mirror_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1]")
         if self.canal_weight < 0 or self.disc_weight < 0:
@@ -230,12 +234,19 @@ def phantom_pool(
 
 
 def augment(
-    images: torch.Tensor, labels: torch.Tensor, crop: int, gen: torch.Generator
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    crop: int,
+    gen: torch.Generator,
+    mirror_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random geometric and intensity augmentation of a batch (model grid, CPU).
 
     ``images`` ``(b, 1, H, W)`` float32, ``labels`` ``(b, H, W)`` int64; returns crops of
-    ``crop x crop``. No mirroring: a mirrored image would swap the patient's sides.
+    ``crop x crop``. A ``mirror_fraction`` of the batch is mirrored left to right (the
+    model grid's columns run along the patient's left-right axis) with the left and right
+    labels swapped (:data:`ai.labels.MIRRORED`); with 0 no random number is drawn for it,
+    so earlier configurations replay exactly.
     """
     b, _, h, w = images.shape
 
@@ -262,6 +273,11 @@ def augment(
     lab = F.grid_sample(
         labels[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
     )[:, 0].long()
+    if mirror_fraction > 0:
+        mirror = torch.rand(b, generator=gen) < mirror_fraction
+        if mirror.any():
+            img[mirror] = torch.flip(img[mirror], dims=[-1])
+            lab[mirror] = torch.tensor(MIRRORED)[torch.flip(lab[mirror], dims=[-1])]
 
     # intensity: gamma, contrast / brightness, smooth bias field, blur, noise
     gamma = torch.exp(u(-0.35, 0.35)).view(b, 1, 1, 1)
@@ -507,7 +523,7 @@ def train(
             if fresh.any():
                 x[torch.from_numpy(fresh)] = randomise_images(
                     torch.from_numpy(tissues[idx[fresh]]), gen, card0.normalisation)
-        x, y = augment(x, y, cfg.crop, gen)
+        x, y = augment(x, y, cfg.crop, gen, cfg.mirror_fraction)
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):

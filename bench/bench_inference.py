@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from node.config import AiSection
+
 N_SLICES = 16
 MATRIX = (512, 512)
 SPACING_MM = 0.5
@@ -104,13 +106,17 @@ def reference_ms(threads: int = 2) -> float:
         torch.set_num_threads(previous)
 
 
-def _time_stages(device: str, threads: int, precision: str = "auto") -> dict[str, float]:
+def _time_stages(
+    device: str, threads: int, precision: str = "auto", mirror: bool = AiSection.mirror
+) -> dict[str, float]:
     """Median ms per slice of each stage of ``Analyzer.segment`` (its own timings)."""
     import torch
 
     from ai.pipeline import Analyzer
 
-    analyzer = Analyzer(device=device, batch_size=8, threads=threads, precision=precision)
+    analyzer = Analyzer(
+        device=device, batch_size=8, threads=threads, precision=precision, mirror=mirror
+    )
     vol = _volume()
     stages: dict[str, list[float]] = {}
     cpu: list[float] = []
@@ -134,8 +140,9 @@ def _time_stages(device: str, threads: int, precision: str = "auto") -> dict[str
 def run() -> dict:  # type: ignore[type-arg]
     """ms/slice at 512 x 512 (0.5 mm) on the CPU, per stage; GPU too when CUDA is present.
 
-    ``cpu`` is the node's default (``precision = "auto"``); ``cpu_float32`` the same run
-    forced to float32, the reference for the bfloat16 speed-up on CPUs that have it.
+    ``cpu`` is the node's default (``precision = "auto"``, ``mirror`` as ``[ai]`` sets it);
+    ``cpu_float32`` the same run forced to float32, the reference for the bfloat16 speed-up
+    on CPUs that have it; ``cpu_mirror`` with the mirrored second pass (``[ai] mirror``).
     """
     import torch
 
@@ -149,11 +156,15 @@ def run() -> dict:  # type: ignore[type-arg]
         "slices": N_SLICES,
         "cpu": _time_stages("cpu", threads=2),
         "cpu_float32": _time_stages("cpu", threads=2, precision="float32"),
+        "cpu_mirror": _time_stages("cpu", threads=2, mirror=True),
         "cpu_1_thread": _time_stages("cpu", threads=1),
         "target_cpu_ms_per_slice": 50.0,
     }
     result["bfloat16_speedup"] = (
         result["cpu_float32"]["total_ms_per_slice"] / result["cpu"]["total_ms_per_slice"]
+    )
+    result["mirror_cost"] = (
+        result["cpu_mirror"]["total_ms_per_slice"] / result["cpu"]["total_ms_per_slice"]
     )
     after = reference_ms()
     result["reference_ms"] = {"before": before, "after": after}

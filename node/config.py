@@ -199,6 +199,10 @@ class AiSection:
     weights_dir: Path | None = None
     preload: bool = True
     precision: str = "auto"
+    #: average the network's answer with its answer on the mirrored slice
+    #: (:func:`ai.inference.predict`); off by default: it costs the realistic disc
+    #: (docs/segmentation.md, "Mirrored second pass")
+    mirror: bool = False
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):

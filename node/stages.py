@@ -85,6 +85,7 @@ class DefaultStages:
                 weights_dir=self.config.ai.weights_dir,
                 threads=self.config.ai.threads or analysis_threads(),
                 precision=self.config.ai.precision,
+                mirror=self.config.ai.mirror,
             )
             logger.info("analyser loaded in %.1f s", time.monotonic() - started)
         return self._analyzer

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from node.config import AiSection
+
 logger = logging.getLogger(__name__)
 
 #: Smallest |cos| between a slice normal and patient z for an axial (tilted blocks ok) slice.
@@ -43,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "float32", "bfloat16"),
         default="auto",
         help="network arithmetic; auto: bfloat16 on CPUs with native bf16, float16 on CUDA",
+    )
+    parser.add_argument(
+        "--mirror",
+        action=argparse.BooleanOptionalAction,
+        default=AiSection.mirror,
+        help="average each slice's segmentation with that of its left-right mirror image "
+        "(the node's [ai] mirror; --no-mirror: one forward pass)",
     )
 
 
@@ -109,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         weights_dir=args.weights,
         threads=args.threads,
         precision=args.precision,
+        mirror=args.mirror,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "measurements.csv"

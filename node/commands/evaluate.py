@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from node.config import AiSection
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "float32", "bfloat16"),
         default="auto",
         help="network arithmetic; auto: bfloat16 on CPUs with native bf16, float16 on CUDA",
+    )
+    parser.add_argument(
+        "--mirror",
+        action=argparse.BooleanOptionalAction,
+        default=AiSection.mirror,
+        help="average each slice's segmentation with that of its left-right mirror image "
+        "(the node's [ai] mirror; --no-mirror: one forward pass)",
     )
 
 
@@ -167,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     dirs = stage_dirs(args.weights)
     analyzer = Analyzer(
-        device=args.device, threads=args.threads, precision=args.precision,
+        device=args.device, threads=args.threads, precision=args.precision, mirror=args.mirror,
         weights_dir=dirs["weights_dir"], refiner_dir=dirs["refiner_dir"], column_dir=dirs["column_dir"],
     )
     report = evaluate(args.data, analyzer)

@@ -92,6 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "slices' tissue maps (default 0: cached pool images only)",
     )
     parser.add_argument(
+        "--mirror-fraction",
+        type=float,
+        default=None,
+        help="segmentation: share of each batch mirrored left to right with the left / right "
+        "labels swapped (default 0)",
+    )
+    parser.add_argument(
         "--model-subjects",
         type=int,
         default=None,
@@ -156,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                 for name in (
                     "steps", "batch_size", "pool_subjects", "lr", "small_structure_weight",
                     "randomised_fraction", "severe_fraction", "disc_fraction", "canal_weight",
-                    "disc_weight", "synth_fraction",
+                    "disc_weight", "synth_fraction", "mirror_fraction",
                 )
             },
         )

@@ -28,6 +28,7 @@ def test_empty_file_gives_defaults_and_derived_paths(tmp_path: Path) -> None:
     assert config.routing.modalities == ("MR",)
     assert config.callers.allow_any_loopback is True
     assert config.ai.weights_dir is None
+    assert config.ai.mirror is False
     # relative state_dir resolves against the config file's directory
     assert config.state_dir == (tmp_path / "state").resolve()
     assert config.index_path == config.state_dir / "index.sqlite"
@@ -65,6 +66,7 @@ def test_unknown_key_is_named(tmp_path: Path, text: str, key: str) -> None:
         ("[routing]\nmodalities = 'MR'\n", "routing.modalities"),
         ("[ai]\ndevice = 'tpu'\n", "ai.device"),
         ("[ai]\nweights_dir = 'no/such/dir'\n", "ai.weights_dir"),
+        ("[ai]\nmirror = 'yes'\n", "ai.mirror"),
         ("[logging]\nformat = 'xml'\n", "logging.format"),
         ("[tls]\nenabled = true\n", "tls.cert_file"),
         ("[[callers.allowed]]\nae_title='PACS'\naddress='somewhere'\n", "callers.allowed[0].address"),

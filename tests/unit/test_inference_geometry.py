@@ -310,3 +310,41 @@ def test_canal_centre_is_the_centroid_of_the_sac_else_the_canal() -> None:
     labels[30:34, 5:9] = Label.DURAL_SAC
     r, c = np.nonzero(labels == Label.DURAL_SAC)
     assert np.allclose(canal_centre(labels), (r.mean(), c.mean()))
+
+
+def test_mirrored_labels_swap_sides_and_keep_the_midline() -> None:
+    from ai.labels import MIRRORED, PAIRS, STRUCTURES
+
+    assert all(MIRRORED[MIRRORED[k]] == k for k in range(len(MIRRORED)))
+    for left, right in PAIRS.values():
+        assert MIRRORED[STRUCTURES[left][0]] == STRUCTURES[right][0]
+    for lab in (Label.BACKGROUND, Label.DISC, Label.DURAL_SAC, Label.SUBCUTANEOUS_FAT):
+        assert MIRRORED[lab] == lab
+
+
+class _LeftPsoasDetector(torch.nn.Module):
+    """Calls every bright pixel left psoas (and disc), whatever side it is on: not
+    mirror-symmetric."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((x.shape[0], len(Label), *x.shape[-2:]))
+        out[:, Label.PSOAS_LEFT] = x[:, 0]
+        out[:, Label.DISC] = x[:, 0]
+        return out
+
+
+def test_mirrored_prediction_averages_with_the_sides_swapped() -> None:
+    from ai.inference import predict, unmirror_logits
+
+    images = torch.zeros((3, 1, 16, 24))
+    images[:, 0, 4:8, 2:6] = 1.0  # on the image's left (the patient's right)
+    plain = predict(_LeftPsoasDetector(), images, torch.device("cpu"), batch_size=2)
+    both = predict(_LeftPsoasDetector(), images, torch.device("cpu"), batch_size=2, mirror=True)
+    assert torch.equal(plain[:, Label.PSOAS_LEFT], images[:, 0])
+    # the mirror pass saw the blob on the other side and called it left psoas there: mapped
+    # back, that is right psoas at the blob's true place; the average holds half of each
+    assert torch.allclose(both[:, Label.PSOAS_LEFT], 0.5 * images[:, 0])
+    assert torch.allclose(both[:, Label.PSOAS_RIGHT], 0.5 * images[:, 0])
+    # the anterior column's logits stay the first pass's (not averaged)
+    assert torch.equal(both[:, Label.DISC], plain[:, Label.DISC])
+    assert torch.equal(unmirror_logits(unmirror_logits(plain)), plain)

@@ -106,3 +106,21 @@ def test_class_weights_of_the_loss() -> None:
     assert tuned[int(Label.DISC)] == tuned[int(Label.VERTEBRAL_BODY)] == 5.0
     assert tuned[int(Label.DURAL_SAC)] == tuned[int(Label.EPIDURAL_SPACE)] == 8.0
     assert tuned[int(Label.PSOAS_LEFT)] == 1.0
+
+
+def test_augment_mirrors_with_the_sides_swapped() -> None:
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.zeros((4, 64, 64), dtype=torch.long)
+    labels[:, 20:40, 8:24] = Label.PSOAS_RIGHT  # image left half
+    labels[:, 20:40, 40:56] = Label.PSOAS_LEFT  # image right half
+    labels[:, 44:50, 30:34] = Label.DURAL_SAC  # midline: keeps its label
+    images = (labels == Label.PSOAS_RIGHT).float()[:, None]  # only the right psoas is bright
+    x, y = augment(images, labels, 48, gen, mirror_fraction=1.0)
+    for b in range(4):
+        cols_l = torch.nonzero(y[b] == Label.PSOAS_LEFT)[:, 1].float()
+        cols_r = torch.nonzero(y[b] == Label.PSOAS_RIGHT)[:, 1].float()
+        assert len(cols_l) and len(cols_r) and (y[b] == Label.DURAL_SAC).any()
+        # still anatomically sided (the right on the image's left), and the image follows
+        # the labels: the bright muscle is now the left one
+        assert cols_l.mean() > cols_r.mean()
+        assert x[b, 0][y[b] == Label.PSOAS_LEFT].mean() > x[b, 0][y[b] == Label.PSOAS_RIGHT].mean() + 0.3
