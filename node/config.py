@@ -188,6 +188,10 @@ class RoutingSection:
         _check_positive("min_slices", self.min_slices)
 
 
+#: ``[ai] precision`` values (the network's arithmetic, :func:`ai.inference.autocast_dtype`).
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class AiSection:
     """``[ai]``: inference device and batching; ``weights_dir`` None = the shipped weights."""
@@ -207,7 +211,7 @@ class AiSection:
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise _Invalid("device", f"must be auto, cpu or cuda, got {self.device!r}")
-        if self.precision not in ("auto", "float32", "bfloat16"):
+        if self.precision not in PRECISIONS:
             raise _Invalid(
                 "precision", f"must be auto, float32 or bfloat16, got {self.precision!r}"
             )

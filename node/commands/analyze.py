@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from node.config import AiSection
+from node.commands.analysis_options import add_analysis_options, analysis_options
 
 logger = logging.getLogger(__name__)
 
@@ -34,25 +34,11 @@ NON_IMAGE_SOP_PREFIXES: tuple[str, ...] = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--weights", type=Path, default=None, help="weights folder (default: shipped)"
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument(
-        "--precision",
-        choices=("auto", "float32", "bfloat16"),
-        default="auto",
-        help="network arithmetic; auto: bfloat16 on CPUs with native bf16, float16 on CUDA",
-    )
-    parser.add_argument(
-        "--mirror",
-        action=argparse.BooleanOptionalAction,
-        default=AiSection.mirror,
-        help="average each slice's segmentation with that of its left-right mirror image "
-        "(the node's [ai] mirror; --no-mirror: one forward pass)",
-    )
+    add_analysis_options(parser)
 
 
 def collect_files(paths: Iterable[Path]) -> list[Path]:
@@ -113,12 +99,9 @@ def run(args: argparse.Namespace) -> int:
         logger.error("no DICOM image series found under %s", [str(p) for p in args.paths])
         return 2
     analyzer = Analyzer(
-        device=args.device,
         batch_size=args.batch_size,
         weights_dir=args.weights,
-        threads=args.threads,
-        precision=args.precision,
-        mirror=args.mirror,
+        **analysis_options(args),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "measurements.csv"

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from node.config import AiSection
+from node.commands.analysis_options import add_analysis_options, analysis_options
 
 logger = logging.getLogger(__name__)
 
@@ -27,27 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument(
         "--weights", type=Path, default=None,
         help="weights folder (default: shipped): each stage whose card it holds (segmentation "
         "model, canal refiner, column refiner; e.g. a `train` best/ folder) is taken from it, "
         "the others are the shipped ones",
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument(
-        "--precision",
-        choices=("auto", "float32", "bfloat16"),
-        default="auto",
-        help="network arithmetic; auto: bfloat16 on CPUs with native bf16, float16 on CUDA",
-    )
-    parser.add_argument(
-        "--mirror",
-        action=argparse.BooleanOptionalAction,
-        default=AiSection.mirror,
-        help="average each slice's segmentation with that of its left-right mirror image "
-        "(the node's [ai] mirror; --no-mirror: one forward pass)",
-    )
+    add_analysis_options(parser)
 
 
 #: ``Analyzer.segment`` timings summed into ``segmentation_ms_per_slice`` (every stage that
@@ -176,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     dirs = stage_dirs(args.weights)
     analyzer = Analyzer(
-        device=args.device, threads=args.threads, precision=args.precision, mirror=args.mirror,
+        **analysis_options(args),
         weights_dir=dirs["weights_dir"], refiner_dir=dirs["refiner_dir"], column_dir=dirs["column_dir"],
     )
     report = evaluate(args.data, analyzer)
