@@ -30,6 +30,7 @@ from ai.results import (
     ROLE_COLUMN_REFINEMENT,
     ROLE_SEGMENTATION,
     ROLE_STENOSIS_GRADING,
+    InferenceSettings,
     LevelResult,
     SeriesResult,
     Stenosis,
@@ -103,6 +104,11 @@ class Analyzer:
         self.mirror = mirror
         model, card = load_model(Path(weights_dir) if weights_dir is not None else None)
         self.autocast = autocast_dtype(self.device, precision)
+        self.inference = InferenceSettings(
+            device=self.device.type,
+            precision=str(self.autocast or torch.float32).removeprefix("torch."),
+            mirror=mirror,
+        )
         network = CalibratedNetwork(fold_batchnorm(model), card.logit_offsets())
         self.model = network.to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.card: ModelCard = card
@@ -211,6 +217,7 @@ class Analyzer:
             model_name=self.card.name,
             model_version=self.card.version,
             models=self.models(),
+            inference=self.inference,
             labels=labels,
             levels=levels,
             flags=flags,

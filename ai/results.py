@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-RESULTS_SCHEMA_VERSION = "1.1"
+RESULTS_SCHEMA_VERSION = "1.2"
 
 SCHIZAS_GRADES: tuple[str, ...] = ("A", "B", "C", "D")
 DSCA_GRADES: tuple[str, ...] = ("normal", "relative", "absolute")
@@ -110,6 +110,30 @@ ROLE_COLUMN_REFINEMENT = "column refinement"
 ROLE_STENOSIS_GRADING = "stenosis grading"
 
 
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How the segmentation network ran: these change the masks, so every result says them.
+
+    ``precision`` is the arithmetic actually used (``float32``, ``bfloat16``, ``float16``),
+    ``device`` the torch device type (``cpu``, ``cuda``), ``mirror`` whether each slice was
+    averaged with its left-right mirror image (``[ai] mirror``).
+    """
+
+    device: str
+    precision: str
+    mirror: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "precision": self.precision, "mirror": self.mirror}
+
+    def parameters(self) -> list[str]:
+        return [
+            f"device={self.device}",
+            f"precision={self.precision}",
+            f"mirror={'on' if self.mirror else 'off'}",
+        ]
+
+
 @dataclass
 class SeriesResult:
     """Everything the analysis says about one series.
@@ -129,12 +153,27 @@ class SeriesResult:
     #: every model that contributed, in pipeline order: ``{"role", "name", "version"}``
     #: (segmentation, canal refiner, stenosis grader); empty when not recorded
     models: list[dict[str, str]] = field(default_factory=list)
+    #: how the segmentation network ran (:class:`InferenceSettings`); None when not recorded
+    inference: InferenceSettings | None = None
 
     @property
     def models_line(self) -> str:
-        """``name version`` of every contributing model, joined for captions."""
+        """``name version`` of every contributing model, joined for captions and output UIDs.
+
+        A mirrored pass is named after the segmentation model: its masks differ, so its
+        outputs must not share UIDs with a one-pass analysis of the same series.
+        """
         models = self.models or [{"name": self.model_name, "version": self.model_version}]
-        return " + ".join(f"{m['name']} {m['version']}" for m in models)
+        line = " + ".join(f"{m['name']} {m['version']}" for m in models)
+        if self.inference is not None and self.inference.mirror:
+            line += " (mirrored pass)"
+        return line
+
+    @property
+    def algorithm_parameters(self) -> list[str]:
+        """The segmentation model's run settings as DICOM Algorithm Parameters (empty when
+        not recorded)."""
+        return self.inference.parameters() if self.inference is not None else []
 
     def model_for(self, role: str) -> tuple[str, str]:
         """``(name, version)`` of the model that had ``role`` in this analysis.
@@ -155,6 +194,7 @@ class SeriesResult:
             "series_instance_uid": self.series_instance_uid,
             "model": {"name": self.model_name, "version": self.model_version},
             "models": [dict(m) for m in self.models],
+            "inference": self.inference.to_dict() if self.inference is not None else None,
             "levels": [lv.to_dict() for lv in self.levels],
             "flags": list(self.flags),
             "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},

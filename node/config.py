@@ -188,7 +188,8 @@ class RoutingSection:
         _check_positive("min_slices", self.min_slices)
 
 
-#: ``[ai] precision`` values (the network's arithmetic, :func:`ai.inference.autocast_dtype`).
+#: ``[ai] precision`` values (the network's arithmetic, :func:`ai.inference.autocast_dtype`);
+#: kept here so loading the config does not import torch (a test keeps the two equal).
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
@@ -213,7 +214,7 @@ class AiSection:
             raise _Invalid("device", f"must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise _Invalid(
-                "precision", f"must be auto, float32 or bfloat16, got {self.precision!r}"
+                "precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
         _check_positive("batch_size", self.batch_size)
         _check_positive("threads", self.threads, allow_zero=True)

@@ -48,6 +48,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "dsca_mm2",
     "dsca_grade",
     "severity",
+    "mirror_pass",
 )
 
 
@@ -99,6 +100,8 @@ def csv_rows(result: SeriesResult) -> list[dict[str, Any]]:
     """measurements.csv rows of one series (one per level and structure)."""
     rows = []
     pair_of = {k: p for p, keys in PAIRS.items() for k in keys}
+    settings = result.inference
+    mirror_pass = "" if settings is None else ("on" if settings.mirror else "off")
     for lv in result.levels:
         st = lv.stenosis
         for key in STRUCTURES:
@@ -130,6 +133,7 @@ def csv_rows(result: SeriesResult) -> list[dict[str, Any]]:
                 "dsca_mm2": round(st.dsca_mm2, 2) if st and key == "dural_sac" else "",
                 "dsca_grade": st.dsca_grade if st and key == "dural_sac" else "",
                 "severity": st.severity if st and key == "dural_sac" else "",
+                "mirror_pass": mirror_pass,
             }
             rows.append(row)
     return rows

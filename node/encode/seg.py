@@ -247,6 +247,8 @@ def algorithm_identification(result: SeriesResult, role: str = ROLE_SEGMENTATION
     item.AlgorithmFamilyCodeSequence = DicomSequence([_code_item(codes.ALGORITHM_FAMILY)])
     item.AlgorithmName = name
     item.AlgorithmVersion = version
+    if (name, version) == (result.model_name, result.model_version) and result.algorithm_parameters:
+        item.AlgorithmParameters = ", ".join(result.algorithm_parameters)
     return item
 
 

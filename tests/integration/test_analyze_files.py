@@ -33,7 +33,7 @@ def test_analyze_writes_documented_results(tmp_path: Path) -> None:
     sag_uid = next(s["series_instance_uid"] for s in truth["series"] if s["role"] != "axial")
     assert not (out / sag_uid).exists(), "the sagittal series must be skipped"
     result = json.loads((out / axial_uid / "results.json").read_text())
-    assert result["schema_version"] == "1.1"
+    assert result["schema_version"] == "1.2"
     assert result["series_instance_uid"] == axial_uid
     assert result["model"]["name"] and result["model"]["version"]
     # provenance: every model that contributed, the segmentation first
@@ -42,6 +42,10 @@ def test_analyze_writes_documented_results(tmp_path: Path) -> None:
     ]
     assert result["models"][0] == {"role": "segmentation", **result["model"]}
     assert all(m["name"] and m["version"] for m in result["models"])
+    # how the network ran: CPU was asked for, one pass by default
+    assert result["inference"]["device"] == "cpu"
+    assert result["inference"]["precision"] in ("float32", "bfloat16")
+    assert result["inference"]["mirror"] is False
     assert isinstance(result["flags"], list)
     assert len(result["levels"]) == len(truth["levels"])
     for pos, lv in enumerate(result["levels"], start=1):
@@ -73,3 +77,4 @@ def test_analyze_writes_documented_results(tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(result["levels"]) * len(STRUCTURES)
     assert {r["series_instance_uid"] for r in rows} == {axial_uid}
+    assert {r["mirror_pass"] for r in rows} == {"off"}

@@ -167,3 +167,12 @@ def test_default_config_file_is_valid_and_documents_every_key() -> None:
     for key in ("name", "type", "ae_title", "host", "port", "url", "kinds", "shadow", "overlay", "tls"):
         assert re.search(rf"^# {key} = ", text, re.MULTILINE), f"destinations.{key} undocumented"
     assert config.summary()["node"]["port"] == 11112
+
+
+def test_precisions_match_the_inference_module() -> None:
+    """The config validates ``[ai] precision`` without importing torch; its list must be
+    the one :func:`ai.inference.autocast_dtype` accepts."""
+    from ai.inference import PRECISIONS as INFERENCE_PRECISIONS
+    from node.config import PRECISIONS
+
+    assert PRECISIONS == INFERENCE_PRECISIONS

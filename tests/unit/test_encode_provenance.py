@@ -22,6 +22,7 @@ from pydicom import config
 from pydicom.dataset import Dataset
 
 from ai.labels import Label
+from ai.results import InferenceSettings
 from node.encode import codes, encode_series
 
 NOW = dt.datetime(2026, 1, 1, 12)
@@ -31,6 +32,7 @@ COLUMN = ("lumbar-column-refiner", "1.0.0")
 GRADER = ("lumbar-stenosis-grader", "1.0.0")
 ALGORITHM_NAME = "111001"  # DCM Algorithm Name (TID 4019)
 ALGORITHM_VERSION = "111003"  # DCM Algorithm Version
+ALGORITHM_PARAMETERS = "111002"  # DCM Algorithm Parameters
 TRACKING_IDENTIFIER = "112039"
 
 
@@ -238,3 +240,55 @@ def test_segmentation_model_only_gives_the_same_outputs_as_no_models_listed() ->
     for group in _groups(sr).values():
         assert _named(group) == SEG_MODEL
         assert set(_measurement_models(group).values()) == {None}
+
+
+def _with_settings(s: SyntheticSeries, settings: InferenceSettings | None) -> SyntheticSeries:
+    s.result = dataclasses.replace(s.result, inference=settings)
+    return s
+
+
+ONE_PASS = InferenceSettings(device="cpu", precision="bfloat16", mirror=False)
+MIRRORED = dataclasses.replace(ONE_PASS, mirror=True)
+
+
+def _encoded_with(settings: InferenceSettings | None) -> tuple[Dataset, Dataset, str]:
+    s = _with_settings(_series(ALL_MODELS), settings)
+    out = encode_series(s.datasets, s.volume, s.result, include_overlay=False, now=NOW)
+    assert out.seg is not None and out.sr is not None
+    return _roundtrip(out.seg), _roundtrip(out.sr), str(out.seg.SeriesInstanceUID)
+
+
+def _parameters(items: Iterable[Dataset]) -> list[str]:
+    return _texts(items, ALGORITHM_PARAMETERS)
+
+
+def test_segmentation_model_states_how_it_ran_in_seg_and_sr() -> None:
+    """The mirror pass and precision change the masks, so both objects carry them as the
+    segmentation model's Algorithm Parameters; refiners and the grader carry none."""
+    seg, sr, _ = _encoded_with(MIRRORED)
+    expected = ["device=cpu", "precision=bfloat16", "mirror=on"]
+    for item in seg.SegmentSequence:
+        (algo,) = item.SegmentationAlgorithmIdentificationSequence
+        if _segment_model(item) == SEG_MODEL:
+            assert algo.AlgorithmParameters == ", ".join(expected), item.SegmentLabel
+        else:
+            assert "AlgorithmParameters" not in algo, item.SegmentLabel
+    groups = _groups(sr)
+    assert _parameters(groups["L4-L5 multifidus_left"]) == expected
+    assert _parameters(groups["L4-L5 dural_sac"]) == []  # the refiner's group
+    assert _parameters(groups["L4-L5 spinal canal"]) == []  # the grader's group
+    level_confidence = next(
+        i for i in groups["L4-L5 spinal canal"]
+        if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == codes.LEVEL_CONFIDENCE.value
+    )
+    assert _parameters(level_confidence.ContentSequence) == expected
+
+
+def test_mirrored_analysis_gets_its_own_output_uids() -> None:
+    """Different masks must never reach a PACS under UIDs it already holds; a result from
+    before the settings were recorded keeps its UIDs."""
+    _, _, one_pass = _encoded_with(ONE_PASS)
+    _, _, mirrored = _encoded_with(MIRRORED)
+    _, _, unrecorded = _encoded_with(None)
+    assert mirrored != one_pass
+    assert one_pass == unrecorded
