@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from encode_synthetic import SyntheticSeries, phantom_series
 from pydicom import config
 
+from ai.results import InferenceSettings
 from node.encode import EncodedOutputs, encode_series, kind_of
 from node.volume_io import volume_from_datasets
 
@@ -46,7 +48,12 @@ def _dciodvfy(path: Path) -> str:
 def test_outputs_pass_dciodvfy_and_read_back(phantom: SyntheticSeries, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     assert shutil.which("dciodvfy") and shutil.which("dsrdump"), "make test-peers"
-    out = encode_series(phantom.datasets, phantom.volume, phantom.result)
+    # with the segmentation model's Algorithm Parameters in the SEG and the SR
+    settings = InferenceSettings(device="cpu", precision="bfloat16", mirror=True)
+    result = dataclasses.replace(phantom.result, inference=settings)
+    out = encode_series(phantom.datasets, phantom.volume, result)
+    assert out.seg is not None
+    assert "mirror=on" in out.seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
     paths = _write(out, tmp_path)
     checked = [paths["seg"][0], paths["sr"][0], paths["overlay"][0], paths["overlay"][-1]]
     for path in checked:
