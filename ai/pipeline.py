@@ -101,7 +101,6 @@ class Analyzer:
             torch.set_num_threads(threads)
         self.device = choose_device(device)
         self.batch_size = batch_size
-        self.mirror = mirror
         model, card = load_model(Path(weights_dir) if weights_dir is not None else None)
         self.autocast = autocast_dtype(self.device, precision)
         self.inference = InferenceSettings(
@@ -154,7 +153,7 @@ class Analyzer:
         pre = pre_process(volume, self.card)
         t1 = time.perf_counter()
         raw = predict_native(
-            self.model, pre, self.device, self.batch_size, self.autocast, self.mirror
+            self.model, pre, self.device, self.batch_size, self.autocast, self.inference.mirror
         )
         t2 = time.perf_counter()
         labels, flags = post_process(raw.labels, volume)

@@ -7,7 +7,7 @@ Schema of the JSON is versioned by :data:`RESULTS_SCHEMA_VERSION` and documented
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -124,7 +124,7 @@ class InferenceSettings:
     mirror: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "precision": self.precision, "mirror": self.mirror}
+        return asdict(self)
 
     def parameters(self) -> list[str]:
         return [
@@ -169,11 +169,13 @@ class SeriesResult:
             line += " (mirrored pass)"
         return line
 
-    @property
-    def algorithm_parameters(self) -> list[str]:
-        """The segmentation model's run settings as DICOM Algorithm Parameters (empty when
-        not recorded)."""
-        return self.inference.parameters() if self.inference is not None else []
+    def algorithm_parameters_for(self, role: str) -> list[str]:
+        """DICOM Algorithm Parameters of the model with ``role`` (:meth:`model_for`): the
+        run settings when that is the segmentation model, none for refiners and the grader
+        (and none when not recorded)."""
+        if self.inference is None or self.model_for(role) != (self.model_name, self.model_version):
+            return []
+        return self.inference.parameters()
 
     def model_for(self, role: str) -> tuple[str, str]:
         """``(name, version)`` of the model that had ``role`` in this analysis.

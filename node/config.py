@@ -205,8 +205,8 @@ class AiSection:
     preload: bool = True
     precision: str = "auto"
     #: average the network's answer with its answer on the mirrored slice
-    #: (:func:`ai.inference.predict`); off by default: it costs the realistic disc
-    #: (docs/segmentation.md, "Mirrored second pass")
+    #: (:func:`ai.inference.predict`); off by default (docs/segmentation.md, "Mirrored
+    #: second pass": a severe level graded A, level naming lost on some tuning studies)
     mirror: bool = False
 
     def validate(self) -> None:

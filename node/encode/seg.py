@@ -247,8 +247,9 @@ def algorithm_identification(result: SeriesResult, role: str = ROLE_SEGMENTATION
     item.AlgorithmFamilyCodeSequence = DicomSequence([_code_item(codes.ALGORITHM_FAMILY)])
     item.AlgorithmName = name
     item.AlgorithmVersion = version
-    if (name, version) == (result.model_name, result.model_version) and result.algorithm_parameters:
-        item.AlgorithmParameters = ", ".join(result.algorithm_parameters)
+    parameters = result.algorithm_parameters_for(role)
+    if parameters:
+        item.AlgorithmParameters = ", ".join(parameters)
     return item
 
 

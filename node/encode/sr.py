@@ -134,10 +134,7 @@ class _Context:
         key = self.result.model_for(role)
         algorithm = self._algorithms.get(key)
         if algorithm is None:
-            # the segmentation model's run settings (mirror pass, precision) change what
-            # it measured; refiners and the grader have none
-            segmentation = key == (self.result.model_name, self.result.model_version)
-            parameters = self.result.algorithm_parameters if segmentation else []
+            parameters = self.result.algorithm_parameters_for(role)
             algorithm = self._algorithms[key] = hd.sr.AlgorithmIdentification(
                 name=key[0], version=key[1], parameters=parameters or None
             )
