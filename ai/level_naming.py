@@ -323,7 +323,9 @@ def measure_cues(
     """Cues of one level from its disc slices (``mid`` indexes into the sequences).
 
     Where the contrast fails a cue's premise (:func:`t2_premises`), that cue is recorded
-    as not observable: neither for nor against any name.
+    as not observable: neither for nor against any name. Absent wings count against
+    L5-S1 only where the CSF premise holds too: a random contrast passes the fat /
+    elements premise by chance while its marrow lies at any signal.
     """
     pelvis_ok, cord_ok = t2_premises(images[mid], labels[mid])
     pel = 0.0
@@ -336,6 +338,7 @@ def measure_cues(
     width = images[mid].shape[1]
     observable = (
         pelvis_ok
+        and cord_ok
         and col is not None
         and min(col, width - 1 - col) * pixel_spacing[1] >= PELVIS_MIN_FOV_HALF_MM
         and _fat_reference(images[mid], labels[mid]) is not None  # no reference, no verdict

@@ -9,6 +9,7 @@ from ai.level_naming import (
     MUSCLE_LOG_RATIO_MEAN,
     LevelCues,
     cord_fraction,
+    measure_cues,
     muscle_log_ratios,
     name_posterior,
     pelvis_area,
@@ -41,6 +42,25 @@ def test_cord_seen_at_l1_l2_only(slices: dict[str, object]) -> None:
     assert slices["L1-L2"].truth["rootlets"] == "cord"  # type: ignore[attr-defined]
     assert fr["L1-L2"] > 0.1
     assert fr["L4-L5"] == 0 and fr["L5-S1"] == 0
+
+
+def test_absent_wings_count_only_where_the_csf_is_t2_bright(slices: dict[str, object]) -> None:
+    """A random contrast can pass the fat / posterior-elements premise by chance while the
+    iliac marrow lies at any signal: absent wings are evidence against L5-S1 only where
+    the sac's CSF is T2-bright too. Wings that are seen count either way."""
+    from ai.labels import Label
+
+    def cues(name: str, dark_csf: bool):  # type: ignore[no-untyped-def]
+        s = slices[name]
+        image = s.image.copy()  # type: ignore[attr-defined]
+        if dark_csf:
+            muscle = np.isin(s.labels, [int(Label.MULTIFIDUS_LEFT), int(Label.MULTIFIDUS_RIGHT)])  # type: ignore[attr-defined]
+            image[s.labels == int(Label.DURAL_SAC)] = np.median(image[muscle])  # type: ignore[attr-defined]
+        return measure_cues([image], [s.labels], 0, s.pixel_spacing)  # type: ignore[attr-defined]
+
+    assert cues("L4-L5", dark_csf=False).pelvis_observable
+    assert not cues("L4-L5", dark_csf=True).pelvis_observable
+    assert cues("L5-S1", dark_csf=True).pelvis_bin == 2
 
 
 def test_muscle_ratios_increase_caudally(slices: dict[str, object]) -> None:
