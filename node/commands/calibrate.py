@@ -74,6 +74,10 @@ def parse_classes(text: str | None) -> list[Label] | None:
     return [Label[n] for n in names]
 
 
+#: Calibration keys this command writes; every other key of the input card is kept.
+FIT_OWNED_KEYS = frozenset({"logit_offsets", "method", "chosen_on", "fit", "previous", "note"})
+
+
 def write_calibrated(
     src: Path, out: Path, card: ModelCard, fit: CalibrationFit, version: str, data: Path
 ) -> ModelCard:
@@ -86,7 +90,11 @@ def write_calibrated(
         shutil.copyfile(src / WEIGHTS_FILE, tmp)
         tmp.replace(out / WEIGHTS_FILE)
     offsets = {**card.calibration.get("logit_offsets", {}), **fit.offsets}
+    # Settings the fit does not own (the disc-evidence floor and its reason) carry over:
+    # dropping them would silently change the series disc assignment.
+    kept = {k: v for k, v in card.calibration.items() if k not in FIT_OWNED_KEYS}
     calibration = {
+        **kept,
         "logit_offsets": {k: v for k, v in offsets.items() if v != 0.0},
         "method": "subtracted from the class logits before the arg-max; the disc / vertebral body "
         "identity stays the raw one (ai.inference.calibrate_logits). Fitted by `lumbar-node "

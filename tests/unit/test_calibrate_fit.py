@@ -136,6 +136,9 @@ def test_calibrate_command_writes_a_loadable_card_with_the_fitted_offsets(tmp_pa
     for name in ("POSTERIOR_ELEMENTS", "PSOAS_LEFT", "PSOAS_RIGHT"):  # not fitted: kept from the input card
         assert offsets[name] == shipped.calibration["logit_offsets"][name]
     assert card.calibration["previous"]["version"] == shipped.version
+    # calibration settings the fit does not own are kept (the series disc assignment's floor)
+    assert card.disc_evidence_floor() == shipped.disc_evidence_floor() is not None
+    assert "note" not in card.calibration  # the input's note described the input's fit
     assert card.weights_sha256 == shipped.weights_sha256
     assert "VERTEBRAL_BODY" in done.stdout
     # a folder without labelled studies is a clear error, not an empty card
