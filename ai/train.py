@@ -341,6 +341,23 @@ def build_card(cfg: TrainConfig, extra: dict[str, Any]) -> ModelCard:
     )
 
 
+def init_history(init_card: ModelCard) -> dict[str, Any]:
+    """Training record of a fine-tune's starting weights, for the new card.
+
+    The card must say how its weights were made from scratch: the stages that made the
+    starting weights (``previous_stages``, oldest first, each with its command, config and
+    resulting checksum) and which weights it started from, with their version.
+    """
+    own = {k: v for k, v in init_card.training.items() if k != "previous_stages"}
+    own["weights_sha256"] = init_card.weights_sha256
+    own["version"] = init_card.version
+    return {
+        "init_weights": {"name": init_card.name, "version": init_card.version,
+                         "weights_sha256": init_card.weights_sha256},
+        "previous_stages": [*init_card.training.get("previous_stages", []), own],
+    }
+
+
 def _load_pool(path: Path, cfg: TrainConfig) -> Pool | None:
     if not path.is_file():
         return None
@@ -462,12 +479,14 @@ def train(
     say(f"pool ready: {len(images)} training slices, {len(val[0])} validation slices ({pool_s:.0f} s)")
 
     model = UNet(card0.unet_config)
+    history: dict[str, Any] = {}
     if cfg.init_from:
         init_model, init_card = load_model(Path(cfg.init_from))
         if init_card.unet_config != card0.unet_config:
             raise ValueError("init_from weights have another architecture")
         model.load_state_dict(init_model.state_dict())
         say(f"initialised from {cfg.init_from} ({init_card.weights_sha256[:12]})")
+        history = init_history(init_card)
     model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -505,6 +524,7 @@ def train(
         "torch": torch.__version__,
         "python": platform.python_version(),
         "parameters": count_parameters(model),
+        **history,
     }
     model.train()
     t0 = time.perf_counter() - state.elapsed_s

@@ -53,6 +53,25 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert "validation_mean_dice" in card.metrics
 
 
+def test_fine_tune_card_records_the_stages_that_made_its_start(tmp_path: Path) -> None:
+    import dataclasses
+
+    train(CFG, tmp_path / "first", device=torch.device("cpu"))
+    _, first = load_model(tmp_path / "first" / "best")
+    second = dataclasses.replace(CFG, seed=4, init_from=str(tmp_path / "first" / "best"))
+    train(second, tmp_path / "second", device=torch.device("cpu"))
+    third = dataclasses.replace(CFG, seed=5, init_from=str(tmp_path / "second" / "best"))
+    train(third, tmp_path / "third", device=torch.device("cpu"))
+    _, s2 = load_model(tmp_path / "second" / "best")
+    _, card = load_model(tmp_path / "third" / "best")
+    stages = card.training["previous_stages"]
+    assert [st["config"]["seed"] for st in stages] == [3, 4]  # oldest first
+    assert stages[0]["weights_sha256"] == first.weights_sha256
+    assert stages[1]["weights_sha256"] == s2.weights_sha256
+    assert card.training["init_weights"]["weights_sha256"] == s2.weights_sha256
+    assert card.training["config"]["seed"] == 5 and "calibration" not in stages[1]
+
+
 def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
     import dataclasses
 
