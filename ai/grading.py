@@ -162,6 +162,24 @@ class StenosisGrader:
         return result
 
 
+def grade_conflict(stenosis: Stenosis) -> str | None:
+    """Why the Schizas grade and the dural-sac area contradict each other, else None.
+
+    The two grades read different things (the network the CSF and rootlets on the image,
+    DSCA the sac mask's area), so they differ by one class often and legitimately; two
+    classes apart (no stenosis by Schizas with an absolute stenosis by area, or a severe
+    Schizas grade with a normal area) one of them has failed. Never seen in the phantom
+    truth (1,093 levels); the report flags it for review instead of choosing one.
+    """
+    if stenosis.schizas == "A" and stenosis.dsca_grade == "absolute":
+        return (f"Schizas A (no stenosis) but dural sac {stenosis.dsca_mm2:.0f} mm2 "
+                f"(< {DSCA_RELATIVE_MM2:.0f}: absolute stenosis)")
+    if stenosis.schizas in ("C", "D") and stenosis.dsca_grade == "normal":
+        return (f"Schizas {stenosis.schizas} (severe) but dural sac {stenosis.dsca_mm2:.0f} mm2 "
+                f"(>= {DSCA_NORMAL_MM2:.0f}: normal)")
+    return None
+
+
 def _stenosis(probs: np.ndarray, p_cord: float, area: float, canal_found: bool) -> Stenosis:
     """Fill :class:`ai.results.Stenosis`; ``rootlets_probability`` is P(rootlets), always."""
     k = int(np.argmax(probs))

@@ -245,4 +245,9 @@ class Analyzer:
         except ValueError as exc:
             flags.append(f"{name}: stenosis not graded ({exc})")
             return None
+        from ai.grading import grade_conflict  # importable: the grader came from it
+
+        conflict = grade_conflict(result)
+        if conflict is not None:
+            flags.append(f"{name}: grades disagree, review the level: {conflict}")
         return result

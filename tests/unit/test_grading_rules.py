@@ -13,6 +13,7 @@ from ai.grading import (
     StenosisGrader,
     dsca_grade,
     dsca_mm2,
+    grade_conflict,
     severity_from_schizas,
 )
 from ai.grading_model import (
@@ -27,6 +28,7 @@ from ai.grading_model import (
 )
 from ai.labels import Label
 from ai.levels import LevelAssignment
+from ai.results import Stenosis
 from ai.volume import Volume
 
 
@@ -64,6 +66,22 @@ def test_severity_mapping(grade: str, severity: str) -> None:
 def test_severity_rejects_unknown_grade() -> None:
     with pytest.raises(ValueError):
         severity_from_schizas("E")
+
+
+@pytest.mark.parametrize(
+    ("schizas", "area", "conflict"),
+    [("A", 74.0, "absolute"), ("A", 80.0, None), ("B", 40.0, None), ("B", 150.0, None),
+     ("C", 99.0, None), ("C", 100.0, "normal"), ("D", 180.0, "normal"), ("D", 40.0, None)],
+)
+def test_grades_two_classes_apart_are_flagged(schizas: str, area: float, conflict: str | None) -> None:
+    st = Stenosis(schizas=schizas, schizas_probabilities={g: 0.25 for g in "ABCD"}, dsca_mm2=area,
+                  dsca_grade=dsca_grade(area), severity=severity_from_schizas(schizas),
+                  rootlets="rootlets", rootlets_probability=0.9, confidence=0.5)
+    why = grade_conflict(st)
+    if conflict is None:
+        assert why is None
+    else:
+        assert why is not None and conflict in why and f"{area:.0f} mm2" in why
 
 
 def _slice() -> tuple[np.ndarray, np.ndarray]:
@@ -162,3 +180,21 @@ def test_grade_fills_a_valid_stenosis() -> None:
     empty = grader.grade(vol, np.zeros_like(labels), LevelAssignment(None, 1, [0, 1], 1, 0.0))
     assert empty.dsca_mm2 == 0.0 and empty.dsca_grade == "absolute"
     assert empty.confidence <= 0.25
+
+
+def test_the_analysis_flags_a_level_whose_grades_disagree() -> None:
+    """The pipeline keeps both grades and puts the disagreement in the series' flags."""
+    from ai.pipeline import Analyzer
+
+    class _Grader:
+        def grade(self, volume: object, labels: object, level: object) -> Stenosis:
+            return Stenosis(schizas="A", schizas_probabilities={"A": 0.4, "B": 0.3, "C": 0.2, "D": 0.1},
+                            dsca_mm2=43.0, dsca_grade="absolute", severity="normal/mild",
+                            rootlets="rootlets", rootlets_probability=0.9, confidence=0.36)
+
+    analyzer = Analyzer.__new__(Analyzer)
+    analyzer.grader = _Grader()
+    flags: list[str] = []
+    st = analyzer._grade(None, None, None, flags, "L3-L4")  # type: ignore[arg-type]
+    assert st is not None and st.schizas == "A" and st.dsca_grade == "absolute"
+    assert len(flags) == 1 and flags[0].startswith("L3-L4: grades disagree") and "43 mm2" in flags[0]
