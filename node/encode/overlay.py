@@ -171,23 +171,48 @@ def _muscle_header(muscle: str) -> str:
     return f"{short} {side}"
 
 
+def wrap_text(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[str]:
+    """``text`` broken at spaces into lines at most ``width`` pixels wide (PIL has no wrap).
+
+    A single word wider than ``width`` keeps a line of its own rather than being cut.
+    """
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    current = ""
+    for word in text.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if current and probe.textlength(candidate, font=font) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = candidate
+    if current:
+        lines.append(current)
+    return lines
+
+
 def render_summary(result: SeriesResult) -> Image.Image:
-    """The per-level tables of grades and measurements as an image."""
+    """The per-level tables of grades and measurements as an image.
+
+    The title (every model's name and version) and the flags are wrapped to the width:
+    a cut-off flag would hide what it warns about.
+    """
     grades, muscles = summary_tables(result)
     font = _font(_SUMMARY_FONT_SIZE)
     small = _font(_FONT_SIZE)
     line = _SUMMARY_FONT_SIZE + 8
-    n_lines = len(grades) + len(muscles) + len(result.flags) + 8
+    text_width = SUMMARY_WIDTH - 24
+    heading = wrap_text(f"AI lumbar analysis - {result.models_line}", font, text_width)
+    flags = [wrapped for flag in result.flags for wrapped in wrap_text(f"! {flag}", font, text_width)]
+    n_lines = len(heading) + len(grades) + len(muscles) + len(flags) + 7
     height = max(256, line * n_lines + 40)
     image = Image.new("RGB", (SUMMARY_WIDTH, height), (0, 0, 0))
     draw = ImageDraw.Draw(image)
-    draw.text(
-        (12, 10),
-        f"AI lumbar analysis - {result.models_line}",
-        fill=(255, 255, 255),
-        font=font,
-    )
-    y = 10 + 2 * line
+    y = 10
+    for text in heading:
+        draw.text((12, y), text, fill=(255, 255, 255), font=font)
+        y += line
+    y += line
     for table, columns, title in (
         (grades, [12, 200, 280, 400, 500, 620, 730, 850], "Central canal stenosis"),
         (muscles, [12, 200, 335, 470, 605, 740, 875], "Muscles: CSA mm2 / fat fraction %"),
@@ -200,8 +225,8 @@ def render_summary(result: SeriesResult) -> Image.Image:
                 draw.text((x, y), text, fill=colour, font=small if r == 0 else font)
             y += line
         y += line // 2
-    for flag in result.flags:
-        draw.text((12, y), f"! {flag}", fill=(255, 120, 120), font=font)
+    for text in flags:
+        draw.text((12, y), text, fill=(255, 120, 120), font=font)
         y += line
     draw.text(
         (12, height - line),

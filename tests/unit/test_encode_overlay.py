@@ -12,7 +12,16 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
 from ai.labels import COLORS, Label
 from node.encode import encode_series, transcode
-from node.encode.overlay import FILL_OPACITY, render_slice, summary_tables
+from node.encode.overlay import (
+    _SUMMARY_FONT_SIZE,
+    FILL_OPACITY,
+    SUMMARY_WIDTH,
+    _font,
+    render_slice,
+    render_summary,
+    summary_tables,
+    wrap_text,
+)
 
 
 def _roundtrip(ds: Dataset) -> Dataset:
@@ -68,3 +77,25 @@ def test_lossless_transcoding_round_trips() -> None:
     np.testing.assert_array_equal(sc.pixel_array, _roundtrip(out.overlay[0]).pixel_array)
     # a 1-bit SEG cannot be RLE encoded: it is deflated instead
     assert transcode(out.seg, RLELossless).file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+
+
+def test_summary_wraps_the_title_and_flags_to_its_width() -> None:
+    """Four models' names and a long flag no longer run off the right edge."""
+    from PIL import ImageDraw
+
+    font = _font(_SUMMARY_FONT_SIZE)
+    text = "AI lumbar analysis - " + " + ".join(f"lumbar-model-number-{i} 1.{i}.0" for i in range(6))
+    lines = wrap_text(text, font, 600)
+    probe = ImageDraw.Draw(render_summary(make_series().result))
+    assert len(lines) > 1 and " ".join(lines) == text
+    assert all(probe.textlength(ln, font=font) <= 600 for ln in lines)
+    assert wrap_text("unbreakable" * 20, font, 100) == ["unbreakable" * 20]  # kept, not cut
+    s = make_series()
+    short = render_summary(s.result)
+    s.result.flags.extend(["L3-L4: grades disagree, review the level: " + "word " * 60] * 2)
+    tall = render_summary(s.result)
+    assert tall.size[0] == short.size[0] == SUMMARY_WIDTH
+    assert tall.size[1] > short.size[1]  # the wrapped flags got their own lines
+    # nothing drawn in the right margin: every line fits the width
+    right = np.asarray(tall)[:, SUMMARY_WIDTH - 10 :]
+    assert not right.any()
