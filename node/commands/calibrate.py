@@ -74,7 +74,8 @@ def parse_classes(text: str | None) -> list[Label] | None:
     return [Label[n] for n in names]
 
 
-#: Calibration keys this command writes; every other key of the input card is kept.
+#: Calibration keys that describe a fit (this one writes them anew; the input's ``note``
+#: described the input's fit and is dropped); every other key of the input card is kept.
 FIT_OWNED_KEYS = frozenset({"logit_offsets", "method", "chosen_on", "fit", "previous", "note"})
 
 
