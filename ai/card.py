@@ -203,6 +203,22 @@ class ModelCard:
         return cls.from_dict(data)
 
 
+def lineage(name: str, version: str, weights_sha256: str, training: dict[str, Any]) -> dict[str, Any]:
+    """Training record of a fine-tune's starting weights, for the new card (any stage).
+
+    The card must say how its weights were made from scratch: the stages that made the
+    starting weights (``previous_stages``, oldest first, each with its command, config and
+    resulting checksum) and which weights it started from, with their version.
+    """
+    own = {k: v for k, v in training.items() if k != "previous_stages"}
+    own["weights_sha256"] = weights_sha256
+    own["version"] = version
+    return {
+        "init_weights": {"name": name, "version": version, "weights_sha256": weights_sha256},
+        "previous_stages": [*training.get("previous_stages", []), own],
+    }
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

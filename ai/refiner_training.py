@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ai.card import lineage
 from ai.model import count_parameters
 from ai.refiner import PatchRefiner
 
@@ -92,10 +93,12 @@ def resume(
 
 
 def run_record(
-    model: torch.nn.Module, command: str, threads: int, render_s: float, init_dir: Path | str | None
+    model: torch.nn.Module, command: str, threads: int, render_s: float, init_dir: Path | str | None,
+    history: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The card's facts about where and how a run ran."""
+    """The card's facts about where and how a run ran (``history``: :func:`init_from`'s)."""
     return {
+        **(history or {}),
         "command": command,
         "threads": threads,
         "device": "cpu",
@@ -107,8 +110,12 @@ def run_record(
     }
 
 
-def init_from(model: torch.nn.Module, stage: type[PatchRefiner], init_dir: Path | str) -> None:
-    """Start ``model`` from the ``stage`` weights in ``init_dir`` (checked like at start-up)."""
+def init_from(model: torch.nn.Module, stage: type[PatchRefiner], init_dir: Path | str) -> dict[str, Any]:
+    """Start ``model`` from the ``stage`` weights in ``init_dir`` (checked like at start-up);
+    returns their :func:`ai.card.lineage` for the new card."""
     init = stage.load(init_dir)
     model.load_state_dict(init.net.state_dict())
-    logger.info("initialised from %s (%s)", init_dir, str(init.card["weights_sha256"])[:12])
+    card = init.card
+    logger.info("initialised from %s (%s)", init_dir, str(card["weights_sha256"])[:12])
+    return lineage(str(card["name"]), str(card["version"]), str(card["weights_sha256"]),
+                   dict(card.get("training", {})))

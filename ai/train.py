@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ai.card import ModelCard, label_map, load_model, save_weights
+from ai.card import ModelCard, label_map, lineage, load_model, save_weights
 from ai.inference import pre_process_slice
 from ai.labels import LEVEL_NAMES, MIRRORED, NUM_CLASSES, STRUCTURES, Label
 from ai.model import UNet, UNetConfig, count_parameters
@@ -342,20 +342,8 @@ def build_card(cfg: TrainConfig, extra: dict[str, Any]) -> ModelCard:
 
 
 def init_history(init_card: ModelCard) -> dict[str, Any]:
-    """Training record of a fine-tune's starting weights, for the new card.
-
-    The card must say how its weights were made from scratch: the stages that made the
-    starting weights (``previous_stages``, oldest first, each with its command, config and
-    resulting checksum) and which weights it started from, with their version.
-    """
-    own = {k: v for k, v in init_card.training.items() if k != "previous_stages"}
-    own["weights_sha256"] = init_card.weights_sha256
-    own["version"] = init_card.version
-    return {
-        "init_weights": {"name": init_card.name, "version": init_card.version,
-                         "weights_sha256": init_card.weights_sha256},
-        "previous_stages": [*init_card.training.get("previous_stages", []), own],
-    }
+    """:func:`ai.card.lineage` of the segmentation weights a fine-tune starts from."""
+    return lineage(init_card.name, init_card.version, init_card.weights_sha256, init_card.training)
 
 
 def _load_pool(path: Path, cfg: TrainConfig) -> Pool | None:

@@ -437,8 +437,7 @@ def train_canal(
     logger.info("%d training and %d validation crops (%.0f s)", len(train), len(val), render_s)
     rcfg = RefinerConfig()
     model = UNet(rcfg.unet_config)
-    if init_dir is not None:
-        init_from(model, CanalRefiner, init_dir)
+    history = init_from(model, CanalRefiner, init_dir) if init_dir is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1,
                                                 div_factor=10.0, final_div_factor=50.0)
@@ -467,7 +466,7 @@ def train_canal(
                          "mask_perturbation": {"offset_sd_mm": PERTURB_OFFSET_SD, "field_mm": PERTURB_FIELD_MAX,
                                                "shift_mm": PERTURB_SHIFT_MM, "drop_prob": PERTURB_DROP_PROB}},
         "loss": "cross-entropy + soft Dice (dural sac) on native pixels, bilinear probabilities",
-        **run_record(model, command, threads, render_s, init_dir),
+        **run_record(model, command, threads, render_s, init_dir, history),
     }
     model.train()
     t_start = time.monotonic() - progress.elapsed_s

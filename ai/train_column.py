@@ -115,6 +115,10 @@ class ColumnTrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     hard_weight: float = 4.0
+    #: Chance that each slice's coarse identity in the input is swapped (disc <-> body on the
+    #: whole slice) for one example, the target unchanged: the refiner must then read the
+    #: images, not echo the coarse labels (0 in version 2.0.0).
+    label_flip: float = 0.0
     val_every: int = 250
     seed: int = 0
     version: str = "2.0.0"
@@ -138,6 +142,8 @@ class ColumnTrainConfig:
                 raise ValueError(f"a study set is (seed, subjects >= 1, realistic|randomised, matrix, spacing): {s}")
         if self.hard_weight < 1.0:
             raise ValueError("hard_weight must be >= 1")
+        if not 0.0 <= self.label_flip < 0.5:
+            raise ValueError("label_flip must be in [0, 0.5)")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -272,10 +278,26 @@ def is_hard(coarse: np.ndarray, truth: np.ndarray) -> bool:
     return bool(wrong.sum() > HARD_SHARE * max(int(np.isin(coarse, (DISC, BODY)).sum()), 1))
 
 
+def flip_identities(labels: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """``labels`` (slices, rows, cols) with disc and vertebral body swapped on each slice drawn
+    with probability ``share`` (a copy when any is drawn; the column's extent never changes)."""
+    drawn = rng.random(len(labels)) < share
+    if not drawn.any():
+        return labels
+    out = labels.copy()
+    for j in np.flatnonzero(drawn):
+        disc, body = out[j] == DISC, out[j] == BODY
+        out[j][disc], out[j][body] = BODY, DISC
+    return out
+
+
 def make_example(
-    blk: dict[str, Any], k: int, cfg: ColumnConfig, rng: np.random.Generator
+    blk: dict[str, Any], k: int, cfg: ColumnConfig, rng: np.random.Generator, label_flip: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """One augmented ``(input, target classes, pixel weights)`` for slice ``k`` of a block."""
+    """One augmented ``(input, target classes, pixel weights)`` for slice ``k`` of a block.
+
+    ``label_flip``: :func:`flip_identities` on the coarse labels the input shows (the loss
+    weights still follow the coarse column, which a swap does not move)."""
     imgs, labs, truth = blk["imgs"].astype(np.float32), blk["coarse"], blk["truth"]
     c = column_centre(labs[k])
     if c is None:
@@ -288,7 +310,7 @@ def make_example(
     coords = patch_coords(c, m, cfg.patch_px)
     if rng.random() < AUG_REVERSE:
         imgs, labs, truth, k = imgs[::-1], labs[::-1], truth[::-1], len(imgs) - 1 - k
-    x = block_input(imgs, labs, k, coords, cfg.context)
+    x = block_input(imgs, flip_identities(labs, label_flip, rng) if label_flip else labs, k, coords, cfg.context)
     n_img = image_planes(cfg.context)
     gamma = float(np.exp(rng.normal(0, AUG_GAMMA_LOG_SD)))
     x[:n_img] = np.sign(x[:n_img]) * np.abs(x[:n_img]) ** gamma
@@ -400,8 +422,7 @@ def train_column(
 
     torch.manual_seed(cfg.seed)  # here, not earlier: loading the coarse model draws from torch's generator
     model = UNet(cfg.model.unet_config)
-    if init_dir is not None:
-        init_from(model, ColumnRefiner, init_dir)
+    history = init_from(model, ColumnRefiner, init_dir) if init_dir is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     rng = np.random.default_rng(cfg.seed)
@@ -422,11 +443,12 @@ def train_column(
         "config": cfg.to_dict(),
         "augmentation": {"centre_shift_sd_mm": AUG_SHIFT_SD_MM, "rotation_deg": AUG_ROTATION_DEG,
                          "scale": list(AUG_SCALE), "flip_lr": True, "reverse_slice_order": AUG_REVERSE,
-                         "gamma_log_sd": AUG_GAMMA_LOG_SD, "noise": [0.0, AUG_NOISE_MAX]},
+                         "gamma_log_sd": AUG_GAMMA_LOG_SD, "noise": [0.0, AUG_NOISE_MAX],
+                         "coarse_identity_swapped_per_slice": cfg.label_flip},
         "loss": (f"cross-entropy over {{other, disc, body}}, weight 1 on coarse or true column pixels, "
                  f"{BACKGROUND_WEIGHT:g} elsewhere"),
         "optimiser": f"AdamW one-cycle (peak lr {cfg.lr:g}, weight decay {cfg.weight_decay:g})",
-        **run_record(model, command, threads, render_s, init_dir),
+        **run_record(model, command, threads, render_s, init_dir, history),
     }
     model.train()
     t_start = time.monotonic() - progress.elapsed_s
@@ -435,7 +457,7 @@ def train_column(
         examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         while len(examples) < cfg.batch_size:
             b, k = items[int(rng.choice(len(items), p=draw))]
-            ex = make_example(blocks[b], k, cfg.model, rng)
+            ex = make_example(blocks[b], k, cfg.model, rng, cfg.label_flip)
             if ex is not None:
                 examples.append(ex)
         x, y, w = (torch.from_numpy(np.stack(a)) for a in zip(*examples, strict=True))

@@ -106,6 +106,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 60; rendered with a full field of view, slower than --pool-subjects)",
     )
     parser.add_argument(
+        "--label-flip",
+        type=float,
+        default=None,
+        help="column: chance that each slice's coarse disc / vertebral-body identity is shown "
+        "swapped in a training example, so the refiner learns to read the images (default 0)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch default)"
     )
     parser.add_argument(
@@ -246,7 +253,8 @@ def _run_column(args: argparse.Namespace) -> int:
     from ai.train_column import ColumnTrainConfig, train_column
 
     cfg = ColumnTrainConfig()
-    overrides = _given(args, {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "seed": "seed"})
+    overrides = _given(args, {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "seed": "seed",
+                              "label_flip": "label_flip"})
     if args.pool_subjects is not None:
         overrides["sets"] = tuple((s[0], args.pool_subjects, *s[2:]) for s in cfg.sets)
     cfg = dataclasses.replace(cfg, **overrides)  # type: ignore[arg-type]

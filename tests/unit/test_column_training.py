@@ -44,6 +44,23 @@ def test_swapped_slices_counts_a_column_given_the_other_identity_on_most_of_it()
     assert swapped_slices(pred, truth) == 2
 
 
+def test_flip_identities_swaps_disc_and_body_on_drawn_slices_only() -> None:
+    from ai.train_column import BODY, DISC, flip_identities
+
+    labels = np.zeros((3, 6, 6), np.uint8)
+    labels[:, 1:5, 1:5] = BODY
+    labels[1, 1:5, 1:5] = DISC
+    labels[:, 0, 0] = 7  # another structure: never touched
+    rng = np.random.default_rng(0)
+    assert flip_identities(labels, 0.0, rng) is labels
+    out = flip_identities(labels, 0.999999, rng)
+    assert (out[[0, 2]][:, 1:5, 1:5] == DISC).all() and (out[1, 1:5, 1:5] == BODY).all()
+    assert (out[:, 0, 0] == 7).all() and ((out > 0) == (labels > 0)).all()  # same extent
+    assert (labels[1, 1:5, 1:5] == DISC).all()  # the input is not changed
+    shares = [flip_identities(labels, 0.2, np.random.default_rng(s))[0, 2, 2] == DISC for s in range(400)]
+    assert 0.14 < np.mean(shares) < 0.26
+
+
 def test_config_keeps_evaluation_and_validation_seeds_out_of_training() -> None:
     with pytest.raises(ValueError, match="evaluation and tuning"):
         ColumnTrainConfig(sets=((9002, 5, "randomised", 448, 0.55),))
@@ -53,6 +70,8 @@ def test_config_keeps_evaluation_and_validation_seeds_out_of_training() -> None:
         ColumnTrainConfig(sets=((5301, 5, "randomised", 448, 0.55),))
     with pytest.raises(ValueError, match="realistic|randomised"):
         ColumnTrainConfig(sets=((5101, 5, "noise", 448, 0.55),))
+    with pytest.raises(ValueError, match="label_flip"):
+        ColumnTrainConfig(label_flip=0.5)
 
 
 SMALL = ColumnTrainConfig(sets=((5101, 1, "randomised", 256, 1.0),),
@@ -84,10 +103,24 @@ def test_a_short_run_writes_loadable_weights_and_resumes(tmp_path: Path) -> None
     assert last["training"]["config"]["sets"] == [[5101, 1, "randomised", 256, 1.0]]
 
 
+def test_a_fine_tune_records_the_stages_behind_its_starting_weights(tmp_path: Path) -> None:
+    """`--init`: the card names its starting weights and every stage that made them, oldest first."""
+    first = train_column(tmp_path / "a", SMALL, max_minutes=0.0, cache_dir=tmp_path)
+    assert "init_weights" not in first["training"]
+    second = train_column(tmp_path / "b", SMALL, max_minutes=0.0, cache_dir=tmp_path, init_dir=tmp_path / "a" / "best")
+    third = train_column(tmp_path / "c", SMALL, max_minutes=0.0, cache_dir=tmp_path, init_dir=tmp_path / "b" / "best")
+    assert third["training"]["init_weights"]["weights_sha256"] == second["weights_sha256"]
+    stages = third["training"]["previous_stages"]
+    assert [st["weights_sha256"] for st in stages] == [first["weights_sha256"], second["weights_sha256"]]
+    assert stages[1]["init_weights"]["weights_sha256"] == first["weights_sha256"]
+    assert all("previous_stages" not in st for st in stages)
+
+
 def test_the_shipped_card_records_the_default_configuration() -> None:
     """The shipped weights are `train --task column`'s default run: changing a default needs retraining."""
     card = ColumnRefiner.load().card
-    assert card["training"]["config"] == ColumnTrainConfig().to_dict()
+    recorded = {"label_flip": 0.0, **card["training"]["config"]}  # a card older than the option ran without it
+    assert recorded == ColumnTrainConfig().to_dict()
     assert card["training"]["command"].startswith("lumbar-node train --task column")
 
 
@@ -104,9 +137,10 @@ def test_the_command_line_maps_onto_the_config(monkeypatch: pytest.MonkeyPatch, 
 
     monkeypatch.setattr(ai.train_column, "train_column", fake_train)
     assert main(["train", "--task", "column", "--out", str(tmp_path), "--pool-subjects", "3",
-                 "--steps", "7", "--threads", "2"]) == 0
+                 "--steps", "7", "--threads", "2", "--label-flip", "0.15"]) == 0
     cfg = seen["cfg"]
     assert isinstance(cfg, ColumnTrainConfig)
+    assert cfg.label_flip == 0.15
     assert cfg.steps == 7 and [s[1] for s in cfg.sets] == [3] * len(ColumnTrainConfig().sets)
     assert [s[0] for s in cfg.sets] == [s[0] for s in ColumnTrainConfig().sets]
     assert seen["out"] == tmp_path and seen["threads"] == 2
