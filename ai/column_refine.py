@@ -58,6 +58,13 @@ MIN_COLUMN_PX = 20
 NORM_PCT = (1.0, 99.0)
 #: A slice whose column changes identity over more than this share gets a flag.
 FLAG_SHARE = 0.5
+#: A coarse disc slice whose disc evidence (:func:`ai.inference.disc_evidence`) reaches this
+#: is kept disc: the refiner does not overrule a coarse model that is near-certain. Version
+#: 2.1.0 reads the images more than the coarse labels and, on a block of three clear disc
+#: slices from different levels (the shipped-model test series, evidence 0.999), turned the
+#: outer two into body; on the tuning studies no vertebral-body slice the refiner corrected
+#: had evidence above 0.93.
+KEEP_DISC_EVIDENCE = 0.95
 #: Longest block (slices) the refiner runs on: it was trained on blocks planned through one
 #: disc (3-5 slices, :func:`ai.phantom.study.plan_blocks`). On a continuous stack (one long
 #: block through discs and vertebral bodies alike) it turned vertebral-body slices into discs
@@ -223,8 +230,13 @@ class ColumnRefiner(PatchRefiner):
     def validate_card(card: dict[str, Any]) -> ColumnConfig:
         return validate_card(card)
 
-    def refine(self, labels: np.ndarray, volume: Volume) -> tuple[np.ndarray, list[str]]:
+    def refine(
+        self, labels: np.ndarray, volume: Volume, disc_evidence: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list[str]]:
         """Labels ``(n, rows, cols)`` with the column's identity re-decided, and flags.
+
+        ``disc_evidence`` (the coarse model's, one value per slice): a slice at or above
+        :data:`KEEP_DISC_EVIDENCE` keeps its coarse disc.
 
         A flag names each slice where more than :data:`FLAG_SHARE` of the column changed
         between disc and vertebral body, so a reader sees that the two stages disagreed.
@@ -262,6 +274,8 @@ class ColumnRefiner(PatchRefiner):
             share = sampled[1] / np.maximum(sampled[1] + sampled[2], 1e-6)
             to_disc = column & (sub == BODY) & (share > self.config.min_share)
             to_body = column & (sub == DISC) & (share < 1.0 - self.config.min_share)
+            if disc_evidence is not None and disc_evidence[k] >= KEEP_DISC_EVIDENCE:
+                to_body[:] = False
             changed = to_disc | to_body
             sub[to_disc] = DISC
             sub[to_body] = BODY

@@ -1,5 +1,5 @@
-"""Series-level disc assignment: an angled block with no disc slice gets one where the model's
-disc evidence peaks.
+"""Series-level disc decisions: an angled block with no disc slice gets one where the model's
+disc evidence peaks, and in an odd block the disc run is made symmetric about the centre slice.
 
 Why: the technologist plans each angled axial block through a disc, so a short block whose
 slices are all labelled vertebral body means the per-slice decision failed, not that the
@@ -36,6 +36,9 @@ PEAK_RATIO = 1.5
 #: segmentation 1.2.x, 1.3.x gives a black disc 0.0057 (tuning study 7701_025), so 0.003,
 #: checked on the tuning studies 7701-7704.
 MIN_EVIDENCE = 0.003
+#: Longest odd block :func:`centre_disc_runs` applies to: blocks planned through one disc, the
+#: ones the column refiner reads (``ai.column_refine.MAX_BLOCK_SLICES``) and it was tuned on.
+CENTRED_MAX_SLICES = 5
 
 
 def assign_block_discs(
@@ -76,4 +79,43 @@ def assign_block_discs(
             f"disc evidence peaks ({value:.3f} against at most {others:.3f} on the block's other slices)"
         )
         logger.info("disc assigned on slice %d (block %d, evidence %.3f vs %.3f)", peak, b + 1, value, others)
+    return out, flags
+
+
+def centre_disc_runs(labels: np.ndarray, volume: Volume) -> tuple[np.ndarray, list[str]]:
+    """In an odd block whose centre slice is disc, keep the disc run symmetric about it.
+
+    Why: the technologist plans an angled block centred on its disc, so the disc's slices
+    lie symmetric about the block's centre slice: one slice, or three, not two. A run of
+    two is an endplate next to a one-slice disc called disc (it joins the level and its
+    measurements) or one lost outer slice of a three-slice disc; the first is the more
+    common and the more harmful, so the run is cut to its symmetric part and the slices
+    cut get their disc relabelled vertebral body, with a flag. Applies to blocks of 3 or
+    :data:`CENTRED_MAX_SLICES` slices (an even block has no centre slice); disc slices not
+    joined to the centre's run are left alone. Chosen on 280 tuning studies
+    (``docs/evaluation.md``, twentieth session). Returns new labels and one flag per slice.
+    """
+    out = labels
+    flags: list[str] = []
+    is_disc = disc_slices(labels, volume)
+    for b, block in enumerate(split_blocks(volume)):
+        n = len(block)
+        if n % 2 == 0 or not MIN_BLOCK_SLICES <= n <= CENTRED_MAX_SLICES or not is_disc[block[n // 2]]:
+            continue
+        c = first = last = n // 2
+        while first > 0 and is_disc[block[first - 1]]:
+            first -= 1
+        while last < n - 1 and is_disc[block[last + 1]]:
+            last += 1
+        half = min(c - first, last - c)
+        for j in range(first, last + 1):
+            if abs(j - c) <= half:
+                continue
+            k = block[j]
+            if out is labels:
+                out = labels.copy()
+            out[k][out[k] == int(Label.DISC)] = int(Label.VERTEBRAL_BODY)
+            flags.append(f"slice {k}: block {b + 1}'s disc slices were not symmetric about its centre "
+                         "slice; this one relabelled vertebral body")
+            logger.info("slice %d: disc run of block %d cut to the centre's symmetric part", k, b + 1)
     return out, flags

@@ -18,7 +18,7 @@ import torch
 from ai.canal_refine import CanalRefiner
 from ai.card import ModelCard, load_model
 from ai.column_refine import ColumnRefiner
-from ai.disc_assignment import MIN_EVIDENCE, assign_block_discs
+from ai.disc_assignment import MIN_EVIDENCE, assign_block_discs, centre_disc_runs
 from ai.inference import CalibratedNetwork, autocast_dtype, pre_process, predict_native
 from ai.levels import LevelAssignment, find_levels
 from ai.measure import measure_level, plausibility_flags
@@ -160,12 +160,14 @@ class Analyzer:
         timings = {"pre_process": t1 - t0, "predict": t2 - t1, "post_process": time.perf_counter() - t2}
         if self.column_refiner is not None:
             t = time.perf_counter()
-            labels, changed = self.column_refiner.refine(labels, volume)
+            labels, changed = self.column_refiner.refine(labels, volume, raw.disc_evidence)
             flags.extend(changed)
             timings["column_refine"] = time.perf_counter() - t
         t = time.perf_counter()
         labels, assigned = assign_block_discs(labels, volume, raw.disc_evidence, self.disc_evidence_floor)
         flags.extend(assigned)
+        labels, centred = centre_disc_runs(labels, volume)
+        flags.extend(centred)
         timings["post_process"] += time.perf_counter() - t
         if self.refiner is not None:
             t = time.perf_counter()

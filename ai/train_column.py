@@ -118,11 +118,11 @@ class ColumnTrainConfig:
     hard_weight: float = 4.0
     #: Chance that each slice's coarse identity in the input is swapped (disc <-> body on the
     #: whole slice) for one example, the target unchanged: the refiner must then read the
-    #: images, not echo the coarse labels (0 in version 2.0.0).
-    label_flip: float = 0.0
+    #: images, not echo the coarse labels (version 2.1.0; 2.0.0 was trained with 0).
+    label_flip: float = 0.2
     val_every: int = 250
     seed: int = 0
-    version: str = "2.0.0"
+    version: str = "2.1.0"
     #: version 2: two neighbours each side, 1.2 mm pixels (1.6 mm blurred the thin cortical
     #: ring that tells an endplate slice from the disc)
     model: ColumnConfig = field(default_factory=lambda: ColumnConfig(patch_px=64, context=2))

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from ai.disc_assignment import MAX_BLOCK_SLICES, assign_block_discs
+from ai.disc_assignment import (
+    CENTRED_MAX_SLICES,
+    MAX_BLOCK_SLICES,
+    assign_block_discs,
+    centre_disc_runs,
+)
 from ai.inference import disc_evidence
 from ai.labels import Label
 from ai.levels import find_levels
@@ -121,3 +126,50 @@ def test_disc_evidence_is_the_disc_share_of_the_confident_body() -> None:
     assert disc_evidence(logits)[1] == pytest.approx(0.0, abs=1e-3)
     empty = torch.zeros((1, len(Label), 4, 4))
     assert disc_evidence(empty)[0] == 0.0
+
+
+def _kinds(labels: np.ndarray) -> list[str]:
+    return ["disc" if np.any(lab == Label.DISC) else "body" for lab in labels]
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        # a two-slice run holding the centre: the endplate beside a one-slice disc loses its disc
+        (["body", "disc", "disc", "body", "body"], ["body", "body", "disc", "body", "body"]),
+        (["body", "body", "disc", "disc", "body"], ["body", "body", "disc", "body", "body"]),
+        (["disc", "disc", "body"], ["body", "disc", "body"]),
+        # four of five: cut to the symmetric three
+        (["disc", "disc", "disc", "disc", "body"], ["body", "disc", "disc", "disc", "body"]),
+    ],
+)
+def test_a_disc_run_is_cut_to_its_part_symmetric_about_the_block_centre(block: list[str], expected: list[str]) -> None:
+    vol, labels = _blocks([block, ["body", "body", "disc", "body", "body"]])
+    out, flags = centre_disc_runs(labels, vol)
+    assert _kinds(out[: len(block)]) == expected
+    assert np.array_equal(out[len(block):], labels[len(block):])
+    changed = [k for k in range(len(block)) if expected[k] != block[k]]
+    assert [f.split(":")[0] for f in flags] == [f"slice {k}" for k in changed]
+    for k in changed:  # identity only: the column keeps its extent, nothing else moves
+        assert np.array_equal(out[k] == Label.VERTEBRAL_BODY, labels[k] == Label.DISC)
+        assert np.array_equal(out[k] == Label.DURAL_SAC, labels[k] == Label.DURAL_SAC)
+    assert _kinds(labels[: len(block)]) == block, "the input must not change"
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        ["body", "disc", "body"],
+        ["body", "disc", "disc", "disc", "body"],
+        ["disc", "disc", "disc"],
+        ["body", "disc", "body", "disc", "body"],  # a stray disc slice not joined to the centre's run
+        ["body", "disc", "disc", "body", "body"][:4],  # even block: no centre slice
+        ["disc", "disc", "body", "body", "body"],  # centre slice not disc: the series assignment's case
+        # longer than a planned block (odd, centre disc, run of two: cut if it were shorter)
+        ["body"] * (CENTRED_MAX_SLICES // 2 + 1) + ["disc"] * 2 + ["body"] * (CENTRED_MAX_SLICES // 2),
+    ],
+)
+def test_symmetric_runs_even_blocks_and_long_stacks_are_left_alone(block: list[str]) -> None:
+    vol, labels = _blocks([block])
+    out, flags = centre_disc_runs(labels, vol)
+    assert out is labels and flags == []

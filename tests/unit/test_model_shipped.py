@@ -67,3 +67,26 @@ def test_segmentation_is_deterministic(analyzer: Analyzer) -> None:
     a, _, _ = analyzer.segment(vol)
     b, _, _ = analyzer.segment(vol)
     assert np.array_equal(a, b)
+
+
+def test_the_column_refiner_keeps_a_disc_the_coarse_model_is_near_certain_of(analyzer: Analyzer) -> None:
+    """Three clear disc slices in one block: the refiner alone turns the outer ones body,
+    the coarse model's disc evidence (0.999 there) keeps them disc."""
+    from ai.column_refine import KEEP_DISC_EVIDENCE
+    from ai.inference import pre_process, predict_native
+    from ai.labels import Label
+    from ai.postprocess import post_process
+
+    vol, truth = _series()
+    raw = predict_native(analyzer.model, pre_process(vol, analyzer.card), analyzer.device,
+                         analyzer.batch_size, analyzer.autocast)
+    coarse, _ = post_process(raw.labels, vol)
+    disc_slices = [k for k in range(vol.n_slices) if np.any(truth[k] == Label.DISC)]
+    assert all(raw.disc_evidence[k] >= KEEP_DISC_EVIDENCE for k in disc_slices)
+    assert analyzer.column_refiner is not None
+    alone, _ = analyzer.column_refiner.refine(coarse, vol)
+    kept, flags = analyzer.column_refiner.refine(coarse, vol, raw.disc_evidence)
+    assert any(not np.any(alone[k] == Label.DISC) for k in disc_slices)  # what the guard is for
+    for k in disc_slices:
+        assert np.array_equal(kept[k] == Label.DISC, coarse[k] == Label.DISC)
+    assert not any("changed" in f for f in flags)
