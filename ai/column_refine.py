@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from ai.canal_refine import patch_box, patch_coords, patch_matrix, probs_to_native
 from ai.labels import Label
-from ai.levels import split_blocks
+from ai.levels import PLANNED_BLOCK_MAX_SLICES, split_blocks
 from ai.model import UNetConfig
 from ai.postprocess import mask_centroid
 from ai.refiner import SHIPPED_WEIGHTS_DIR as SHIPPED_WEIGHTS_DIR
@@ -70,7 +70,7 @@ KEEP_DISC_EVIDENCE = 0.95
 #: block through discs and vertebral bodies alike) it turned vertebral-body slices into discs
 #: and the level finder saw discs that are not there (all 22 continuous series of the 60
 #: held-out grading series, ``docs/grading.md``), so longer blocks keep the coarse column.
-MAX_BLOCK_SLICES = 5
+MAX_BLOCK_SLICES = PLANNED_BLOCK_MAX_SLICES
 DISC = int(Label.DISC)
 BODY = int(Label.VERTEBRAL_BODY)
 

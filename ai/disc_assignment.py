@@ -19,7 +19,13 @@ import logging
 import numpy as np
 
 from ai.labels import Label
-from ai.levels import MIN_DISC_AREA_MM2, disc_slices, slice_areas, split_blocks
+from ai.levels import (
+    MIN_DISC_AREA_MM2,
+    PLANNED_BLOCK_MAX_SLICES,
+    disc_slices,
+    slice_areas,
+    split_blocks,
+)
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -36,9 +42,8 @@ PEAK_RATIO = 1.5
 #: segmentation 1.2.x, 1.3.x gives a black disc 0.0057 (tuning study 7701_025), so 0.003,
 #: checked on the tuning studies 7701-7704.
 MIN_EVIDENCE = 0.003
-#: Longest odd block :func:`centre_disc_runs` applies to: blocks planned through one disc, the
-#: ones the column refiner reads (``ai.column_refine.MAX_BLOCK_SLICES``) and it was tuned on.
-CENTRED_MAX_SLICES = 5
+#: Longest odd block :func:`centre_disc_runs` applies to (the blocks it was tuned on).
+CENTRED_MAX_SLICES = PLANNED_BLOCK_MAX_SLICES
 
 
 def assign_block_discs(

@@ -37,6 +37,9 @@ BLOCK_ANGLE_TOL_DEG = 1.0
 BLOCK_GAP_FACTOR = 1.6
 #: Minimum disc area on a slice for it to count as a disc slice (mm2).
 MIN_DISC_AREA_MM2 = 250.0
+#: Longest block planned through one disc (3-5 slices, :func:`ai.phantom.study.plan_blocks`):
+#: the blocks the column refiner and the centring of disc runs were trained and tuned on.
+PLANNED_BLOCK_MAX_SLICES = 5
 #: A disc slice must show at least this fraction of the largest disc area in the series.
 MIN_DISC_FRACTION = 0.30
 #: ... and more disc than vertebral body (ratio disc / vertebral body).

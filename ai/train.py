@@ -341,11 +341,6 @@ def build_card(cfg: TrainConfig, extra: dict[str, Any]) -> ModelCard:
     )
 
 
-def init_history(init_card: ModelCard) -> dict[str, Any]:
-    """:func:`ai.card.lineage` of the segmentation weights a fine-tune starts from."""
-    return lineage(init_card.name, init_card.version, init_card.weights_sha256, init_card.training)
-
-
 def _load_pool(path: Path, cfg: TrainConfig) -> Pool | None:
     if not path.is_file():
         return None
@@ -474,7 +469,7 @@ def train(
             raise ValueError("init_from weights have another architecture")
         model.load_state_dict(init_model.state_dict())
         say(f"initialised from {cfg.init_from} ({init_card.weights_sha256[:12]})")
-        history = init_history(init_card)
+        history = lineage(init_card.name, init_card.version, init_card.weights_sha256, init_card.training)
     model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(

@@ -176,12 +176,11 @@ def wrap_text(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, wid
 
     A single word wider than ``width`` keeps a line of its own rather than being cut.
     """
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     lines: list[str] = []
     current = ""
     for word in text.split(" "):
         candidate = f"{current} {word}" if current else word
-        if current and probe.textlength(candidate, font=font) > width:
+        if current and font.getlength(candidate) > width:
             lines.append(current)
             current = word
         else:
