@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from ai.canal_refine import patch_box, patch_coords, patch_matrix, probs_to_native
 from ai.labels import Label
+from ai.levels import KEEP_DISC_EVIDENCE as KEEP_DISC_EVIDENCE
 from ai.levels import PLANNED_BLOCK_MAX_SLICES, split_blocks
 from ai.model import UNetConfig
 from ai.postprocess import mask_centroid
@@ -58,13 +59,6 @@ MIN_COLUMN_PX = 20
 NORM_PCT = (1.0, 99.0)
 #: A slice whose column changes identity over more than this share gets a flag.
 FLAG_SHARE = 0.5
-#: A coarse disc slice whose disc evidence (:func:`ai.inference.disc_evidence`) reaches this
-#: is kept disc: the refiner does not overrule a coarse model that is near-certain. Version
-#: 2.1.0 reads the images more than the coarse labels and, on a block of three clear disc
-#: slices from different levels (the shipped-model test series, evidence 0.999), turned the
-#: outer two into body; on the tuning studies no vertebral-body slice the refiner corrected
-#: had evidence above 0.93.
-KEEP_DISC_EVIDENCE = 0.95
 #: Longest block (slices) the refiner runs on: it was trained on blocks planned through one
 #: disc (3-5 slices, :func:`ai.phantom.study.plan_blocks`). On a continuous stack (one long
 #: block through discs and vertebral bodies alike) it turned vertebral-body slices into discs
@@ -236,7 +230,7 @@ class ColumnRefiner(PatchRefiner):
         """Labels ``(n, rows, cols)`` with the column's identity re-decided, and flags.
 
         ``disc_evidence`` (the coarse model's, one value per slice): a slice at or above
-        :data:`KEEP_DISC_EVIDENCE` keeps its coarse disc.
+        :data:`ai.levels.KEEP_DISC_EVIDENCE` keeps its coarse disc.
 
         A flag names each slice where more than :data:`FLAG_SHARE` of the column changed
         between disc and vertebral body, so a reader sees that the two stages disagreed.

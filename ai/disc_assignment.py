@@ -20,6 +20,7 @@ import numpy as np
 
 from ai.labels import Label
 from ai.levels import (
+    KEEP_DISC_EVIDENCE,
     MIN_DISC_AREA_MM2,
     PLANNED_BLOCK_MAX_SLICES,
     disc_slices,
@@ -87,7 +88,9 @@ def assign_block_discs(
     return out, flags
 
 
-def centre_disc_runs(labels: np.ndarray, volume: Volume) -> tuple[np.ndarray, list[str]]:
+def centre_disc_runs(
+    labels: np.ndarray, volume: Volume, evidence: np.ndarray | None = None
+) -> tuple[np.ndarray, list[str]]:
     """In an odd block whose centre slice is disc, keep the disc run symmetric about it.
 
     Why: the technologist plans an angled block centred on its disc, so the disc's slices
@@ -98,7 +101,14 @@ def centre_disc_runs(labels: np.ndarray, volume: Volume) -> tuple[np.ndarray, li
     cut get their disc relabelled vertebral body, with a flag. Applies to blocks of 3 or
     :data:`CENTRED_MAX_SLICES` slices (an even block has no centre slice); disc slices not
     joined to the centre's run are left alone. Chosen on 280 tuning studies
-    (``docs/evaluation.md``, twentieth session). Returns new labels and one flag per slice.
+    (``docs/evaluation.md``, twentieth session).
+
+    ``evidence`` (the coarse model's per-slice :func:`ai.inference.disc_evidence`): when
+    every slice the cut would remove is near-certain disc (at least
+    :data:`ai.levels.KEEP_DISC_EVIDENCE`, the same guard the column refiner keeps),
+    the run is made symmetric the other way: the mirror slices across the centre get their
+    vertebral body relabelled disc (a three-slice disc whose third slice the refiner lost;
+    twenty-first session, ``docs/evaluation.md``). Returns new labels and one flag per slice.
     """
     out = labels
     flags: list[str] = []
@@ -113,12 +123,21 @@ def centre_disc_runs(labels: np.ndarray, volume: Volume) -> tuple[np.ndarray, li
         while last < n - 1 and is_disc[block[last + 1]]:
             last += 1
         half = min(c - first, last - c)
-        for j in range(first, last + 1):
-            if abs(j - c) <= half:
-                continue
+        extra = [j for j in range(first, last + 1) if abs(j - c) > half]
+        if not extra:
+            continue
+        if out is labels:
+            out = labels.copy()
+        if evidence is not None and all(evidence[block[j]] >= KEEP_DISC_EVIDENCE for j in extra):
+            for j in extra:
+                k = block[2 * c - j]
+                out[k][out[k] == int(Label.VERTEBRAL_BODY)] = int(Label.DISC)
+                flags.append(f"slice {k}: block {b + 1}'s disc slices were not symmetric about its "
+                             "centre slice and the far side is near-certain disc; this one relabelled disc")
+                logger.info("slice %d: disc run of block %d extended to be symmetric", k, b + 1)
+            continue
+        for j in extra:
             k = block[j]
-            if out is labels:
-                out = labels.copy()
             out[k][out[k] == int(Label.DISC)] = int(Label.VERTEBRAL_BODY)
             flags.append(f"slice {k}: block {b + 1}'s disc slices were not symmetric about its centre "
                          "slice; this one relabelled vertebral body")

@@ -13,6 +13,13 @@ Per structure key of :data:`ai.labels.STRUCTURES`:
   of CSA each; the CSA ICC of both is most sensitive to these).
 * **Fat fraction** of the muscles, when the truth carries ``fat_fraction_pct`` per slice:
   mean absolute error (percentage points).
+* **Contrast-stratified ICC** (``csa_icc_visible``): the CSA ICC over the slices where the
+  true structure stands out from its surroundings (:func:`structure_contrast` at least
+  :data:`VISIBLE_CONTRAST`), and ``low_contrast_slices``, how many do not. Randomised
+  phantom contrasts sometimes give a muscle the grey level of the tissue around it; no
+  segmentation can draw an outline the image does not show, so this figure separates
+  "missed where visible" from "guessed where invisible". It is a diagnostic beside the
+  CSA ICC, never a replacement for it.
 * **Sampling error**: a 95 % bootstrap interval of the mean Dice and of the ICC over
   *cases* (series), since slices of one series share a contrast and an anatomy and do not
   vary independently. With few cases (six random contrasts, say) the interval is wide,
@@ -37,6 +44,13 @@ logger = logging.getLogger(__name__)
 #: Bootstrap resamples of the case-level intervals (fixed seed: reports are reproducible).
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 20261122
+#: A structure is "visible" on a slice when the means inside it and in the ring around it
+#: differ by at least this many pooled standard deviations (a standardised mean difference;
+#: 0.5 is Cohen's "medium"). Chosen on randomised tuning studies (docs/evaluation.md,
+#: twenty-first session): below it lie about 12 % of psoas slices and half the psoas CSA error.
+VISIBLE_CONTRAST = 0.5
+#: Width of the ring :func:`structure_contrast` compares a structure with (mm).
+CONTRAST_RING_MM = 4.0
 
 
 @dataclass
@@ -123,7 +137,34 @@ class _Acc:
     swapped_slices: int = 0
     csa_truth: list[float] = field(default_factory=list)
     csa_pred: list[float] = field(default_factory=list)
+    #: :func:`structure_contrast` of the true structure on each slice of ``csa_*``
+    contrast: list[float] = field(default_factory=list)
     ff_err: list[float] = field(default_factory=list)
+
+
+def structure_contrast(image: np.ndarray, mask: np.ndarray, pixel_spacing: tuple[float, float]) -> float:
+    """How far a structure stands out: |mean inside - mean of the ring around it| over the
+    pooled standard deviation of the two (the ring :data:`CONTRAST_RING_MM` wide, the inside
+    without its boundary pixels, which mix both). ``inf`` for a perfectly flat image with a
+    step; 0 when the structure has the grey level of its surroundings."""
+    from scipy import ndimage
+
+    r = max(1, int(round(CONTRAST_RING_MM / float(min(pixel_spacing)))))
+    rows, cols = np.nonzero(mask)
+    r0, r1 = max(rows.min() - r - 1, 0), rows.max() + r + 2
+    c0, c1 = max(cols.min() - r - 1, 0), cols.max() + r + 2
+    m = mask[r0:r1, c0:c1]
+    img = image[r0:r1, c0:c1].astype(np.float64)
+    ring = ndimage.binary_dilation(m, iterations=r) & ~m
+    inner = ndimage.binary_erosion(m)
+    if not inner.any():
+        inner = m
+    if not ring.any():
+        return float("inf")
+    a, b = img[inner], img[ring]
+    spread = float(np.sqrt(0.5 * (a.var() + b.var())))
+    diff = abs(float(a.mean()) - float(b.mean()))
+    return diff / spread if spread > 0 else (float("inf") if diff > 0 else 0.0)
 
 
 def _slice_truth(truth: Mapping[str, Any], k: int) -> Mapping[str, Any]:
@@ -160,6 +201,7 @@ class SegmentationMetrics:
         if ff_truth:
             meas = measure_slice(image, pred, pixel_spacing).values
             pred_ff = {k: meas[k].fat_fraction_pct for k in MUSCLES}
+        contrast: dict[str, float] = {}  # computed once per structure, shared by both groups
         for group in ("all", mode):
             for key, labs in STRUCTURES.items():
                 p = np.isin(pred, labs)
@@ -180,6 +222,9 @@ class SegmentationMetrics:
                 acc.iou.append(inter / (np_ + nt - inter))
                 acc.csa_truth.append(nt * px)
                 acc.csa_pred.append(np_ * px)
+                if key not in contrast:
+                    contrast[key] = structure_contrast(image, t, pixel_spacing)
+                acc.contrast.append(contrast[key])
                 if key in ff_truth and pred_ff.get(key) is not None:
                     acc.ff_err.append(abs(float(pred_ff[key]) - float(ff_truth[key])))  # type: ignore[arg-type]
 
@@ -202,6 +247,7 @@ class SegmentationMetrics:
             out[group] = {}
             for key, a in per.items():
                 ba = bland_altman(np.array(a.csa_pred), np.array(a.csa_truth))
+                visible = np.asarray(a.contrast) >= VISIBLE_CONTRAST
                 out[group][key] = {
                     "n_slices": len(a.dice),
                     "dice": _mean(a.dice),
@@ -214,6 +260,10 @@ class SegmentationMetrics:
                     "csa_bias_mm2": finite_or_none(ba["bias"]),
                     "csa_loa_low_mm2": finite_or_none(ba["loa_low"]),
                     "csa_loa_high_mm2": finite_or_none(ba["loa_high"]),
+                    "low_contrast_slices": int((~visible).sum()),
+                    "csa_icc_visible": finite_or_none(
+                        icc_2_1(np.array(a.csa_pred)[visible], np.array(a.csa_truth)[visible])
+                    ),
                     "fat_fraction_mae_pct": _mean(a.ff_err),
                 }
         return out
@@ -288,7 +338,8 @@ def markdown_table(report: Mapping[str, Mapping[str, Mapping[str, Any]]], group:
     """The per-structure table of one group as Markdown."""
     f, ci = format_value, format_interval
     headers = ("structure", "cases", "slices", "Dice", "Dice 95 % CI", "IoU", "pooled Dice", "FP slices",
-               "CSA ICC(2,1)", "ICC 95 % CI", "BA bias mm2", "BA 95 % LoA mm2", "FF MAE %", "target")
+               "CSA ICC(2,1)", "ICC 95 % CI", "BA bias mm2", "BA 95 % LoA mm2", "low-contrast slices",
+               "ICC where visible", "FF MAE %", "target")
     rows = []
     for key, m in report.get(group, {}).items():
         target = DICE_TARGETS.get(key)
@@ -296,7 +347,7 @@ def markdown_table(report: Mapping[str, Mapping[str, Mapping[str, Any]]], group:
             key, m.get("n_cases", "-"), m["n_slices"], f(m["dice"]), ci(m.get("dice_ci95")), f(m["iou"]),
             f(m["dice_pooled"]), m["fp_slices"], f(m["csa_icc"]), ci(m.get("csa_icc_ci95")),
             f(m["csa_bias_mm2"], 1), f"{f(m['csa_loa_low_mm2'], 1)} .. {f(m['csa_loa_high_mm2'], 1)}",
-            f(m["fat_fraction_mae_pct"], 1),
+            m.get("low_contrast_slices", "-"), f(m.get("csa_icc_visible")), f(m["fat_fraction_mae_pct"], 1),
             f"Dice >= {target:.2f}, ICC >= 0.95" if target else "-",
         ))
     return markdown(headers, rows)

@@ -15,13 +15,18 @@ absolute percentage error, and for the muscles the fat fraction's mean absolute 
 Why beside the per-slice table (:mod:`ai.evaluate`), not instead of it: the per-slice table
 weighs every slice alike, including the outer slices of a thick disc where a whole slice can
 take the vertebral body's identity; a level averages its slices as the report does.
+
+Over the reported levels' slices a missed outer disc slice is never counted (it is not one
+of them) while a false one always is; :func:`true_levels` gives the mirror figure, each true
+level measured over the truth's own disc slices, where a missed slice counts and a false one
+does not. The two together bound what the level detection does to the numbers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -36,8 +41,38 @@ from ai.evaluate import (
     markdown,
 )
 from ai.labels import MUSCLES, STRUCTURES
+from ai.levels import group_levels
 from ai.measure import measure_level
-from ai.results import LevelResult, StructureMeasurement
+from ai.results import StructureMeasurement
+
+
+class MeasuredLevel(Protocol):
+    """What a level needs for the comparison (:class:`ai.results.LevelResult` is one)."""
+
+    @property
+    def slice_indices(self) -> Sequence[int]: ...
+
+    @property
+    def measurements(self) -> Mapping[str, StructureMeasurement]: ...
+
+
+@dataclass(frozen=True)
+class TrueLevel:
+    """A true level's disc slices and the prediction's measurements over them."""
+
+    slice_indices: list[int]
+    measurements: Mapping[str, StructureMeasurement]
+
+
+def true_levels(case: EvalCase, labels: np.ndarray) -> list[TrueLevel]:
+    """Each level of the truth (:func:`ai.levels.group_levels` of the true label map), with the
+    predicted ``labels`` measured over its disc slices, as :meth:`LevelAgreement.add_case`
+    takes them."""
+    spacing = case.volume.pixel_spacing
+    return [
+        TrueLevel(run, measure_level(case.volume.pixels, labels, run, spacing).measurements)
+        for run, _ in group_levels(case.truth_labels, case.volume)
+    ]
 
 
 @dataclass
@@ -56,8 +91,8 @@ class LevelAgreement:
         self._pairs: dict[str, dict[str, _Pairs]] = {}
         self._case = 0
 
-    def add_case(self, case: EvalCase, levels: Iterable[LevelResult]) -> None:
-        """Add the levels the pipeline reported for one case."""
+    def add_case(self, case: EvalCase, levels: Iterable[MeasuredLevel]) -> None:
+        """Add one case's levels: those the pipeline reported, or :func:`true_levels`."""
         self._case += 1
         spacing = case.volume.pixel_spacing
         for level in levels:

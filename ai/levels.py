@@ -40,6 +40,14 @@ MIN_DISC_AREA_MM2 = 250.0
 #: Longest block planned through one disc (3-5 slices, :func:`ai.phantom.study.plan_blocks`):
 #: the blocks the column refiner and the centring of disc runs were trained and tuned on.
 PLANNED_BLOCK_MAX_SLICES = 5
+#: A coarse disc slice whose disc evidence (:func:`ai.inference.disc_evidence`) reaches this
+#: is kept disc: neither the column refiner nor the centring of disc runs
+#: (:func:`ai.disc_assignment.centre_disc_runs`) overrules a near-certain coarse model.
+#: Column refiner 2.1.0 reads the images more than the coarse labels and, on a block of
+#: three clear disc slices from different levels (the shipped-model test series, evidence
+#: 0.999), turned the outer two into body; on the tuning studies no vertebral-body slice the
+#: refiner corrected had evidence above 0.93.
+KEEP_DISC_EVIDENCE = 0.95
 #: A disc slice must show at least this fraction of the largest disc area in the series.
 MIN_DISC_FRACTION = 0.30
 #: ... and more disc than vertebral body (ratio disc / vertebral body).

@@ -166,7 +166,7 @@ class Analyzer:
         t = time.perf_counter()
         labels, assigned = assign_block_discs(labels, volume, raw.disc_evidence, self.disc_evidence_floor)
         flags.extend(assigned)
-        labels, centred = centre_disc_runs(labels, volume)
+        labels, centred = centre_disc_runs(labels, volume, raw.disc_evidence)
         flags.extend(centred)
         timings["post_process"] += time.perf_counter() - t
         if self.refiner is not None:

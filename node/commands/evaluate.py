@@ -93,10 +93,11 @@ def labelled_cases(root: Path) -> Iterator[Any]:
 def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
     """Run the analyzer on every case under ``data`` and compare with the truth."""
     from ai.evaluate import SegmentationMetrics
-    from ai.evaluate_levels import LevelAgreement
+    from ai.evaluate_levels import LevelAgreement, true_levels
 
     metrics = SegmentationMetrics()
     level_agreement = LevelAgreement()
+    true_level_agreement = LevelAgreement()
     predicted: list[Any] = []
     truths: list[dict[str, Any]] = []
     names: list[str] = []
@@ -106,6 +107,7 @@ def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
         result = analyzer.analyze(case.volume)
         metrics.add_case(case, result.labels)
         level_agreement.add_case(case, result.levels)
+        true_level_agreement.add_case(case, true_levels(case, result.labels))
         predicted.append(result)
         truths.append(case.truth)
         names.append(case.name)
@@ -119,6 +121,7 @@ def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
         "n_slices": n_slices,
         "segmentation": metrics.report(),
         "level_measurements": level_agreement.report(),
+        "level_measurements_true_slices": true_level_agreement.report(),
         "segmentation_ms_per_slice": round(1000 * seconds / n_slices, 1) if n_slices else None,
     }
     try:
@@ -185,6 +188,9 @@ def run(args: argparse.Namespace) -> int:
         for group in report["level_measurements"]:
             print(f"\n## {group}: per-level measurements (results.json vs truth on the same slices)\n")
             print(markdown_level_table(report["level_measurements"], group))
+        for group in report["level_measurements_true_slices"]:
+            print(f"\n## {group}: per true level (prediction vs truth over the truth's disc slices)\n")
+            print(markdown_level_table(report["level_measurements_true_slices"], group))
         if report.get("grades"):
             print("\n## grades\n")
             print(json.dumps(report["grades"], indent=2, default=str))

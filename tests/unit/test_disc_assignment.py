@@ -14,7 +14,7 @@ from ai.disc_assignment import (
 )
 from ai.inference import disc_evidence
 from ai.labels import Label
-from ai.levels import find_levels
+from ai.levels import KEEP_DISC_EVIDENCE, find_levels
 from ai.volume import Volume
 
 SIZE = 96
@@ -154,6 +154,35 @@ def test_a_disc_run_is_cut_to_its_part_symmetric_about_the_block_centre(block: l
         assert np.array_equal(out[k] == Label.VERTEBRAL_BODY, labels[k] == Label.DISC)
         assert np.array_equal(out[k] == Label.DURAL_SAC, labels[k] == Label.DURAL_SAC)
     assert _kinds(labels[: len(block)]) == block, "the input must not change"
+
+
+@pytest.mark.parametrize(
+    ("block", "evidence", "expected"),
+    [
+        # the slice the cut would remove is near-certain disc: its mirror slice becomes disc
+        (["body", "disc", "disc", "body", "body"], [0.01, 0.996, 0.996, 0.49, 0.01],
+         ["body", "disc", "disc", "disc", "body"]),
+        (["body", "body", "disc", "disc", "body"], [0.01, 0.05, 0.997, 0.987, 0.01],
+         ["body", "disc", "disc", "disc", "body"]),
+        # just under the guard: cut as without evidence
+        (["body", "disc", "disc", "body", "body"], [0.01, KEEP_DISC_EVIDENCE - 0.01, 0.996, 0.49, 0.01],
+         ["body", "body", "disc", "body", "body"]),
+        # four of five, the outer one certain: five
+        (["disc", "disc", "disc", "disc", "body"], [0.99, 0.99, 0.99, 0.99, 0.2], ["disc"] * 5),
+    ],
+)
+def test_a_near_certain_disc_slice_is_not_cut_the_run_is_made_symmetric_the_other_way(
+    block: list[str], evidence: list[float], expected: list[str]
+) -> None:
+    vol, labels = _blocks([block])
+    out, flags = centre_disc_runs(labels, vol, np.array(evidence))
+    assert _kinds(out) == expected
+    changed = [k for k in range(len(block)) if expected[k] != block[k]]
+    assert [f.split(":")[0] for f in flags] == [f"slice {k}" for k in changed]
+    for k in changed:
+        assert np.array_equal(out[k] == Label.DISC, labels[k] == Label.VERTEBRAL_BODY)
+        assert np.array_equal(out[k] == Label.DURAL_SAC, labels[k] == Label.DURAL_SAC)
+    assert _kinds(labels) == block, "the input must not change"
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,8 @@ def test_evaluate_reports_slices_levels_and_grades(tmp_path: Path) -> None:
     assert report["grades"]["levels"]["truth"] >= 3
     assert "per-level measurements (results.json vs truth on the same slices)" in done.stdout
     assert "| disc | 1 |" in done.stdout
+    assert "per true level (prediction vs truth over the truth's disc slices)" in done.stdout
+    assert report["level_measurements_true_slices"]["realistic"]["disc"]["n_levels"] >= 3
     # a folder without labelled studies is a clear error
     empty = tmp_path / "empty"
     empty.mkdir()

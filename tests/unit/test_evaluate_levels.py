@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ai.evaluate import EvalCase
-from ai.evaluate_levels import LevelAgreement, markdown_level_table
+from ai.evaluate_levels import LevelAgreement, markdown_level_table, true_levels
 from ai.labels import Label
 from ai.measure import measure_level
 from ai.results import LevelResult
@@ -72,3 +72,21 @@ def test_a_perfect_segmentation_agrees_exactly() -> None:
     assert disc["csa_bias_mm2"] == 0.0 and disc["csa_median_abs_pct_error"] == 0.0
     lo, hi = disc["csa_icc_ci95"]
     assert lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
+
+
+def test_true_levels_measure_the_prediction_over_the_truths_own_disc_slices() -> None:
+    case = _case([20, 22, 24, 26])  # every slice a disc slice (>= 250 mm2)
+    pred = case.truth_labels.copy()
+    pred[0][pred[0] == Label.DISC] = Label.VERTEBRAL_BODY  # a missed outer disc slice
+    (level,) = true_levels(case, pred)
+    assert level.slice_indices == [0, 1, 2, 3], "the truth's run, not the prediction's"
+    assert level.measurements["disc"].csa_mm2 == pytest.approx((22**2 + 24**2 + 26**2) / 4)
+    agreement = LevelAgreement()
+    for sides in ([20, 22, 24, 26], [22, 23, 24, 25], [20, 21, 22, 23]):
+        case = _case(sides)
+        pred = case.truth_labels.copy()
+        pred[0][pred[0] == Label.DISC] = Label.VERTEBRAL_BODY
+        agreement.add_case(case, true_levels(case, pred))
+    disc = agreement.report()["all"]["disc"]
+    assert disc["n_levels"] == 3
+    assert disc["csa_bias_mm2"] == pytest.approx(-np.mean([20**2, 22**2, 20**2]) / 4)

@@ -164,3 +164,43 @@ def test_evaluation_counts_slices_whose_disc_or_body_took_the_other_identity() -
     r = m.report()["all"]
     assert r["disc"]["swapped_slices"] == 1 and r["vertebral_body"]["swapped_slices"] == 0
     assert r["psoas_left"]["swapped_slices"] is None
+
+
+def test_structure_contrast_is_the_standardised_difference_to_the_ring_around_it() -> None:
+    from ai.evaluate import structure_contrast
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((60, 60), bool)
+    mask[20:40, 20:40] = True
+    noise = rng.normal(0.0, 10.0, mask.shape)
+    assert structure_contrast(100.0 + noise, mask, (1.0, 1.0)) < 0.2  # iso-intense: invisible
+    step = 100.0 + noise + 20.0 * mask  # two noise SDs brighter
+    assert structure_contrast(step, mask, (1.0, 1.0)) == pytest.approx(2.0, abs=0.3)
+    # the ring is 4 mm: at 0.5 mm pixels it is 8 pixels wide; a brighter frame further out is not read
+    far = step + 50.0 * ~np.pad(np.ones((56, 56), bool), 2)
+    assert structure_contrast(far, mask, (0.5, 0.5)) == pytest.approx(structure_contrast(step, mask, (0.5, 0.5)))
+    assert structure_contrast(np.full(mask.shape, 5.0), mask, (1.0, 1.0)) == 0.0
+
+
+def test_icc_where_visible_leaves_out_the_slices_whose_structure_has_no_contrast() -> None:
+    from ai.evaluate import SegmentationMetrics
+
+    rng = np.random.default_rng(1)
+    m = SegmentationMetrics()
+    for k in range(12):
+        truth = np.zeros((64, 64), np.uint8)
+        side = 14 + k
+        truth[10 : 10 + side, 10 : 10 + side] = 6  # psoas left, growing
+        image = rng.normal(100.0, 5.0, truth.shape)
+        visible = k % 3 != 0
+        if visible:
+            image[truth == 6] += 30.0
+        pred = truth.copy()
+        if not visible:  # guessed badly where nothing shows
+            pred[:] = 0
+            pred[10:20, 10:20] = 6
+        m.add(pred, truth, image, (1.0, 1.0))
+    r = m.report()["all"]["psoas_left"]
+    assert r["low_contrast_slices"] == 4
+    assert r["csa_icc_visible"] == pytest.approx(1.0)
+    assert r["csa_icc"] < 0.9
