@@ -14,7 +14,7 @@ Per structure key of :data:`ai.labels.STRUCTURES`:
 * **Fat fraction** of the muscles, when the truth carries ``fat_fraction_pct`` per slice:
   mean absolute error (percentage points).
 * **Contrast-stratified ICC** (``csa_icc_visible``): the CSA ICC over the slices where the
-  true structure stands out from its surroundings (:func:`structure_contrast` at least
+  true structure stands out from its surroundings (:func:`ai.measure.structure_contrast` at least
   :data:`VISIBLE_CONTRAST`), and ``low_contrast_slices``, how many do not. Randomised
   phantom contrasts sometimes give a muscle the grey level of the tissue around it; no
   segmentation can draw an outline the image does not show, so this figure separates
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ai.labels import MUSCLES, STRUCTURES
-from ai.measure import measure_slice
+from ai.measure import measure_slice, structure_contrast
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,6 @@ BOOTSTRAP_SEED = 20261122
 #: 0.5 is Cohen's "medium"). Chosen on randomised tuning studies (docs/evaluation.md,
 #: twenty-first session): below it lie about 12 % of psoas slices and half the psoas CSA error.
 VISIBLE_CONTRAST = 0.5
-#: Width of the ring :func:`structure_contrast` compares a structure with (mm).
-CONTRAST_RING_MM = 4.0
 
 
 @dataclass
@@ -140,31 +138,6 @@ class _Acc:
     #: :func:`structure_contrast` of the true structure on each slice of ``csa_*``
     contrast: list[float] = field(default_factory=list)
     ff_err: list[float] = field(default_factory=list)
-
-
-def structure_contrast(image: np.ndarray, mask: np.ndarray, pixel_spacing: tuple[float, float]) -> float:
-    """How far a structure stands out: |mean inside - mean of the ring around it| over the
-    pooled standard deviation of the two (the ring :data:`CONTRAST_RING_MM` wide, the inside
-    without its boundary pixels, which mix both). ``inf`` for a perfectly flat image with a
-    step; 0 when the structure has the grey level of its surroundings."""
-    from scipy import ndimage
-
-    r = max(1, int(round(CONTRAST_RING_MM / float(min(pixel_spacing)))))
-    rows, cols = np.nonzero(mask)
-    r0, r1 = max(rows.min() - r - 1, 0), rows.max() + r + 2
-    c0, c1 = max(cols.min() - r - 1, 0), cols.max() + r + 2
-    m = mask[r0:r1, c0:c1]
-    img = image[r0:r1, c0:c1].astype(np.float64)
-    ring = ndimage.binary_dilation(m, iterations=r) & ~m
-    inner = ndimage.binary_erosion(m)
-    if not inner.any():
-        inner = m
-    if not ring.any():
-        return float("inf")
-    a, b = img[inner], img[ring]
-    spread = float(np.sqrt(0.5 * (a.var() + b.var())))
-    diff = abs(float(a.mean()) - float(b.mean()))
-    return diff / spread if spread > 0 else (float("inf") if diff > 0 else 0.0)
 
 
 def _slice_truth(truth: Mapping[str, Any], k: int) -> Mapping[str, Any]:

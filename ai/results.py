@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-RESULTS_SCHEMA_VERSION = "1.2"
+RESULTS_SCHEMA_VERSION = "1.3"
 
 SCHIZAS_GRADES: tuple[str, ...] = ("A", "B", "C", "D")
 DSCA_GRADES: tuple[str, ...] = ("normal", "relative", "absolute")
@@ -31,10 +31,14 @@ class StructureMeasurement:
     fat_fraction_pct: float | None = None
     mean_si: float | None = None
     si_ratio_to_fat: float | None = None
+    #: how far the structure's outline is supported by the image: the standardised
+    #: difference between its mean signal and the ring around it (:func:`ai.measure.structure_contrast`);
+    #: only for :data:`ai.measure.CONTRAST_STRUCTURES`
+    contrast_sd: float | None = None
 
     def to_dict(self) -> dict[str, float]:
         out: dict[str, float] = {"csa_mm2": round(self.csa_mm2, 2)}
-        for key in ("fcsa_mm2", "fat_fraction_pct", "mean_si", "si_ratio_to_fat"):
+        for key in ("fcsa_mm2", "fat_fraction_pct", "mean_si", "si_ratio_to_fat", "contrast_sd"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = round(float(value), 3)

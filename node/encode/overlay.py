@@ -23,6 +23,7 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from scipy import ndimage
 
 from ai.labels import COLORS, DISPLAY_NAMES, MUSCLES, Label
+from ai.measure import low_contrast
 from ai.results import SeriesResult
 from ai.volume import Volume
 from node.encode.common import copy_patient_study, fill_common
@@ -39,6 +40,8 @@ SUMMARY_WIDTH = 1024
 DISCLAIMER = "AI result - research use, review before clinical use"
 _FONT_SIZE = 14
 _SUMMARY_FONT_SIZE = 18
+#: Appended to a muscle CSA whose outline has little contrast to its surroundings (a flag says more).
+LOW_CONTRAST_MARK = "?"
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -158,7 +161,8 @@ def summary_tables(result: SeriesResult) -> tuple[list[list[str]], list[list[str
                 cells.append("-")
             else:
                 ff = f"{m.fat_fraction_pct:.0f}" if m.fat_fraction_pct is not None else "-"
-                cells.append(f"{m.csa_mm2:.0f} / {ff}")
+                mark = LOW_CONTRAST_MARK if low_contrast(m) is not None else ""
+                cells.append(f"{m.csa_mm2:.0f}{mark} / {ff}")
         muscles.append(cells)
     return grades, muscles
 
@@ -212,9 +216,12 @@ def render_summary(result: SeriesResult) -> Image.Image:
         draw.text((12, y), text, fill=(255, 255, 255), font=font)
         y += line
     y += line
+    muscle_title = "Muscles: CSA mm2 / fat fraction %"
+    if any(LOW_CONTRAST_MARK in cell for row in muscles[1:] for cell in row):
+        muscle_title += f" ({LOW_CONTRAST_MARK}: outline has little contrast, see flags)"
     for table, columns, title in (
         (grades, [12, 200, 280, 400, 500, 620, 730, 850], "Central canal stenosis"),
-        (muscles, [12, 200, 335, 470, 605, 740, 875], "Muscles: CSA mm2 / fat fraction %"),
+        (muscles, [12, 200, 335, 470, 605, 740, 875], muscle_title),
     ):
         draw.text((12, y), title, fill=(160, 200, 255), font=font)
         y += line

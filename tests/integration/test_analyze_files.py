@@ -33,7 +33,7 @@ def test_analyze_writes_documented_results(tmp_path: Path) -> None:
     sag_uid = next(s["series_instance_uid"] for s in truth["series"] if s["role"] != "axial")
     assert not (out / sag_uid).exists(), "the sagittal series must be skipped"
     result = json.loads((out / axial_uid / "results.json").read_text())
-    assert result["schema_version"] == "1.2"
+    assert result["schema_version"] == "1.3"
     assert result["series_instance_uid"] == axial_uid
     assert result["model"]["name"] and result["model"]["version"]
     # provenance: every model that contributed, the segmentation first

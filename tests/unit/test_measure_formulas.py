@@ -167,7 +167,7 @@ def test_evaluation_counts_slices_whose_disc_or_body_took_the_other_identity() -
 
 
 def test_structure_contrast_is_the_standardised_difference_to_the_ring_around_it() -> None:
-    from ai.evaluate import structure_contrast
+    from ai.measure import structure_contrast
 
     rng = np.random.default_rng(0)
     mask = np.zeros((60, 60), bool)
@@ -204,3 +204,27 @@ def test_icc_where_visible_leaves_out_the_slices_whose_structure_has_no_contrast
     assert r["low_contrast_slices"] == 4
     assert r["csa_icc_visible"] == pytest.approx(1.0)
     assert r["csa_icc"] < 0.9
+
+
+def test_a_psoas_without_contrast_to_its_surroundings_is_measured_and_flagged() -> None:
+    from ai.measure import LOW_CONTRAST_FLAG_SD, measure_level, plausibility_flags
+
+    rng = np.random.default_rng(2)
+    labels = np.zeros((2, 80, 80), np.uint8)
+    labels[:, 20:50, 10:35] = Label.PSOAS_LEFT
+    labels[:, 20:50, 45:70] = Label.PSOAS_RIGHT
+    images = rng.normal(100.0, 8.0, labels.shape)
+    images[labels == Label.PSOAS_RIGHT] += 40.0  # the right psoas stands out, the left does not
+    lm = measure_level(images, labels, [0, 1], (1.0, 1.0))
+    left, right = lm.measurements["psoas_left"], lm.measurements["psoas_right"]
+    assert left.contrast_sd is not None and left.contrast_sd < 0.3
+    assert right.contrast_sd is not None and right.contrast_sd > 3.0
+    assert lm.measurements["multifidus_left"].contrast_sd is None  # not a contrast structure
+    assert "contrast_sd" in left.to_dict()
+    flags = [f for f in plausibility_flags("L4-L5", lm) if "outline" in f]
+    assert len(flags) == 1 and flags[0].startswith("L4-L5: psoas_left outline has little contrast")
+    assert f"< {LOW_CONTRAST_FLAG_SD}" in flags[0]
+    images[labels == Label.PSOAS_RIGHT] -= 40.0  # both sides invisible: one flag for the level
+    both = measure_level(images, labels, [0, 1], (1.0, 1.0))
+    flags = [f for f in plausibility_flags("L4-L5", both) if "outline" in f]
+    assert flags == [flags[0]] and flags[0].startswith("L4-L5: psoas_left and psoas_right outlines have")
