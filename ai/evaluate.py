@@ -15,7 +15,7 @@ Per structure key of :data:`ai.labels.STRUCTURES`:
   mean absolute error (percentage points).
 * **Contrast-stratified ICC** (``csa_icc_visible``): the CSA ICC over the slices where the
   true structure stands out from its surroundings (:func:`ai.measure.structure_contrast` at least
-  :data:`VISIBLE_CONTRAST`), and ``low_contrast_slices``, how many do not. Randomised
+  :data:`ai.measure.LOW_CONTRAST`), and ``low_contrast_slices``, how many do not. Randomised
   phantom contrasts sometimes give a muscle the grey level of the tissue around it; no
   segmentation can draw an outline the image does not show, so this figure separates
   "missed where visible" from "guessed where invisible". It is a diagnostic beside the
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ai.labels import MUSCLES, STRUCTURES
-from ai.measure import measure_slice, structure_contrast
+from ai.measure import LOW_CONTRAST, measure_slice, structure_contrast
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,6 @@ logger = logging.getLogger(__name__)
 #: Bootstrap resamples of the case-level intervals (fixed seed: reports are reproducible).
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 20261122
-#: A structure is "visible" on a slice when the means inside it and in the ring around it
-#: differ by at least this many pooled standard deviations (a standardised mean difference;
-#: 0.5 is Cohen's "medium"). Chosen on randomised tuning studies (docs/evaluation.md,
-#: twenty-first session): below it lie about 12 % of psoas slices and half the psoas CSA error.
-VISIBLE_CONTRAST = 0.5
 
 
 @dataclass
@@ -220,7 +215,7 @@ class SegmentationMetrics:
             out[group] = {}
             for key, a in per.items():
                 ba = bland_altman(np.array(a.csa_pred), np.array(a.csa_truth))
-                visible = np.asarray(a.contrast) >= VISIBLE_CONTRAST
+                visible = ~(np.asarray(a.contrast) < LOW_CONTRAST)
                 out[group][key] = {
                     "n_slices": len(a.dice),
                     "dice": _mean(a.dice),

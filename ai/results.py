@@ -31,14 +31,14 @@ class StructureMeasurement:
     fat_fraction_pct: float | None = None
     mean_si: float | None = None
     si_ratio_to_fat: float | None = None
-    #: how far the structure's outline is supported by the image: the standardised
-    #: difference between its mean signal and the ring around it (:func:`ai.measure.structure_contrast`);
+    #: how far the structure's outline is supported by the image, 0-1 (the Kolmogorov-Smirnov
+    #: distance of its grey levels from those around it, :func:`ai.measure.structure_contrast`);
     #: only for :data:`ai.measure.CONTRAST_STRUCTURES`
-    contrast_sd: float | None = None
+    outline_contrast: float | None = None
 
     def to_dict(self) -> dict[str, float]:
         out: dict[str, float] = {"csa_mm2": round(self.csa_mm2, 2)}
-        for key in ("fcsa_mm2", "fat_fraction_pct", "mean_si", "si_ratio_to_fat", "contrast_sd"):
+        for key in ("fcsa_mm2", "fat_fraction_pct", "mean_si", "si_ratio_to_fat", "outline_contrast"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = round(float(value), 3)

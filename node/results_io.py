@@ -42,7 +42,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "fat_fraction_pct",
     "mean_si",
     "si_ratio_to_fat",
-    "contrast_sd",
+    "outline_contrast",
     "asymmetry_pct",
     "kjaer_grade",
     "schizas",
@@ -124,7 +124,7 @@ def csv_rows(result: SeriesResult) -> list[dict[str, Any]]:
                 "fat_fraction_pct": md.get("fat_fraction_pct", ""),
                 "mean_si": md.get("mean_si", ""),
                 "si_ratio_to_fat": md.get("si_ratio_to_fat", ""),
-                "contrast_sd": md.get("contrast_sd", ""),
+                "outline_contrast": md.get("outline_contrast", ""),
                 "asymmetry_pct": (
                     round(lv.asymmetry_pct[pair_of[key]], 2)
                     if key in MUSCLES and pair_of.get(key) in lv.asymmetry_pct

@@ -110,8 +110,8 @@ def test_a_psoas_area_with_little_outline_contrast_is_marked_in_the_summary() ->
     _, muscles = summary_tables(s.result)
     assert all(LOW_CONTRAST_MARK not in cell for row in muscles for cell in row)
     level = s.result.levels[0]
-    level.measurements["psoas_left"] = dataclasses.replace(level.measurements["psoas_left"], contrast_sd=0.2)
-    level.measurements["psoas_right"] = dataclasses.replace(level.measurements["psoas_right"], contrast_sd=2.0)
+    level.measurements["psoas_left"] = dataclasses.replace(level.measurements["psoas_left"], outline_contrast=0.1)
+    level.measurements["psoas_right"] = dataclasses.replace(level.measurements["psoas_right"], outline_contrast=0.9)
     _, muscles = summary_tables(s.result)
     assert muscles[1][1] == f"901{LOW_CONTRAST_MARK} / 20" and muscles[1][2] == "951 / 20"
     assert render_summary(s.result).size[0] > 0

@@ -166,20 +166,25 @@ def test_evaluation_counts_slices_whose_disc_or_body_took_the_other_identity() -
     assert r["psoas_left"]["swapped_slices"] is None
 
 
-def test_structure_contrast_is_the_standardised_difference_to_the_ring_around_it() -> None:
+def test_structure_contrast_is_the_distance_between_the_grey_levels_inside_and_around() -> None:
     from ai.measure import structure_contrast
 
     rng = np.random.default_rng(0)
     mask = np.zeros((60, 60), bool)
     mask[20:40, 20:40] = True
     noise = rng.normal(0.0, 10.0, mask.shape)
-    assert structure_contrast(100.0 + noise, mask, (1.0, 1.0)) < 0.2  # iso-intense: invisible
-    step = 100.0 + noise + 20.0 * mask  # two noise SDs brighter
-    assert structure_contrast(step, mask, (1.0, 1.0)) == pytest.approx(2.0, abs=0.3)
+    assert structure_contrast(100.0 + noise, mask, (1.0, 1.0)) < 0.15  # iso-intense: invisible
+    step = 100.0 + noise + 20.0 * mask  # two noise SDs brighter: KS of N(0,1) vs N(2,1) = 0.68
+    assert structure_contrast(step, mask, (1.0, 1.0)) == pytest.approx(0.68, abs=0.08)
     # the ring is 4 mm: at 0.5 mm pixels it is 8 pixels wide; a brighter frame further out is not read
     far = step + 50.0 * ~np.pad(np.ones((56, 56), bool), 2)
     assert structure_contrast(far, mask, (0.5, 0.5)) == pytest.approx(structure_contrast(step, mask, (0.5, 0.5)))
     assert structure_contrast(np.full(mask.shape, 5.0), mask, (1.0, 1.0)) == 0.0
+    # a fat-speckled inside whose mean equals the surroundings' still differs in distribution
+    speckled = np.where(mask & (rng.random(mask.shape) < 0.5), 80.0, 120.0) * mask + 100.0 * ~mask + noise / 5
+    assert abs(speckled[mask].mean() - 100.0) < 2.0
+    assert structure_contrast(speckled, mask, (1.0, 1.0)) == pytest.approx(0.5, abs=0.03)  # two halves apart
+    assert np.isnan(structure_contrast(step, np.zeros_like(mask), (1.0, 1.0)))
 
 
 def test_icc_where_visible_leaves_out_the_slices_whose_structure_has_no_contrast() -> None:
@@ -207,7 +212,7 @@ def test_icc_where_visible_leaves_out_the_slices_whose_structure_has_no_contrast
 
 
 def test_a_psoas_without_contrast_to_its_surroundings_is_measured_and_flagged() -> None:
-    from ai.measure import LOW_CONTRAST_FLAG_SD, measure_level, plausibility_flags
+    from ai.measure import LOW_CONTRAST, measure_level, plausibility_flags
 
     rng = np.random.default_rng(2)
     labels = np.zeros((2, 80, 80), np.uint8)
@@ -217,13 +222,13 @@ def test_a_psoas_without_contrast_to_its_surroundings_is_measured_and_flagged() 
     images[labels == Label.PSOAS_RIGHT] += 40.0  # the right psoas stands out, the left does not
     lm = measure_level(images, labels, [0, 1], (1.0, 1.0))
     left, right = lm.measurements["psoas_left"], lm.measurements["psoas_right"]
-    assert left.contrast_sd is not None and left.contrast_sd < 0.3
-    assert right.contrast_sd is not None and right.contrast_sd > 3.0
-    assert lm.measurements["multifidus_left"].contrast_sd is None  # not a contrast structure
-    assert "contrast_sd" in left.to_dict()
+    assert left.outline_contrast is not None and left.outline_contrast < LOW_CONTRAST
+    assert right.outline_contrast is not None and right.outline_contrast > 0.9
+    assert lm.measurements["multifidus_left"].outline_contrast is None  # not a contrast structure
+    assert "outline_contrast" in left.to_dict()
     flags = [f for f in plausibility_flags("L4-L5", lm) if "outline" in f]
     assert len(flags) == 1 and flags[0].startswith("L4-L5: psoas_left outline has little contrast")
-    assert f"< {LOW_CONTRAST_FLAG_SD}" in flags[0]
+    assert f"< {LOW_CONTRAST}" in flags[0]
     images[labels == Label.PSOAS_RIGHT] -= 40.0  # both sides invisible: one flag for the level
     both = measure_level(images, labels, [0, 1], (1.0, 1.0))
     flags = [f for f in plausibility_flags("L4-L5", both) if "outline" in f]
