@@ -1,5 +1,6 @@
 """Series-level disc decisions: an angled block with no disc slice gets one where the model's
-disc evidence peaks, and in an odd block the disc run is made symmetric about the centre slice.
+disc evidence peaks, an even block's single disc slice moves to a far stronger evidence peak,
+and in an odd block the disc run is made symmetric about the centre slice.
 
 Why: the technologist plans each angled axial block through a disc, so a short block whose
 slices are all labelled vertebral body means the per-slice decision failed, not that the
@@ -45,6 +46,10 @@ PEAK_RATIO = 1.5
 MIN_EVIDENCE = 0.003
 #: Longest odd block :func:`centre_disc_runs` applies to (the blocks it was tuned on).
 CENTRED_MAX_SLICES = PLANNED_BLOCK_MAX_SLICES
+#: :func:`move_even_block_discs`: the evidence peak must exceed the disc slice's by this factor.
+#: Between the two tuning cases (7706_034: 3.1, the disc slice right; 7708_030: 40, the peak
+#: right); docs/evaluation.md, twenty-first session.
+EVEN_BLOCK_PEAK_RATIO = 10.0
 
 
 def assign_block_discs(
@@ -85,6 +90,47 @@ def assign_block_discs(
             f"disc evidence peaks ({value:.3f} against at most {others:.3f} on the block's other slices)"
         )
         logger.info("disc assigned on slice %d (block %d, evidence %.3f vs %.3f)", peak, b + 1, value, others)
+    return out, flags
+
+
+def move_even_block_discs(
+    labels: np.ndarray, volume: Volume, evidence: np.ndarray, min_evidence: float = MIN_EVIDENCE
+) -> tuple[np.ndarray, list[str]]:
+    """In an even block with one disc slice, move the disc to the interior slice where the
+    coarse model's disc evidence is far higher.
+
+    Why: an even block has no centre slice, so nothing in the plan says which of its two
+    middle slices holds the disc, and the column refiner sometimes picks the other one
+    (tuning study 7708_030: the refiner's disc slice had evidence 0.011, its neighbour 0.445;
+    the level was then measured and graded on an endplate). The disc moves when the peak is
+    an interior slice, reaches ``min_evidence`` and is at least :data:`EVEN_BLOCK_PEAK_RATIO`
+    times the disc slice's evidence; identity only (the disc slice's disc becomes vertebral
+    body, the peak's vertebral body disc), one flag per move. Blocks of 4 slices up to
+    :data:`CENTRED_MAX_SLICES` (the planned blocks). Returns new labels and flags.
+    """
+    out = labels
+    flags: list[str] = []
+    is_disc = disc_slices(labels, volume)
+    for b, block in enumerate(split_blocks(volume)):
+        n = len(block)
+        if n % 2 or not MIN_BLOCK_SLICES <= n <= CENTRED_MAX_SLICES:
+            continue
+        run = [k for k in block if is_disc[k]]
+        if len(run) != 1:
+            continue
+        old, peak = run[0], max(block[1:-1], key=lambda i: float(evidence[i]))
+        value, was = float(evidence[peak]), float(evidence[old])
+        if peak == old or value < min_evidence or value < EVEN_BLOCK_PEAK_RATIO * was:
+            continue
+        if out is labels:
+            out = labels.copy()
+        out[old][out[old] == int(Label.DISC)] = int(Label.VERTEBRAL_BODY)
+        out[peak][out[peak] == int(Label.VERTEBRAL_BODY)] = int(Label.DISC)
+        flags.append(
+            f"slice {peak}: block {b + 1}'s disc moved here from slice {old}, where the model's disc "
+            f"evidence was far lower ({value:.3f} against {was:.3f})"
+        )
+        logger.info("block %d: disc moved from slice %d to %d (evidence %.3f vs %.3f)", b + 1, old, peak, value, was)
     return out, flags
 
 

@@ -18,7 +18,12 @@ import torch
 from ai.canal_refine import CanalRefiner
 from ai.card import ModelCard, load_model
 from ai.column_refine import ColumnRefiner
-from ai.disc_assignment import MIN_EVIDENCE, assign_block_discs, centre_disc_runs
+from ai.disc_assignment import (
+    MIN_EVIDENCE,
+    assign_block_discs,
+    centre_disc_runs,
+    move_even_block_discs,
+)
 from ai.inference import CalibratedNetwork, autocast_dtype, pre_process, predict_native
 from ai.levels import LevelAssignment, find_levels
 from ai.measure import measure_level, plausibility_flags
@@ -166,6 +171,8 @@ class Analyzer:
         t = time.perf_counter()
         labels, assigned = assign_block_discs(labels, volume, raw.disc_evidence, self.disc_evidence_floor)
         flags.extend(assigned)
+        labels, moved = move_even_block_discs(labels, volume, raw.disc_evidence, self.disc_evidence_floor)
+        flags.extend(moved)
         labels, centred = centre_disc_runs(labels, volume, raw.disc_evidence)
         flags.extend(centred)
         timings["post_process"] += time.perf_counter() - t

@@ -8,9 +8,11 @@ import torch
 
 from ai.disc_assignment import (
     CENTRED_MAX_SLICES,
+    EVEN_BLOCK_PEAK_RATIO,
     MAX_BLOCK_SLICES,
     assign_block_discs,
     centre_disc_runs,
+    move_even_block_discs,
 )
 from ai.inference import disc_evidence
 from ai.labels import Label
@@ -202,3 +204,35 @@ def test_symmetric_runs_even_blocks_and_long_stacks_are_left_alone(block: list[s
     vol, labels = _blocks([block])
     out, flags = centre_disc_runs(labels, vol)
     assert out is labels and flags == []
+
+
+@pytest.mark.parametrize(
+    ("block", "evidence", "expected"),
+    [
+        # tuning study 7708_030: the refiner's disc on slice 2, the model's evidence 40 times higher on 1
+        (["body", "body", "disc", "body"], [0.007, 0.445, 0.011, 0.001], ["body", "disc", "body", "body"]),
+        # 7706_034: a peak only 3 times higher is not enough (there the disc slice was right)
+        (["body", "disc", "body", "body"], [0.006, 0.014, 0.007, 0.043], None),
+        (["body", "disc", "body", "body"], [0.006, 0.014, 0.9 * EVEN_BLOCK_PEAK_RATIO * 0.014, 0.0], None),
+        # the peak on an outer slice does not count (a block is planned through its disc)
+        (["body", "disc", "body", "body"], [0.9, 0.01, 0.0, 0.0], None),
+        # odd blocks belong to the centring; two disc slices are not one
+        (["body", "body", "disc", "body", "body"], [0.0, 0.5, 0.01, 0.0, 0.0], None),
+        (["body", "disc", "disc", "body"], [0.0, 0.01, 0.01, 0.0], None),
+        # below the evidence floor nothing is a peak
+        (["body", "body", "disc", "body"], [0.0, 0.002, 0.0001, 0.0], None),
+    ],
+)
+def test_an_even_blocks_disc_moves_to_a_far_stronger_evidence_peak(
+    block: list[str], evidence: list[float], expected: list[str] | None
+) -> None:
+    vol, labels = _blocks([block])
+    out, flags = move_even_block_discs(labels, vol, np.array(evidence))
+    if expected is None:
+        assert out is labels and flags == []
+        return
+    assert _kinds(out) == expected
+    new = expected.index("disc")
+    assert [f.split(":")[0] for f in flags] == [f"slice {new}"]
+    assert np.array_equal(out[new] == Label.DISC, labels[new] == Label.VERTEBRAL_BODY)
+    assert _kinds(labels) == block, "the input must not change"
