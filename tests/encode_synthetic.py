@@ -223,6 +223,7 @@ def make_result(
                 fat_fraction_pct=20.0,
                 mean_si=410.5 + k,
                 si_ratio_to_fat=0.45,
+                outline_contrast=0.8 if muscle.startswith("psoas") else None,
             )
         grade = ("A", "B", "C", "D")[(position - 1) % 4]
         severity = {"A": "normal/mild", "B": "moderate"}.get(grade, "severe")
@@ -312,6 +313,7 @@ def phantom_series(
                 fat_fraction_pct=ff,
                 mean_si=300.0 + position if ff is not None else None,
                 si_ratio_to_fat=0.4 if ff is not None else None,
+                outline_contrast=0.7 if key.startswith("psoas") else None,
             )
         dsca = float(t["dsca_mm2"])
         out_levels.append(

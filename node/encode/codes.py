@@ -94,6 +94,7 @@ T2_SIGNAL = codes.DCM.T2WeightedMRSignalIntensity  # DCM 110805
 MEAN = Code("373098007", "SCT", "Mean")  # CID 7464 derivation
 FCSA = private("FCSA", "Functional (lean muscle) cross-sectional area")
 SI_RATIO_TO_FAT = private("SIRATIO", "Signal intensity ratio to subcutaneous fat")
+OUTLINE_CONTRAST = private("OUTLINECON", "Outline contrast to the surroundings (KS distance)")
 CANAL_AREA = private("CANALCSA", "Spinal canal area (dural sac and epidural space)")
 DSCA = private("DSCA", "Dural sac cross-sectional area")
 LEVEL_CONFIDENCE = private("LEVELCONF", "Level naming confidence")

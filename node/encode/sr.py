@@ -225,6 +225,8 @@ def _measurements(ctx: _Context, m: StructureMeasurement) -> list[hd.sr.Measurem
         )
     if m.si_ratio_to_fat is not None:
         out.append(ctx.measurement(codes.SI_RATIO_TO_FAT, m.si_ratio_to_fat, codes.UNIT_RATIO))
+    if m.outline_contrast is not None:
+        out.append(ctx.measurement(codes.OUTLINE_CONTRAST, m.outline_contrast, codes.UNIT_RATIO))
     return out
 
 

@@ -52,6 +52,10 @@ def test_measurements_read_back_exactly() -> None:
                 assert values[codes.FCSA.value] == (pytest.approx(m.fcsa_mm2), "mm2")
                 assert values[codes.FAT_FRACTION.value] == (pytest.approx(m.fat_fraction_pct), "%")
                 assert values[codes.T2_SIGNAL.value] == (pytest.approx(m.mean_si), "[arb'U]")
+            if m.outline_contrast is not None:
+                assert values[codes.OUTLINE_CONTRAST.value] == (pytest.approx(m.outline_contrast), "{ratio}")
+            else:
+                assert codes.OUTLINE_CONTRAST.value not in values
         canal = groups[f"{name} spinal canal"]
         values = {x.name.value: x.value for x in canal.get_measurements()}  # type: ignore[attr-defined]
         assert values[codes.DSCA.value] == pytest.approx(lv.stenosis.dsca_mm2)

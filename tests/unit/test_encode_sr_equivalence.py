@@ -67,6 +67,9 @@ def _ref_measurements(m: StructureMeasurement) -> list[hd.sr.Measurement]:
     if m.si_ratio_to_fat is not None:
         out.append(hd.sr.Measurement(name=codes.SI_RATIO_TO_FAT, value=m.si_ratio_to_fat,
                                      unit=codes.UNIT_RATIO))
+    if m.outline_contrast is not None:
+        out.append(hd.sr.Measurement(name=codes.OUTLINE_CONTRAST, value=m.outline_contrast,
+                                     unit=codes.UNIT_RATIO))
     return out
 
 
