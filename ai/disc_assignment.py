@@ -52,6 +52,17 @@ CENTRED_MAX_SLICES = PLANNED_BLOCK_MAX_SLICES
 EVEN_BLOCK_PEAK_RATIO = 10.0
 
 
+def _relabel(out: np.ndarray, labels: np.ndarray, k: int, src: Label, dst: Label) -> np.ndarray:
+    """Slice ``k``'s ``src`` pixels become ``dst`` (identity only; the column keeps its extent).
+
+    ``out`` is copied from ``labels`` on the first change, so the input is never modified.
+    """
+    if out is labels:
+        out = labels.copy()
+    out[k][out[k] == int(src)] = int(dst)
+    return out
+
+
 def assign_block_discs(
     labels: np.ndarray, volume: Volume, evidence: np.ndarray, min_evidence: float = MIN_EVIDENCE
 ) -> tuple[np.ndarray, list[str]]:
@@ -82,9 +93,7 @@ def assign_block_discs(
         value = float(evidence[peak])
         if value < min_evidence or value < PEAK_RATIO * others or body_area[peak] < MIN_DISC_AREA_MM2:
             continue
-        if out is labels:
-            out = labels.copy()
-        out[peak][out[peak] == int(Label.VERTEBRAL_BODY)] = int(Label.DISC)
+        out = _relabel(out, labels, peak, Label.VERTEBRAL_BODY, Label.DISC)
         flags.append(
             f"slice {peak}: block {b + 1} had no disc slice; disc assigned where the model's "
             f"disc evidence peaks ({value:.3f} against at most {others:.3f} on the block's other slices)"
@@ -105,15 +114,16 @@ def move_even_block_discs(
     the level was then measured and graded on an endplate). The disc moves when the peak is
     an interior slice, reaches ``min_evidence`` and is at least :data:`EVEN_BLOCK_PEAK_RATIO`
     times the disc slice's evidence; identity only (the disc slice's disc becomes vertebral
-    body, the peak's vertebral body disc), one flag per move. Blocks of 4 slices up to
-    :data:`CENTRED_MAX_SLICES` (the planned blocks). Returns new labels and flags.
+    body, the peak's vertebral body disc), one flag per move. Even blocks up to
+    :data:`ai.levels.PLANNED_BLOCK_MAX_SLICES` (the planned blocks: 4 slices). Returns new
+    labels and flags.
     """
     out = labels
     flags: list[str] = []
     is_disc = disc_slices(labels, volume)
     for b, block in enumerate(split_blocks(volume)):
         n = len(block)
-        if n % 2 or not MIN_BLOCK_SLICES <= n <= CENTRED_MAX_SLICES:
+        if n % 2 or not MIN_BLOCK_SLICES <= n <= PLANNED_BLOCK_MAX_SLICES:
             continue
         run = [k for k in block if is_disc[k]]
         if len(run) != 1:
@@ -122,10 +132,8 @@ def move_even_block_discs(
         value, was = float(evidence[peak]), float(evidence[old])
         if peak == old or value < min_evidence or value < EVEN_BLOCK_PEAK_RATIO * was:
             continue
-        if out is labels:
-            out = labels.copy()
-        out[old][out[old] == int(Label.DISC)] = int(Label.VERTEBRAL_BODY)
-        out[peak][out[peak] == int(Label.VERTEBRAL_BODY)] = int(Label.DISC)
+        out = _relabel(out, labels, old, Label.DISC, Label.VERTEBRAL_BODY)
+        out = _relabel(out, labels, peak, Label.VERTEBRAL_BODY, Label.DISC)
         flags.append(
             f"slice {peak}: block {b + 1}'s disc moved here from slice {old}, where the model's disc "
             f"evidence was far lower ({value:.3f} against {was:.3f})"
@@ -170,21 +178,17 @@ def centre_disc_runs(
             last += 1
         half = min(c - first, last - c)
         extra = [j for j in range(first, last + 1) if abs(j - c) > half]
-        if not extra:
-            continue
-        if out is labels:
-            out = labels.copy()
-        if evidence is not None and all(evidence[block[j]] >= KEEP_DISC_EVIDENCE for j in extra):
+        if evidence is not None and extra and all(evidence[block[j]] >= KEEP_DISC_EVIDENCE for j in extra):
             for j in extra:
                 k = block[2 * c - j]
-                out[k][out[k] == int(Label.VERTEBRAL_BODY)] = int(Label.DISC)
+                out = _relabel(out, labels, k, Label.VERTEBRAL_BODY, Label.DISC)
                 flags.append(f"slice {k}: block {b + 1}'s disc slices were not symmetric about its "
                              "centre slice and the far side is near-certain disc; this one relabelled disc")
                 logger.info("slice %d: disc run of block %d extended to be symmetric", k, b + 1)
             continue
         for j in extra:
             k = block[j]
-            out[k][out[k] == int(Label.DISC)] = int(Label.VERTEBRAL_BODY)
+            out = _relabel(out, labels, k, Label.DISC, Label.VERTEBRAL_BODY)
             flags.append(f"slice {k}: block {b + 1}'s disc slices were not symmetric about its centre "
                          "slice; this one relabelled vertebral body")
             logger.info("slice %d: disc run of block %d cut to the centre's symmetric part", k, b + 1)
