@@ -100,6 +100,10 @@ DSCA = private("DSCA", "Dural sac cross-sectional area")
 LEVEL_CONFIDENCE = private("LEVELCONF", "Level naming confidence")
 GRADE_CONFIDENCE = private("GRADECONF", "Stenosis grading confidence")
 ROOTLETS_PROBABILITY = private("ROOTPROB", "Probability of rootlets (cauda equina)")
+#: TID 1500 row 12: the report's own qualitative evaluations (the DCMR concept name).
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+#: TID 1500 row 14 (TEXT): one plausibility warning of the analysis (``results.json`` flags).
+PLAUSIBILITY_WARNING = private("PLAUSWARN", "Plausibility warning of the analysis")
 #: AI segmentation, averaged over the level's disc slices; FCSA by Otsu threshold in the ROI
 #: (bounded by the subcutaneous fat intensity), fat fraction = (CSA - FCSA) / CSA.
 MEASUREMENT_METHOD = private("SEGMEAN", "AI segmentation, disc-slice mean, Otsu fat threshold")

@@ -14,7 +14,10 @@ Content (PS3.16 TID 1500):
   with its source images;
 * per level one group for the spinal canal with the qualitative evaluations: stenosis
   severity (CID 3832), Schizas grade and DSCA grade (``99LUMBAR``), rootlets or cord,
-  and the level naming confidence.
+  and the level naming confidence;
+* the analysis's plausibility warnings (the ``flags`` of ``results.json``, also printed on
+  the overlay summary), one TEXT item each in the report's own "Qualitative Evaluations"
+  container (TID 1500 rows 12 and 14), so a reader of the SR sees which numbers to doubt.
 
 Levels the analysis could not name are reported as "level N from caudal, unlabelled" with
 the lumbar spine as finding site, never with a guessed level.
@@ -383,6 +386,8 @@ def build_sr(
         procedure_reported=ctx.concept(codes.PROCEDURE_REPORTED),
         imaging_measurements=groups,
     )
+    if result.flags:
+        report[0].ContentSequence.append(_warnings(ctx, result.flags))
     # evidence: the SEG, then every slice of the reported levels and every slice the
     # content references, in source order
     referenced = {volume.slice_uids[i] for lv in result.levels for i in lv.slice_indices}
@@ -407,6 +412,29 @@ def build_sr(
         "SR %s for series %s: %d groups", sr.SOPInstanceUID, volume.series_instance_uid, len(groups)
     )
     return sr
+
+
+def _warnings(ctx: _Context, flags: Sequence[str]) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12 with one row 14 TEXT item per plausibility warning.
+
+    highdicom's ``MeasurementReport`` builds rows 1-9 only, so the container is added to
+    its content tree here, after the imaging measurements as the template orders it.
+    """
+    container = hd.sr.ContainerContentItem(
+        name=ctx.concept(codes.QUALITATIVE_EVALUATIONS),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=ctx.concept(codes.PLAUSIBILITY_WARNING),
+                value=flag,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for flag in flags
+        ]
+    )
+    return container
 
 
 def _series_number(ds: Dataset) -> int | None:

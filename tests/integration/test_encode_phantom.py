@@ -48,9 +48,11 @@ def _dciodvfy(path: Path) -> str:
 def test_outputs_pass_dciodvfy_and_read_back(phantom: SyntheticSeries, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     assert shutil.which("dciodvfy") and shutil.which("dsrdump"), "make test-peers"
-    # with the segmentation model's Algorithm Parameters in the SEG and the SR
+    # with the segmentation model's Algorithm Parameters in the SEG and the SR, and a
+    # plausibility warning (TID 1500 row 14 TEXT)
     settings = InferenceSettings(device="cpu", precision="bfloat16", mirror=True)
-    result = dataclasses.replace(phantom.result, inference=settings)
+    result = dataclasses.replace(phantom.result, inference=settings,
+                                 flags=["L4-L5: psoas_left outline has little contrast"])
     out = encode_series(phantom.datasets, phantom.volume, result)
     assert out.seg is not None
     assert "mirror=on" in out.seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
@@ -86,7 +88,8 @@ def test_outputs_pass_dciodvfy_and_read_back(phantom: SyntheticSeries, tmp_path:
                           timeout=TOOL_TIMEOUT_S)
     assert dump.returncode == 0, dump.stderr
     for needle in ("Imaging Measurement Report", "L4-L5 spinal canal", "level 3 from caudal, unlabelled",
-                   "Schizas", "Level of L5/S1 intervertebral disc", "mm2"):
+                   "Schizas", "Level of L5/S1 intervertebral disc", "mm2", "Qualitative Evaluations",
+                   '"Plausibility warning of the analysis")="L4-L5: psoas_left outline has little contrast"'):
         assert needle in dump.stdout, needle
 
 

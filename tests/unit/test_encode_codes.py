@@ -9,7 +9,9 @@ from ai.labels import LEVEL_NAMES, Label
 from node.encode import codes
 
 #: Standard codes that pydicom does not carry, with the source named in clinical-spec.md.
-NOT_IN_PYDICOM = {"3572006", "68455001", "5709001"}
+# UMLS C0034375 "Qualitative Evaluations" is TID 1500 row 12's concept name (DCMTK's
+# CODE_UMLS_QualitativeEvaluations) but not in pydicom's concept dictionary.
+NOT_IN_PYDICOM = {"3572006", "68455001", "5709001", "C0034375"}
 
 
 def _all_codes() -> list[Code]:

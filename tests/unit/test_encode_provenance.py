@@ -120,7 +120,8 @@ def _named(items: Iterable[Dataset]) -> tuple[str, str] | None:
 
 def _groups(sr: Dataset) -> dict[str, list[Dataset]]:
     """Content items of every measurement group, by tracking identifier."""
-    (container,) = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"]
+    (container,) = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"
+                    and i.ConceptNameCodeSequence[0].CodeValue == "126010"]  # Imaging Measurements
     out = {}
     for group in container.ContentSequence:
         (tracking,) = _texts(group.ContentSequence, TRACKING_IDENTIFIER)

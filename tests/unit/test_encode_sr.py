@@ -26,8 +26,10 @@ def _roundtrip(ds: Dataset) -> Dataset:
     return pydicom.dcmread(buf)
 
 
-def _report() -> tuple[object, object, hd.sr.Comprehensive3DSR]:
+def _report(flags: list[str] | None = None) -> tuple[object, object, hd.sr.Comprehensive3DSR]:
     s = make_series(levels=("L4-L5", None))
+    if flags is not None:
+        s.result.flags[:] = flags
     out = encode_series(s.datasets, s.volume, s.result, include_overlay=False, include_summary=False)
     assert out.sr is not None
     return s, out, hd.sr.Comprehensive3DSR.from_dataset(_roundtrip(out.sr))
@@ -114,3 +116,28 @@ def test_report_identity_and_algorithm() -> None:
                  and node.ConceptNameCodeSequence[0].CodeValue == "111001"]
         assert names == ["lumbar-unet"]
     assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == codes.PRIVATE_SCHEME
+
+
+def _report_evaluations(ds: Dataset) -> list[Dataset]:
+    return [item for item in ds.ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeValue == codes.QUALITATIVE_EVALUATIONS.value]
+
+
+def test_plausibility_warnings_are_text_items_of_the_report() -> None:
+    flags = ["L4-L5: psoas_left outline has little contrast", "slice 3: the column refiner changed 9 of 10 pixels"]
+    _s, out, sr = _report(flags)
+    ds = _roundtrip(out.sr)  # type: ignore[attr-defined]
+    (container,) = _report_evaluations(ds)
+    last = ds.ContentSequence[-1].ConceptNameCodeSequence[0]  # after the imaging measurements
+    assert last.CodeValue == codes.QUALITATIVE_EVALUATIONS.value
+    assert container.ValueType == "CONTAINER" and container.RelationshipType == "CONTAINS"
+    assert container.ConceptNameCodeSequence[0].CodingSchemeDesignator == "UMLS"
+    items = [(i.ValueType, i.RelationshipType, i.ConceptNameCodeSequence[0].CodeValue, i.TextValue)
+             for i in container.ContentSequence]
+    assert items == [("TEXT", "CONTAINS", codes.PLAUSIBILITY_WARNING.value, f) for f in flags]
+    assert sr.content.get_volumetric_roi_measurement_groups()  # highdicom still reads the report
+
+
+def test_no_warnings_no_evaluations_container() -> None:
+    _s, out, _sr = _report([])
+    assert _report_evaluations(out.sr) == []  # type: ignore[attr-defined]

@@ -185,6 +185,14 @@ def reference_build_sr(sources: Sequence[Dataset], volume: Volume, result: Serie
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.PROCEDURE_REPORTED, imaging_measurements=groups,
     )
+    if result.flags:  # TID 1500 rows 12 / 14, added to the tree as build_sr does
+        container = hd.sr.ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS,
+                                               relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        container.ContentSequence = hd.sr.ContentSequence([
+            hd.sr.TextContentItem(name=codes.PLAUSIBILITY_WARNING, value=flag,
+                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+            for flag in result.flags])
+        report[0].ContentSequence.append(container)
     referenced = {volume.slice_uids[i] for lv in result.levels for i in lv.slice_indices}
     evidence = [seg] + [ds for uid, ds in by_uid.items() if uid in referenced]
     first = by_uid[volume.slice_uids[0]]
@@ -374,9 +382,11 @@ def test_same_as_highdicom_for_an_enhanced_mr_source() -> None:
     result = make_result(volume.series_instance_uid, base.result.labels[order], [list(range(4))], ["L4-L5"])
     new, ref, _source = _both(SyntheticSeries(sources, volume, result))
     _assert_equivalent(new, ref, sources[0])
+    (measurements,) = [i for i in new.ContentSequence if i.ValueType == "CONTAINER"
+                       and i.ConceptNameCodeSequence[0].CodeValue == "126010"]  # Imaging Measurements
     refs = [
         item.ReferencedSOPSequence[0]
-        for group in new.ContentSequence[-1].ContentSequence
+        for group in measurements.ContentSequence
         for item in group.ContentSequence
         if item.ValueType == "IMAGE" and item.ConceptNameCodeSequence[0].CodeValue == "121233"
     ]

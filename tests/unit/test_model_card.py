@@ -122,3 +122,18 @@ def test_the_tag_names_the_weights_and_their_calibration() -> None:
     assert card.tag() == "test-unet-0.0.1-" + "ab" * 6  # uncalibrated: caches keyed before calibration stay valid
     calibrated = ModelCard.from_dict({**card.to_dict(), "calibration": {"logit_offsets": {"VERTEBRAL_BODY": 1.609}}})
     assert calibrated.tag() == card.tag() + "+offsets-VERTEBRAL_BODY=1.609"
+
+
+@pytest.mark.parametrize("name", ["seg", "canal", "grader"])
+def test_shipped_fine_tuned_cards_record_their_whole_lineage(name: str) -> None:
+    """A shipped model fine-tuned from earlier weights says how those were made, stage by
+    stage from scratch, ending at the weights it started from (issue #3: reproducible)."""
+    card = json.loads((SHIPPED_WEIGHTS_DIR / f"{name}-card.json").read_text())
+    training = card["training"]
+    init, stages = training["init_weights"], training["previous_stages"]
+    assert stages and stages[-1]["weights_sha256"] == init["weights_sha256"]
+    assert init["version"] != card["version"]
+    own = card.get("weights_sha256") or card["sha256"]
+    shas = [stage["weights_sha256"] for stage in stages if stage.get("weights_sha256")]
+    assert own not in shas
+    assert all(stage.get("command") or stage.get("config") or stage.get("epochs") for stage in stages)
