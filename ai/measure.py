@@ -1,9 +1,10 @@
 """Measurements of the clinical spec (sections 0 and 2): CSA, FCSA, fat fraction, SI, asymmetry.
 
 Per slice, :func:`measure_slice` gives every structure's cross-sectional area (mm2) and,
-for the muscles, the functional (lean) area, fat fraction and mean signal. Per disc level,
-:func:`measure_level` averages the slice values over the level's disc slices and adds the
-asymmetry and the multifidus Kjaer grade.
+for the muscles, the functional (lean) area, fat fraction and mean signal; the analysis
+measures every slice (``results.json`` ``slices``). Per disc level, :func:`level_of_slices`
+(:func:`measure_level` from images) averages the slice values over the level's disc slices
+and adds the asymmetry and the multifidus Kjaer grade.
 
 Fat fraction method (documented in docs/segmentation.md and in the SR): inside each
 muscle ROI, the Otsu threshold of the ROI's histogram separates lean from fat pixels. The
@@ -25,9 +26,11 @@ a flag (:func:`plausibility_flags`), so a reader knows which areas to distrust.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from ai.labels import MUSCLES, PAIRS, STRUCTURES, Label
 from ai.results import StructureMeasurement
@@ -127,7 +130,7 @@ def structure_contrast(image: np.ndarray, mask: np.ndarray, pixel_spacing: tuple
     structure has the grey-level distribution of its surroundings, 1 when the two do not
     overlap. A distance between distributions, not between means, so a fat-speckled muscle
     whose mean matches the fat around it still reads as distinct. NaN for an empty mask."""
-    from scipy import ndimage, stats
+    from scipy import stats
 
     if not mask.any():
         return float("nan")
@@ -160,30 +163,54 @@ def measure_slice(
     if image.shape != labels.shape:
         raise ValueError(f"image {image.shape} and labels {labels.shape} differ in shape")
     px = float(pixel_spacing[0] * pixel_spacing[1])
-    fat_ref = fat_reference(image, labels)
+    # every structure is read inside its labels' bounding box, not over the whole slice:
+    # every slice of a series is measured, most structures are small
+    boxes = ndimage.find_objects(labels, max_label=max(int(lab) for lab in Label))
+    fat_box = _box(boxes, (Label.SUBCUTANEOUS_FAT,))
+    fat_ref = fat_reference(image[fat_box], labels[fat_box]) if fat_box else None
     out: dict[str, StructureMeasurement] = {}
     for key, labs in STRUCTURES.items():
-        mask = np.isin(labels, labs)
+        box = _box(boxes, labs)
+        if box is None:
+            out[key] = StructureMeasurement(0.0, 0.0, None, None, None) if key in MUSCLES else StructureMeasurement(0.0)
+            continue
+        mask = np.isin(labels[box], labs)
+        roi = image[box]
         n = int(mask.sum())
         csa = n * px
         if key in MUSCLES:
             if n >= MIN_ROI_PIXELS:
-                vals = image[mask].astype(np.float64)
+                vals = roi[mask].astype(np.float64)
                 t, fat_bright = fat_threshold(vals, fat_ref)
                 lean = int((vals <= t).sum()) if fat_bright else int((vals >= t).sum())
                 fcsa = lean * px
                 ff = (n - lean) / n * 100.0
                 mean_si = float(vals.mean())
                 ratio = mean_si / fat_ref if fat_ref else None
-                contrast = structure_contrast(image, mask, pixel_spacing) if key in CONTRAST_STRUCTURES else None
+                contrast = None
+                if key in CONTRAST_STRUCTURES:
+                    full = np.zeros(labels.shape, dtype=bool)
+                    full[box] = mask
+                    contrast = structure_contrast(image, full, pixel_spacing)
                 out[key] = StructureMeasurement(csa, fcsa, ff, mean_si, ratio, contrast)
             else:
                 out[key] = StructureMeasurement(csa, csa, None, None, None)
         elif key == "subcutaneous_fat" and n:
-            out[key] = StructureMeasurement(csa, mean_si=float(image[mask].mean()))
+            out[key] = StructureMeasurement(csa, mean_si=float(roi[mask].mean()))
         else:
             out[key] = StructureMeasurement(csa)
     return SliceMeasurements(out)
+
+
+def _box(boxes: list[tuple[slice, slice] | None], labs: Sequence[int]) -> tuple[slice, slice] | None:
+    """The bounding box of every pixel with one of ``labs`` (``ndimage.find_objects``
+    boxes), None when the slice has none."""
+    found = [box for lab in labs if int(lab) - 1 < len(boxes) and (box := boxes[int(lab) - 1]) is not None]
+    if not found:
+        return None
+    rows = slice(min(b[0].start for b in found), max(b[0].stop for b in found))
+    cols = slice(min(b[1].start for b in found), max(b[1].stop for b in found))
+    return rows, cols
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -222,7 +249,12 @@ def measure_level(
     images: np.ndarray, labels: np.ndarray, slice_indices: list[int], pixel_spacing: tuple[float, float]
 ) -> LevelMeasurements:
     """Measurements of one level averaged over ``slice_indices`` of a volume."""
-    per_slice = [measure_slice(images[k], labels[k], pixel_spacing) for k in slice_indices]
+    return level_of_slices([measure_slice(images[k], labels[k], pixel_spacing) for k in slice_indices])
+
+
+def level_of_slices(per_slice: list[SliceMeasurements]) -> LevelMeasurements:
+    """A level's measurements from its disc slices' (already measured) ones: the means,
+    the asymmetry of the mean areas and the Kjaer grades of the mean fat fractions."""
     m = average(per_slice)
     asym: dict[str, float] = {}
     for pair, (left, right) in PAIRS.items():

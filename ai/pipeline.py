@@ -26,7 +26,7 @@ from ai.disc_assignment import (
 )
 from ai.inference import CalibratedNetwork, autocast_dtype, pre_process, predict_native
 from ai.levels import LevelAssignment, find_levels
-from ai.measure import measure_level, plausibility_flags
+from ai.measure import level_of_slices, measure_slice, plausibility_flags
 from ai.model import fold_batchnorm
 from ai.postprocess import post_process
 from ai.refiner import PatchRefiner, RefinerCardError
@@ -38,6 +38,7 @@ from ai.results import (
     InferenceSettings,
     LevelResult,
     SeriesResult,
+    SliceResult,
     Stenosis,
 )
 from ai.volume import Volume
@@ -193,9 +194,11 @@ class Analyzer:
         t1 = time.perf_counter()
         levels: list[LevelResult] = []
         t_grade = 0.0
+        per_slice = [measure_slice(volume.pixels[k], labels[k], volume.pixel_spacing)
+                     for k in range(volume.n_slices)]
         for a in assignments:
             name = a.level if a.level is not None else f"level {a.position} from caudal"
-            lm = measure_level(volume.pixels, labels, list(a.slice_indices), volume.pixel_spacing)
+            lm = level_of_slices([per_slice[k] for k in a.slice_indices])
             flags.extend(plausibility_flags(name, lm))
             tg = time.perf_counter()
             stenosis = self._grade(volume, labels, a, flags, name)
@@ -212,6 +215,18 @@ class Analyzer:
                     stenosis=stenosis,
                 )
             )
+        level_of = {int(k): a for a in assignments for k in a.slice_indices}
+        slices = [
+            SliceResult(
+                index=k,
+                sop_instance_uid=volume.slice_uids[k],
+                frame_number=int(volume.frame_numbers[k]),
+                level_position=level_of[k].position if k in level_of else None,
+                level=level_of[k].level if k in level_of else None,
+                measurements=m.values,
+            )
+            for k, m in enumerate(per_slice)
+        ]
         t2 = time.perf_counter()
         if not levels:
             flags.append("no disc level found in the series")
@@ -228,6 +243,7 @@ class Analyzer:
             inference=self.inference,
             labels=labels,
             levels=levels,
+            slices=slices,
             flags=flags,
             timings_s=timings,
         )

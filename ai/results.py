@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-RESULTS_SCHEMA_VERSION = "1.3"
+RESULTS_SCHEMA_VERSION = "1.4"
 
 SCHIZAS_GRADES: tuple[str, ...] = ("A", "B", "C", "D")
 DSCA_GRADES: tuple[str, ...] = ("normal", "relative", "absolute")
@@ -21,7 +21,8 @@ SEVERITIES: tuple[str, ...] = ("normal/mild", "moderate", "severe")
 
 @dataclass
 class StructureMeasurement:
-    """Measurements of one structure at one level (averaged over the level's disc slices).
+    """Measurements of one structure on one slice, or at one level (averaged over the level's
+    disc slices).
 
     Areas in mm2, fat fraction in %, signal intensity in stored-value units.
     """
@@ -107,6 +108,34 @@ class LevelResult:
         }
 
 
+@dataclass
+class SliceResult:
+    """One slice of the series and every structure measured on it.
+
+    Researchers measure on slices the disc levels do not report (a mid-vertebral slice, every
+    slice of a range); the level figures are the means of their disc slices' figures.
+    ``level_position`` is the :attr:`LevelResult.position` of the level whose disc slices
+    include this one (None: not a reported disc slice).
+    """
+
+    index: int
+    sop_instance_uid: str
+    frame_number: int
+    level_position: int | None
+    level: str | None
+    measurements: dict[str, StructureMeasurement] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "sop_instance_uid": self.sop_instance_uid,
+            "frame_number": self.frame_number,
+            "level_position": self.level_position,
+            "level": self.level,
+            "measurements": {k: v.to_dict() for k, v in self.measurements.items()},
+        }
+
+
 #: Roles of the entries of :attr:`SeriesResult.models` (``ai.pipeline.Analyzer.models``).
 ROLE_SEGMENTATION = "segmentation"
 ROLE_CANAL_REFINEMENT = "canal refinement"
@@ -159,6 +188,9 @@ class SeriesResult:
     models: list[dict[str, str]] = field(default_factory=list)
     #: how the segmentation network ran (:class:`InferenceSettings`); None when not recorded
     inference: InferenceSettings | None = None
+    #: every slice of the series with its measurements, in the volume's order (schema 1.4;
+    #: empty when not measured)
+    slices: list[SliceResult] = field(default_factory=list)
 
     @property
     def models_line(self) -> str:
@@ -202,6 +234,7 @@ class SeriesResult:
             "models": [dict(m) for m in self.models],
             "inference": self.inference.to_dict() if self.inference is not None else None,
             "levels": [lv.to_dict() for lv in self.levels],
+            "slices": [sl.to_dict() for sl in self.slices],
             "flags": list(self.flags),
             "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},
         }

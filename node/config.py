@@ -390,7 +390,7 @@ class NodeConfig:
 
     @property
     def results_dir(self) -> Path:
-        """Analysis results (``results.json``, ``measurements.csv``) per series."""
+        """Analysis results (``results.json`` and ``labels.npz``) per series."""
         return self.node.state_dir / "results"
 
     @property

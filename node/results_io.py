@@ -1,4 +1,5 @@
-"""Research outputs of an analysed series: ``results.json``, label maps, ``measurements.csv``.
+"""Research outputs of an analysed series: ``results.json``, label maps, ``measurements.csv``
+(per level) and ``slice_measurements.csv`` (per slice).
 
 ``results.json`` follows :data:`ai.results.RESULTS_SCHEMA_VERSION` (docs/results-schema.md).
 Label maps go to ``labels.npz`` (``labels``: uint8 ``(slices, rows, cols)`` in the
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 LABELS_FILE = "labels.npz"
+MEASUREMENTS_CSV = "measurements.csv"
+SLICE_MEASUREMENTS_CSV = "slice_measurements.csv"
 
 #: Columns of measurements.csv: one row per series, level and structure.
 CSV_COLUMNS: tuple[str, ...] = (
@@ -49,6 +52,26 @@ CSV_COLUMNS: tuple[str, ...] = (
     "dsca_mm2",
     "dsca_grade",
     "severity",
+    "mirror_pass",
+)
+
+#: Measurement columns shared by both CSV files (:meth:`ai.results.StructureMeasurement.to_dict`).
+MEASUREMENT_COLUMNS: tuple[str, ...] = (
+    "csa_mm2", "fcsa_mm2", "fat_fraction_pct", "mean_si", "si_ratio_to_fat", "outline_contrast",
+)
+
+#: Columns of slice_measurements.csv: one row per series, slice and structure.
+SLICE_CSV_COLUMNS: tuple[str, ...] = (
+    "series_instance_uid",
+    "model_name",
+    "model_version",
+    "slice_index",
+    "sop_instance_uid",
+    "frame_number",
+    "level",
+    "level_position",
+    "structure",
+    *MEASUREMENT_COLUMNS,
     "mirror_pass",
 )
 
@@ -101,8 +124,7 @@ def csv_rows(result: SeriesResult) -> list[dict[str, Any]]:
     """measurements.csv rows of one series (one per level and structure)."""
     rows = []
     pair_of = {k: p for p, keys in PAIRS.items() for k in keys}
-    settings = result.inference
-    mirror_pass = "" if settings is None else ("on" if settings.mirror else "off")
+    mirror_pass = _mirror_pass(result)
     for lv in result.levels:
         st = lv.stenosis
         for key in STRUCTURES:
@@ -119,12 +141,7 @@ def csv_rows(result: SeriesResult) -> list[dict[str, Any]]:
                 "level_confidence": round(lv.level_confidence, 4),
                 "slice_indices": " ".join(str(i) for i in lv.slice_indices),
                 "structure": key,
-                "csa_mm2": md.get("csa_mm2", ""),
-                "fcsa_mm2": md.get("fcsa_mm2", ""),
-                "fat_fraction_pct": md.get("fat_fraction_pct", ""),
-                "mean_si": md.get("mean_si", ""),
-                "si_ratio_to_fat": md.get("si_ratio_to_fat", ""),
-                "outline_contrast": md.get("outline_contrast", ""),
+                **{column: md.get(column, "") for column in MEASUREMENT_COLUMNS},
                 "asymmetry_pct": (
                     round(lv.asymmetry_pct[pair_of[key]], 2)
                     if key in MUSCLES and pair_of.get(key) in lv.asymmetry_pct
@@ -141,13 +158,52 @@ def csv_rows(result: SeriesResult) -> list[dict[str, Any]]:
     return rows
 
 
+def _mirror_pass(result: SeriesResult) -> str:
+    settings = result.inference
+    return "" if settings is None else ("on" if settings.mirror else "off")
+
+
+def slice_csv_rows(result: SeriesResult) -> list[dict[str, Any]]:
+    """slice_measurements.csv rows of one series (one per slice and structure)."""
+    rows = []
+    for sl in result.slices:
+        for key in STRUCTURES:
+            m = sl.measurements.get(key)
+            if m is None:
+                continue
+            md = m.to_dict()
+            rows.append({
+                "series_instance_uid": result.series_instance_uid,
+                "model_name": result.model_name,
+                "model_version": result.model_version,
+                "slice_index": sl.index,
+                "sop_instance_uid": sl.sop_instance_uid,
+                "frame_number": sl.frame_number,
+                "level": sl.level or "",
+                "level_position": "" if sl.level_position is None else sl.level_position,
+                "structure": key,
+                **{column: md.get(column, "") for column in MEASUREMENT_COLUMNS},
+                "mirror_pass": _mirror_pass(result),
+            })
+    return rows
+
+
 def append_measurements_csv(result: SeriesResult, csv_path: Path) -> int:
-    """Append the series' rows to ``csv_path`` (header written once); returns rows written."""
-    rows = csv_rows(result)
+    """Append the series' per-level rows to ``csv_path`` (header written once); returns rows
+    written."""
+    return _append_csv(csv_rows(result), CSV_COLUMNS, csv_path)
+
+
+def append_slice_measurements_csv(result: SeriesResult, csv_path: Path) -> int:
+    """Append the series' per-slice rows to ``csv_path`` (header written once)."""
+    return _append_csv(slice_csv_rows(result), SLICE_CSV_COLUMNS, csv_path)
+
+
+def _append_csv(rows: list[dict[str, Any]], columns: Sequence[str], csv_path: Path) -> int:
     new = not csv_path.exists() or csv_path.stat().st_size == 0
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS))
+        writer = csv.DictWriter(f, fieldnames=list(columns))
         if new:
             writer.writeheader()
         writer.writerows(rows)

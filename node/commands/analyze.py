@@ -3,7 +3,8 @@
 Files and folders (recursively) are grouped into series by Series Instance UID; each
 image series goes through the same path as in the node (``node.volume_io.load_volume``
 -> ``ai.pipeline.Analyzer`` -> ``node.results_io``) and gets ``DIR/<series uid>/``
-with ``results.json`` and ``labels.npz``; ``DIR/measurements.csv`` collects every series.
+with ``results.json`` and ``labels.npz``; ``DIR/measurements.csv`` collects every series'
+level measurements, ``DIR/slice_measurements.csv`` every slice's.
 """
 
 from __future__ import annotations
@@ -89,7 +90,13 @@ def run(args: argparse.Namespace) -> int:
 
     from ai.pipeline import Analyzer
     from node.errors import InvalidInstance
-    from node.results_io import append_measurements_csv, write_results
+    from node.results_io import (
+        MEASUREMENTS_CSV,
+        SLICE_MEASUREMENTS_CSV,
+        append_measurements_csv,
+        append_slice_measurements_csv,
+        write_results,
+    )
     from node.volume_io import load_volume
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -104,9 +111,9 @@ def run(args: argparse.Namespace) -> int:
         **analysis_options(args),
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / "measurements.csv"
-    if csv_path.exists():
-        csv_path.unlink()
+    csv_path, slice_csv_path = args.out / MEASUREMENTS_CSV, args.out / SLICE_MEASUREMENTS_CSV
+    for path in (csv_path, slice_csv_path):
+        path.unlink(missing_ok=True)
     failures = 0
     with Progress(transient=False) as progress:
         task = progress.add_task("analysing", total=len(series))
@@ -130,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
                 frame_numbers=volume.frame_numbers,
             )
             append_measurements_csv(result, csv_path)
+            append_slice_measurements_csv(result, slice_csv_path)
             names = ", ".join(lv.level or f"#{lv.position}" for lv in result.levels) or "no levels"
             progress.console.print(
                 f"series {uid}: {volume.n_slices} slices, {names}, {len(result.flags)} flags"

@@ -33,7 +33,7 @@ def test_analyze_writes_documented_results(tmp_path: Path) -> None:
     sag_uid = next(s["series_instance_uid"] for s in truth["series"] if s["role"] != "axial")
     assert not (out / sag_uid).exists(), "the sagittal series must be skipped"
     result = json.loads((out / axial_uid / "results.json").read_text())
-    assert result["schema_version"] == "1.3"
+    assert result["schema_version"] == "1.4"
     assert result["series_instance_uid"] == axial_uid
     assert result["model"]["name"] and result["model"]["version"]
     # provenance: every model that contributed, the segmentation first
@@ -78,3 +78,20 @@ def test_analyze_writes_documented_results(tmp_path: Path) -> None:
     assert len(rows) == len(result["levels"]) * len(STRUCTURES)
     assert {r["series_instance_uid"] for r in rows} == {axial_uid}
     assert {r["mirror_pass"] for r in rows} == {"off"}
+    # every slice measured (schema 1.4): its own areas near the truth, levels their means
+    assert [sl["index"] for sl in result["slices"]] == list(range(result["labels_shape"][0]))
+    assert [sl["sop_instance_uid"] for sl in result["slices"]] == slice_uids
+    for sl in result["slices"]:
+        truth_areas = by_uid[sl["sop_instance_uid"]]["csa_mm2"]
+        for key in ("psoas_right", "erector_spinae_left"):
+            want, got = truth_areas[key], sl["measurements"][key]["csa_mm2"]
+            assert abs(got - want) <= 0.15 * want, (sl["index"], key, got, want)
+    for lv in result["levels"]:
+        members = [sl for sl in result["slices"] if sl["level_position"] == lv["position"]]
+        assert [sl["index"] for sl in members] == lv["slice_indices"]
+        mean = np.mean([sl["measurements"]["psoas_right"]["csa_mm2"] for sl in members])
+        assert lv["measurements"]["psoas_right"]["csa_mm2"] == pytest.approx(mean, abs=0.01)
+    with (out / "slice_measurements.csv").open() as f:
+        slice_rows = list(csv.DictReader(f))
+    assert len(slice_rows) == result["labels_shape"][0] * len(STRUCTURES)
+    assert {r["sop_instance_uid"] for r in slice_rows} == set(slice_uids)

@@ -90,3 +90,28 @@ def test_the_column_refiner_keeps_a_disc_the_coarse_model_is_near_certain_of(ana
     for k in disc_slices:
         assert np.array_equal(kept[k] == Label.DISC, coarse[k] == Label.DISC)
     assert not any("changed" in f for f in flags)
+
+
+def test_every_slice_is_measured_and_levels_are_their_disc_slices_means(analyzer: Analyzer) -> None:
+    from ai.measure import measure_slice
+
+    vol, _ = _series()
+    result = analyzer.analyze(vol)
+    assert [sl.index for sl in result.slices] == list(range(vol.n_slices))
+    assert [sl.sop_instance_uid for sl in result.slices] == list(vol.slice_uids)
+    assert result.levels, "the phantom series has disc levels"
+    for lv in result.levels:
+        members = [sl for sl in result.slices if sl.level_position == lv.position]
+        assert [sl.index for sl in members] == lv.slice_indices
+        assert {sl.level for sl in members} == {lv.level}
+        for key, m in lv.measurements.items():
+            assert m.csa_mm2 == pytest.approx(np.mean([sl.measurements[key].csa_mm2 for sl in members]))
+    outside = [sl for sl in result.slices if sl.level_position is None]
+    assert outside, "the mid-vertebral slice belongs to no level"
+    for sl in outside:
+        assert sl.level is None
+        # the figures are the slice's own, not a copy of a level's
+        own = measure_slice(vol.pixels[sl.index], result.labels[sl.index], vol.pixel_spacing).values
+        assert {k: m.csa_mm2 for k, m in sl.measurements.items()} == {k: m.csa_mm2 for k, m in own.items()}
+    d = result.to_dict()
+    assert d["schema_version"] == "1.4" and len(d["slices"]) == vol.n_slices
