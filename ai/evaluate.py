@@ -20,6 +20,9 @@ Per structure key of :data:`ai.labels.STRUCTURES`:
   segmentation can draw an outline the image does not show, so this figure separates
   "missed where visible" from "guessed where invisible". It is a diagnostic beside the
   CSA ICC, never a replacement for it.
+* **Per study** (:func:`case_summary`): each series' Dice per structure (pooled over its
+  slices), its disc / vertebral body identity errors and its flag count, so a site
+  evaluating on its own studies finds the ones that failed instead of reading a mean.
 * **Sampling error**: a 95 % bootstrap interval of the mean Dice and of the ICC over
   *cases* (series), since slices of one series share a contrast and an anatomy and do not
   vary independently. With few cases (six random contrasts, say) the interval is wide,
@@ -235,6 +238,53 @@ class SegmentationMetrics:
                     "fat_fraction_mae_pct": _mean(a.ff_err),
                 }
         return out
+
+
+def column_identity_errors(pred: np.ndarray, truth: np.ndarray) -> list[int]:
+    """Slices whose anterior column is mostly disc in one label map and mostly vertebral
+    body in the other (both maps with a column there)."""
+    disc, body = STRUCTURES["disc"], STRUCTURES["vertebral_body"]
+    out = []
+    for k in range(len(truth)):
+        td, tb = int(np.isin(truth[k], disc).sum()), int(np.isin(truth[k], body).sum())
+        pd, pb = int(np.isin(pred[k], disc).sum()), int(np.isin(pred[k], body).sum())
+        if td + tb and pd + pb and (td > tb) != (pd > pb):
+            out.append(k)
+    return out
+
+
+def case_summary(case: EvalCase, pred_labels: np.ndarray, n_flags: int) -> dict[str, Any]:
+    """One study's figures: Dice per structure pooled over its slices (None where the
+    structure is in neither map), the mean of those, its column identity errors, flags."""
+    dice: dict[str, float | None] = {}
+    for key, labs in STRUCTURES.items():
+        p, t = np.isin(pred_labels, labs), np.isin(case.truth_labels, labs)
+        total = int(p.sum()) + int(t.sum())
+        dice[key] = round(2 * int((p & t).sum()) / total, 4) if total else None
+    present = [d for d in dice.values() if d is not None]
+    return {
+        "case": case.name,
+        "mode": case.mode,
+        "n_slices": case.volume.n_slices,
+        "mean_dice": round(float(np.mean(present)), 4) if present else None,
+        "dice": dice,
+        "column_identity_errors": column_identity_errors(pred_labels, case.truth_labels),
+        "flags": n_flags,
+    }
+
+
+def markdown_worst_cases(cases: Sequence[Mapping[str, Any]], n: int = 10) -> str:
+    """The ``n`` studies with the lowest mean Dice, with their weakest structure."""
+    ranked = sorted((c for c in cases if c.get("mean_dice") is not None), key=lambda c: c["mean_dice"])
+    rows = []
+    for c in ranked[:n]:
+        scored = {k: v for k, v in c["dice"].items() if v is not None}
+        weakest = min(scored, key=lambda k: scored[k]) if scored else "-"
+        rows.append((c["case"], c["mode"], c["n_slices"], format_value(c["mean_dice"]),
+                     f"{weakest} {format_value(scored.get(weakest))}",
+                     " ".join(str(k) for k in c["column_identity_errors"]) or "-", c["flags"]))
+    return markdown(("study", "mode", "slices", "mean Dice", "weakest structure",
+                     "disc/body identity errors (slices)", "flags"), rows)
 
 
 def _case_intervals(a: _Acc) -> dict[str, Any]:

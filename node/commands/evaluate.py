@@ -92,7 +92,7 @@ def labelled_cases(root: Path) -> Iterator[Any]:
 
 def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
     """Run the analyzer on every case under ``data`` and compare with the truth."""
-    from ai.evaluate import SegmentationMetrics
+    from ai.evaluate import SegmentationMetrics, case_summary
     from ai.evaluate_levels import LevelAgreement, true_levels
 
     metrics = SegmentationMetrics()
@@ -101,6 +101,7 @@ def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
     predicted: list[Any] = []
     truths: list[dict[str, Any]] = []
     names: list[str] = []
+    per_case: list[dict[str, Any]] = []
     n_slices = 0
     seconds = 0.0
     for case in labelled_cases(data):
@@ -111,6 +112,7 @@ def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
         predicted.append(result)
         truths.append(case.truth)
         names.append(case.name)
+        per_case.append(case_summary(case, result.labels, len(result.flags)))
         n_slices += case.volume.n_slices
         seconds += sum(result.timings_s.get(k, 0.0) for k in SEGMENTATION_STAGES)
         logger.info("evaluated %s (%d slices)", case.name, case.volume.n_slices)
@@ -123,6 +125,7 @@ def evaluate(data: Path, analyzer: Any) -> dict[str, Any]:
         "level_measurements": level_agreement.report(),
         "level_measurements_true_slices": true_level_agreement.report(),
         "segmentation_ms_per_slice": round(1000 * seconds / n_slices, 1) if n_slices else None,
+        "per_case": per_case,
     }
     try:
         from ai.evaluate_grades import evaluate_grades
@@ -158,7 +161,7 @@ def stage_dirs(weights: Path | None) -> dict[str, Path | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ai.evaluate import markdown_table
+    from ai.evaluate import markdown_table, markdown_worst_cases
     from ai.evaluate_levels import markdown_level_table
     from ai.pipeline import Analyzer
 
@@ -191,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         for group in report["level_measurements_true_slices"]:
             print(f"\n## {group}: per true level (prediction vs truth over the truth's disc slices)\n")
             print(markdown_level_table(report["level_measurements_true_slices"], group))
+        print("\n## studies with the lowest mean Dice\n")
+        print(markdown_worst_cases(report["per_case"]))
         if report.get("grades"):
             print("\n## grades\n")
             print(json.dumps(report["grades"], indent=2, default=str))

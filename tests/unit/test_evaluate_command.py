@@ -30,6 +30,10 @@ def test_evaluate_reports_slices_levels_and_grades(tmp_path: Path) -> None:
     assert "| disc | 1 |" in done.stdout
     assert "per true level (prediction vs truth over the truth's disc slices)" in done.stdout
     assert report["level_measurements_true_slices"]["realistic"]["disc"]["n_levels"] >= 3
+    (case,) = report["per_case"]  # per study: find the studies that failed
+    assert case["case"] == report["cases"][0] and case["mode"] == "realistic"
+    assert case["dice"]["disc"] > 0.8 and case["mean_dice"] > 0.8
+    assert "studies with the lowest mean Dice" in done.stdout and case["case"] in done.stdout
     # a folder without labelled studies is a clear error
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -233,3 +233,30 @@ def test_a_psoas_without_contrast_to_its_surroundings_is_measured_and_flagged() 
     both = measure_level(images, labels, [0, 1], (1.0, 1.0))
     flags = [f for f in plausibility_flags("L4-L5", both) if "outline" in f]
     assert flags == [flags[0]] and flags[0].startswith("L4-L5: psoas_left and psoas_right outlines have")
+
+
+def test_per_study_summary_gives_known_dice_and_identity_errors() -> None:
+    from ai.evaluate import EvalCase, case_summary, markdown_worst_cases
+    from ai.volume import Volume
+
+    n = 3
+    truth = np.zeros((n, 20, 20), np.uint8)
+    truth[:, 2:12, 2:12] = Label.VERTEBRAL_BODY
+    truth[1, 2:12, 2:12] = Label.DISC  # slice 1 is the disc
+    truth[:, 14:18, 2:6] = Label.PSOAS_LEFT  # 16 px per slice
+    pred = truth.copy()
+    pred[2, 2:12, 2:12] = Label.DISC  # slice 2: body called disc
+    pred[:, 14:18, 2:5] = 0  # three quarters of the psoas missed: Dice 2*4/(4+16)
+    vol = Volume(pixels=np.zeros((n, 20, 20), np.float32), pixel_spacing=(1.0, 1.0),
+                 positions=np.array([[0.0, 0.0, 4.0 * k] for k in range(n)]),
+                 orientations=np.tile([1.0, 0, 0, 0, 1.0, 0], (n, 1)),
+                 slice_uids=tuple(f"1.2.{k}" for k in range(n)), series_instance_uid="1.2")
+    s = case_summary(EvalCase("study-1", vol, truth, mode="realistic"), pred, n_flags=2)
+    assert s["dice"]["psoas_left"] == pytest.approx(2 * 4 / 20, abs=1e-4)
+    assert s["dice"]["disc"] == pytest.approx(2 * 100 / 300, abs=1e-4)  # 100 true, 200 predicted
+    assert s["dice"]["vertebral_body"] == pytest.approx(2 * 100 / 300, abs=1e-4)
+    assert s["dice"]["dural_sac"] is None  # in neither map: not scored
+    assert s["column_identity_errors"] == [2]
+    assert s["flags"] == 2 and s["n_slices"] == 3
+    table = markdown_worst_cases([s, {**s, "case": "study-2", "mean_dice": 0.99}], n=1)
+    assert "study-1" in table and "study-2" not in table and "psoas_left 0.400" in table
