@@ -48,6 +48,10 @@ FAT_THRESHOLD_MIN_FRACTION = 0.3
 MIN_ROI_PIXELS = 10
 #: Width of the ring :func:`structure_contrast` compares a structure with (mm).
 CONTRAST_RING_MM = 4.0
+#: A structure this close to the edge of the image (mm) counts as cut by the field of view
+#: (``at_image_edge``): the network's outline of a structure the field of view cuts stops a
+#: pixel or two short of the edge (seen on phantoms cropped through the erector spinae).
+EDGE_MARGIN_MM = 3.0
 #: Structures whose outline support is measured: set off from their surroundings (fat,
 #: retroperitoneum) by their grey level. Muscles that abut a muscle of the same signal across
 #: a thin fascia (multifidus, erector spinae) would read as unsupported on most slices.
@@ -163,6 +167,8 @@ def measure_slice(
     if image.shape != labels.shape:
         raise ValueError(f"image {image.shape} and labels {labels.shape} differ in shape")
     px = float(pixel_spacing[0] * pixel_spacing[1])
+    rows, cols = labels.shape
+    m_rows, m_cols = (max(1, round(EDGE_MARGIN_MM / float(sp))) for sp in pixel_spacing)
     # every structure is read inside its labels' bounding box, not over the whole slice:
     # every slice of a series is measured, most structures are small
     boxes = ndimage.find_objects(labels, max_label=max(int(lab) for lab in Label))
@@ -178,6 +184,9 @@ def measure_slice(
         roi = image[box]
         n = int(mask.sum())
         csa = n * px
+        # the labels' box comes within the margin only where one of their pixels does
+        edge = (box[0].start < m_rows or box[1].start < m_cols
+                or box[0].stop > rows - m_rows or box[1].stop > cols - m_cols)
         if key in MUSCLES:
             if n >= MIN_ROI_PIXELS:
                 vals = roi[mask].astype(np.float64)
@@ -192,13 +201,13 @@ def measure_slice(
                     full = np.zeros(labels.shape, dtype=bool)
                     full[box] = mask
                     contrast = structure_contrast(image, full, pixel_spacing)
-                out[key] = StructureMeasurement(csa, fcsa, ff, mean_si, ratio, contrast)
+                out[key] = StructureMeasurement(csa, fcsa, ff, mean_si, ratio, contrast, at_image_edge=edge)
             else:
-                out[key] = StructureMeasurement(csa, csa, None, None, None)
+                out[key] = StructureMeasurement(csa, csa, None, None, None, at_image_edge=edge)
         elif key == "subcutaneous_fat" and n:
-            out[key] = StructureMeasurement(csa, mean_si=float(roi[mask].mean()))
+            out[key] = StructureMeasurement(csa, mean_si=float(roi[mask].mean()), at_image_edge=edge)
         else:
-            out[key] = StructureMeasurement(csa)
+            out[key] = StructureMeasurement(csa, at_image_edge=edge)
     return SliceMeasurements(out)
 
 
@@ -232,6 +241,7 @@ def average(slices: list[SliceMeasurements]) -> dict[str, StructureMeasurement]:
             mean_si=_mean([m.mean_si for m in ms]),
             si_ratio_to_fat=_mean([m.si_ratio_to_fat for m in ms]),
             outline_contrast=_mean([m.outline_contrast for m in ms]),
+            at_image_edge=any(m.at_image_edge for m in ms),
         )
     return out
 
@@ -296,6 +306,11 @@ def low_contrast(m: StructureMeasurement | None) -> float | None:
     return m.outline_contrast
 
 
+def _names(keys: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return keys[0] if len(keys) == 1 else f"{', '.join(keys[:-1])} and {keys[-1]}"
+
+
 def plausibility_flags(level_name: str, lm: LevelMeasurements) -> list[str]:
     """Human-readable warnings for implausible measurements at one level."""
     flags: list[str] = []
@@ -312,9 +327,17 @@ def plausibility_flags(level_name: str, lm: LevelMeasurements) -> list[str]:
         values = ", ".join(f"{c:.2f}" for c in low.values())
         one = len(low) == 1
         flags.append(
-            f"{level_name}: {' and '.join(low)} {'outline has' if one else 'outlines have'} little contrast to "
+            f"{level_name}: {_names(list(low))} {'outline has' if one else 'outlines have'} little contrast to "
             f"{'its' if one else 'their'} surroundings ({values} < {LOW_CONTRAST}): "
             f"{'its CSA' if one else 'their CSAs'} may be the model's guess; check on the overlay"
+        )
+    cut = [key for key in PLAUSIBLE_CSA_MM2 if (m := lm.measurements.get(key)) is not None and m.at_image_edge]
+    if cut:
+        one = len(cut) == 1
+        flags.append(
+            f"{level_name}: {_names(cut)} {'reaches' if one else 'reach'} the edge of the image: "
+            f"the field of view cuts {'it' if one else 'them'}, so {'its CSA is' if one else 'their CSAs are'} "
+            "too small"
         )
     for pair, pct in lm.asymmetry_pct.items():
         if pct > ASYMMETRY_FLAG_PCT:

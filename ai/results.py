@@ -36,13 +36,18 @@ class StructureMeasurement:
     #: distance of its grey levels from those around it, :func:`ai.measure.structure_contrast`);
     #: only for :data:`ai.measure.CONTRAST_STRUCTURES`
     outline_contrast: float | None = None
+    #: the structure reaches the edge of the image (on any of the level's slices): the field
+    #: of view cuts it, so its area is a lower bound
+    at_image_edge: bool = False
 
-    def to_dict(self) -> dict[str, float]:
-        out: dict[str, float] = {"csa_mm2": round(self.csa_mm2, 2)}
+    def to_dict(self) -> dict[str, float | bool]:
+        out: dict[str, float | bool] = {"csa_mm2": round(self.csa_mm2, 2)}
         for key in ("fcsa_mm2", "fat_fraction_pct", "mean_si", "si_ratio_to_fat", "outline_contrast"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = round(float(value), 3)
+        if self.at_image_edge:
+            out["at_image_edge"] = True
         return out
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ai.labels import MUSCLES, PAIRS, STRUCTURES
-from ai.results import SeriesResult
+from ai.results import SeriesResult, StructureMeasurement
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "mean_si",
     "si_ratio_to_fat",
     "outline_contrast",
+    "at_image_edge",
     "asymmetry_pct",
     "kjaer_grade",
     "schizas",
@@ -58,6 +59,7 @@ CSV_COLUMNS: tuple[str, ...] = (
 #: Measurement columns shared by both CSV files (:meth:`ai.results.StructureMeasurement.to_dict`).
 MEASUREMENT_COLUMNS: tuple[str, ...] = (
     "csa_mm2", "fcsa_mm2", "fat_fraction_pct", "mean_si", "si_ratio_to_fat", "outline_contrast",
+    "at_image_edge",
 )
 
 #: Columns of slice_measurements.csv: one row per series, slice and structure.
@@ -131,7 +133,6 @@ def csv_rows(result: SeriesResult) -> list[dict[str, Any]]:
             m = lv.measurements.get(key)
             if m is None:
                 continue
-            md = m.to_dict()
             row: dict[str, Any] = {
                 "series_instance_uid": result.series_instance_uid,
                 "model_name": result.model_name,
@@ -141,7 +142,7 @@ def csv_rows(result: SeriesResult) -> list[dict[str, Any]]:
                 "level_confidence": round(lv.level_confidence, 4),
                 "slice_indices": " ".join(str(i) for i in lv.slice_indices),
                 "structure": key,
-                **{column: md.get(column, "") for column in MEASUREMENT_COLUMNS},
+                **measurement_cells(m),
                 "asymmetry_pct": (
                     round(lv.asymmetry_pct[pair_of[key]], 2)
                     if key in MUSCLES and pair_of.get(key) in lv.asymmetry_pct
@@ -158,6 +159,15 @@ def csv_rows(result: SeriesResult) -> list[dict[str, Any]]:
     return rows
 
 
+def measurement_cells(m: StructureMeasurement) -> dict[str, Any]:
+    """The :data:`MEASUREMENT_COLUMNS` cells of one measurement: empty where not measured,
+    ``at_image_edge`` 1 or 0."""
+    md = m.to_dict()
+    cells: dict[str, Any] = {column: md.get(column, "") for column in MEASUREMENT_COLUMNS}
+    cells["at_image_edge"] = int(m.at_image_edge)
+    return cells
+
+
 def _mirror_pass(result: SeriesResult) -> str:
     settings = result.inference
     return "" if settings is None else ("on" if settings.mirror else "off")
@@ -171,7 +181,6 @@ def slice_csv_rows(result: SeriesResult) -> list[dict[str, Any]]:
             m = sl.measurements.get(key)
             if m is None:
                 continue
-            md = m.to_dict()
             rows.append({
                 "series_instance_uid": result.series_instance_uid,
                 "model_name": result.model_name,
@@ -182,7 +191,7 @@ def slice_csv_rows(result: SeriesResult) -> list[dict[str, Any]]:
                 "level": sl.level or "",
                 "level_position": "" if sl.level_position is None else sl.level_position,
                 "structure": key,
-                **{column: md.get(column, "") for column in MEASUREMENT_COLUMNS},
+                **measurement_cells(m),
                 "mirror_pass": _mirror_pass(result),
             })
     return rows

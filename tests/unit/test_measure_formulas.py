@@ -260,3 +260,28 @@ def test_per_study_summary_gives_known_dice_and_identity_errors() -> None:
     assert s["flags"] == 2 and s["n_slices"] == 3
     table = markdown_worst_cases([s, {**s, "case": "study-2", "mean_dice": 0.99}], n=1)
     assert "study-1" in table and "study-2" not in table and "psoas_left 0.400" in table
+
+
+def test_a_structure_cut_by_the_field_of_view_is_marked_and_flagged() -> None:
+    labels = np.zeros((2, 40, 40), np.uint8)
+    labels[:, 10:20, 10:20] = Label.DURAL_SAC  # inside on both slices
+    labels[0, 22:30, 3:12] = Label.ERECTOR_SPINAE_LEFT  # 3 mm from the edge on slice 0 ...
+    labels[1, 22:30, 2:12] = Label.ERECTOR_SPINAE_LEFT  # ... 2 mm on slice 1: cut (EDGE_MARGIN_MM)
+    labels[:, 35:40, :] = Label.SUBCUTANEOUS_FAT  # always cut: not flagged
+    images = np.full(labels.shape, 100.0)
+    per_slice = [measure_slice(images[k], labels[k], (1.0, 1.0)).values for k in range(2)]
+    assert [s["erector_spinae_left"].at_image_edge for s in per_slice] == [False, True]
+    assert not per_slice[1]["dural_sac"].at_image_edge and per_slice[1]["subcutaneous_fat"].at_image_edge
+    assert not per_slice[0]["psoas_left"].at_image_edge  # absent: not at the edge
+    lm = measure_level(images, labels, [0, 1], (1.0, 1.0))
+    assert lm.measurements["erector_spinae_left"].at_image_edge  # any of the level's slices
+    assert lm.measurements["erector_spinae_left"].to_dict()["at_image_edge"] is True
+    assert "at_image_edge" not in lm.measurements["dural_sac"].to_dict()
+    cut = [f for f in plausibility_flags("L4-L5", lm) if "edge of the image" in f]
+    assert cut == ["L4-L5: erector_spinae_left reaches the edge of the image: the field of view cuts it, "
+                   "so its CSA is too small"]
+    labels[1, 10:20, 37:40] = Label.PSOAS_RIGHT  # three structures: listed with commas
+    labels[1, 0:2, 20:30] = Label.MULTIFIDUS_LEFT
+    cut = [f for f in plausibility_flags("L4-L5", measure_level(images, labels, [0, 1], (1.0, 1.0)))
+           if "edge of the image" in f]
+    assert cut[0].startswith("L4-L5: psoas_right, erector_spinae_left and multifidus_left reach the edge")

@@ -115,3 +115,25 @@ def test_every_slice_is_measured_and_levels_are_their_disc_slices_means(analyzer
         assert {k: m.csa_mm2 for k, m in sl.measurements.items()} == {k: m.csa_mm2 for k, m in own.items()}
     d = result.to_dict()
     assert d["schema_version"] == "1.4" and len(d["slices"]) == vol.n_slices
+
+
+def test_a_field_of_view_that_cuts_the_muscles_is_flagged(analyzer: Analyzer) -> None:
+    """The same series with its lateral fifths cut off (a tight field of view): the outer
+    muscles reach the image edge, their areas are lower bounds, and the result says so."""
+    import dataclasses
+
+    vol, _ = _series()
+    full = analyzer.analyze(vol)
+    assert not [f for f in full.flags if "edge of the image" in f]
+    n = vol.pixels.shape[2]
+    c0, c1 = n // 5, n - n // 5
+    moved = vol.positions + vol.orientations[:, :3] * (c0 * vol.pixel_spacing[1])
+    cropped = dataclasses.replace(vol, pixels=np.ascontiguousarray(vol.pixels[:, :, c0:c1]), positions=moved)
+    result = analyzer.analyze(cropped)
+    cut = [f for f in result.flags if "edge of the image" in f]
+    assert cut, result.flags
+    edge = {k for lv in result.levels for k, m in lv.measurements.items() if m.at_image_edge}
+    assert edge & {"erector_spinae_left", "erector_spinae_right", "psoas_left", "psoas_right"}
+    from ai.measure import PLAUSIBLE_CSA_MM2  # the structures the flag names
+
+    assert all(any(k in f for f in cut) for k in edge & set(PLAUSIBLE_CSA_MM2))

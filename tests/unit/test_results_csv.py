@@ -24,7 +24,8 @@ from node.results_io import (
 
 
 def _result(uid: str) -> SeriesResult:
-    psoas = StructureMeasurement(1200.0, 1100.0, 8.3333, 300.0, 0.3, outline_contrast=0.8123)
+    psoas = StructureMeasurement(1200.0, 1100.0, 8.3333, 300.0, 0.3, outline_contrast=0.8123,
+                                 at_image_edge=True)
     slices = [
         SliceResult(index=k, sop_instance_uid=f"{uid}.{k}", frame_number=1,
                     level_position=1 if k == 1 else None, level="L4-L5" if k == 1 else None,
@@ -62,6 +63,7 @@ def test_slice_rows_one_per_slice_and_structure_with_their_level(tmp_path: Path)
     psoas = next(r for r in first if r["structure"] == "psoas_left")
     assert psoas["outline_contrast"] == "0.812" and psoas["fat_fraction_pct"] == "8.333"
     assert psoas["sop_instance_uid"] == "1.2.3.0" and psoas["mirror_pass"] == "off"
+    assert psoas["at_image_edge"] == "1" and disc["1"]["at_image_edge"] == "0"
 
 
 def test_level_rows_unchanged_by_the_slice_file(tmp_path: Path) -> None:
