@@ -336,8 +336,8 @@ def plausibility_flags(level_name: str, lm: LevelMeasurements) -> list[str]:
         one = len(cut) == 1
         flags.append(
             f"{level_name}: {_names(cut)} {'reaches' if one else 'reach'} the edge of the image: "
-            f"the field of view cuts {'it' if one else 'them'}, so {'its CSA is' if one else 'their CSAs are'} "
-            "too small"
+            f"the field of view cuts {'it' if one else 'them'}, so {'its CSA leaves' if one else 'their CSAs leave'} "
+            "out what lies outside it"
         )
     for pair, pct in lm.asymmetry_pct.items():
         if pct > ASYMMETRY_FLAG_PCT:

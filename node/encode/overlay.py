@@ -42,6 +42,8 @@ _FONT_SIZE = 14
 _SUMMARY_FONT_SIZE = 18
 #: Appended to a muscle CSA whose outline has little contrast to its surroundings (a flag says more).
 LOW_CONTRAST_MARK = "?"
+#: Put before a muscle CSA the field of view cuts (``at_image_edge``): the area is a lower bound.
+CUT_MARK = ">"
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -162,7 +164,8 @@ def summary_tables(result: SeriesResult) -> tuple[list[list[str]], list[list[str
             else:
                 ff = f"{m.fat_fraction_pct:.0f}" if m.fat_fraction_pct is not None else "-"
                 mark = LOW_CONTRAST_MARK if low_contrast(m) is not None else ""
-                cells.append(f"{m.csa_mm2:.0f}{mark} / {ff}")
+                cut = CUT_MARK if m.at_image_edge else ""
+                cells.append(f"{cut}{m.csa_mm2:.0f}{mark} / {ff}")
         muscles.append(cells)
     return grades, muscles
 
@@ -217,8 +220,13 @@ def render_summary(result: SeriesResult) -> Image.Image:
         y += line
     y += line
     muscle_title = "Muscles: CSA mm2 / fat fraction %"
+    legend = []
     if any(LOW_CONTRAST_MARK in cell for row in muscles[1:] for cell in row):
-        muscle_title += f" ({LOW_CONTRAST_MARK}: outline has little contrast, see flags)"
+        legend.append(f"{LOW_CONTRAST_MARK}: outline has little contrast")
+    if any(cell.startswith(CUT_MARK) for row in muscles[1:] for cell in row):
+        legend.append(f"{CUT_MARK}: cut by the field of view")
+    if legend:
+        muscle_title += f" ({', '.join(legend)}, see flags)"
     for table, columns, title in (
         (grades, [12, 200, 280, 400, 500, 620, 730, 850], "Central canal stenosis"),
         (muscles, [12, 200, 335, 470, 605, 740, 875], muscle_title),

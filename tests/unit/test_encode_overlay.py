@@ -115,3 +115,19 @@ def test_a_psoas_area_with_little_outline_contrast_is_marked_in_the_summary() ->
     _, muscles = summary_tables(s.result)
     assert muscles[1][1] == f"901{LOW_CONTRAST_MARK} / 20" and muscles[1][2] == "951 / 20"
     assert render_summary(s.result).size[0] > 0
+
+
+def test_a_muscle_cut_by_the_field_of_view_is_marked_as_a_lower_bound() -> None:
+    import dataclasses
+
+    from node.encode.overlay import CUT_MARK, LOW_CONTRAST_MARK
+
+    s = make_series(levels=("L4-L5", None))
+    level = s.result.levels[0]
+    level.measurements["psoas_left"] = dataclasses.replace(
+        level.measurements["psoas_left"], outline_contrast=0.1, at_image_edge=True
+    )
+    _, muscles = summary_tables(s.result)
+    assert muscles[1][1] == f"{CUT_MARK}901{LOW_CONTRAST_MARK} / 20" and muscles[1][2] == "951 / 20"
+    assert all(not cell.startswith(CUT_MARK) for row in muscles[2:] for cell in row)
+    assert render_summary(s.result).size[0] > 0

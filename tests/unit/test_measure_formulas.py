@@ -279,7 +279,7 @@ def test_a_structure_cut_by_the_field_of_view_is_marked_and_flagged() -> None:
     assert "at_image_edge" not in lm.measurements["dural_sac"].to_dict()
     cut = [f for f in plausibility_flags("L4-L5", lm) if "edge of the image" in f]
     assert cut == ["L4-L5: erector_spinae_left reaches the edge of the image: the field of view cuts it, "
-                   "so its CSA is too small"]
+                   "so its CSA leaves out what lies outside it"]
     labels[1, 10:20, 37:40] = Label.PSOAS_RIGHT  # three structures: listed with commas
     labels[1, 0:2, 20:30] = Label.MULTIFIDUS_LEFT
     cut = [f for f in plausibility_flags("L4-L5", measure_level(images, labels, [0, 1], (1.0, 1.0)))
