@@ -42,7 +42,7 @@ _FONT_SIZE = 14
 _SUMMARY_FONT_SIZE = 18
 #: Appended to a muscle CSA whose outline has little contrast to its surroundings (a flag says more).
 LOW_CONTRAST_MARK = "?"
-#: Put before a muscle CSA the field of view cuts (``at_image_edge``): the area is a lower bound.
+#: Put before a muscle CSA the field of view cuts (``at_image_edge``): its area leaves out what lies outside.
 CUT_MARK = ">"
 
 
