@@ -102,7 +102,7 @@ DEFAULT_VAL_SETS: tuple[StudySet, ...] = (
 )
 #: Seeds the training must never draw from: held-out evaluation (9001, 9002; the geometry
 #: sets 9101-9105 of docs/evaluation.md) and tuning sets (7701-7708).
-RESERVED_SEEDS = frozenset({9001, 9002, 9101, 9102, 9103, 9104, 9105, 7701, 7702, 7703, 7704, 7705, 7706, 7707, 7708, 7709, 7710, 7711, 7712, 7713})
+RESERVED_SEEDS = frozenset({9001, 9002, 9101, 9102, 9103, 9104, 9105, 9106, 9107, 7701, 7702, 7703, 7704, 7705, 7706, 7707, 7708, 7709, 7710, 7711, 7712, 7713})
 
 
 @dataclass(frozen=True)
