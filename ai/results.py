@@ -37,7 +37,7 @@ class StructureMeasurement:
     #: only for :data:`ai.measure.CONTRAST_STRUCTURES`
     outline_contrast: float | None = None
     #: the structure reaches the edge of the image (on any of the level's slices): the field
-    #: of view cuts it, so its area leaves out what lies outside the image
+    #: of view may cut it, and its area would then leave out what lies outside the image
     at_image_edge: bool = False
 
     def to_dict(self) -> dict[str, float | bool]:

@@ -42,7 +42,7 @@ _FONT_SIZE = 14
 _SUMMARY_FONT_SIZE = 18
 #: Appended to a muscle CSA whose outline has little contrast to its surroundings (a flag says more).
 LOW_CONTRAST_MARK = "?"
-#: Put before a muscle CSA the field of view cuts (``at_image_edge``): its area leaves out what lies outside.
+#: Put before a muscle CSA at the edge of the image (``at_image_edge``): the field of view may cut it.
 CUT_MARK = ">"
 
 
@@ -224,7 +224,7 @@ def render_summary(result: SeriesResult) -> Image.Image:
     if any(LOW_CONTRAST_MARK in cell for row in muscles[1:] for cell in row):
         legend.append(f"{LOW_CONTRAST_MARK}: outline has little contrast")
     if any(cell.startswith(CUT_MARK) for row in muscles[1:] for cell in row):
-        legend.append(f"{CUT_MARK}: cut by the field of view")
+        legend.append(f"{CUT_MARK}: at the edge of the image")
     if legend:
         muscle_title += f" ({', '.join(legend)}, see flags)"
     for table, columns, title in (

@@ -265,8 +265,8 @@ def test_per_study_summary_gives_known_dice_and_identity_errors() -> None:
 def test_a_structure_cut_by_the_field_of_view_is_marked_and_flagged() -> None:
     labels = np.zeros((2, 40, 40), np.uint8)
     labels[:, 10:20, 10:20] = Label.DURAL_SAC  # inside on both slices
-    labels[0, 22:30, 3:12] = Label.ERECTOR_SPINAE_LEFT  # 3 mm from the edge on slice 0 ...
-    labels[1, 22:30, 2:12] = Label.ERECTOR_SPINAE_LEFT  # ... 2 mm on slice 1: cut (EDGE_MARGIN_MM)
+    labels[0, 22:30, 2:12] = Label.ERECTOR_SPINAE_LEFT  # 2 pixels from the edge on slice 0 ...
+    labels[1, 22:30, 1:12] = Label.ERECTOR_SPINAE_LEFT  # ... 1 on slice 1: at it (EDGE_MARGIN_PX)
     labels[:, 35:40, :] = Label.SUBCUTANEOUS_FAT  # always cut: not flagged
     images = np.full(labels.shape, 100.0)
     per_slice = [measure_slice(images[k], labels[k], (1.0, 1.0)).values for k in range(2)]
@@ -278,8 +278,8 @@ def test_a_structure_cut_by_the_field_of_view_is_marked_and_flagged() -> None:
     assert lm.measurements["erector_spinae_left"].to_dict()["at_image_edge"] is True
     assert "at_image_edge" not in lm.measurements["dural_sac"].to_dict()
     cut = [f for f in plausibility_flags("L4-L5", lm) if "edge of the image" in f]
-    assert cut == ["L4-L5: erector_spinae_left reaches the edge of the image: the field of view cuts it, "
-                   "so its CSA leaves out what lies outside it"]
+    assert cut == ["L4-L5: erector_spinae_left reaches the edge of the image: the field of view may cut it, "
+                   "and its CSA would then leave out what lies outside it; check on the overlay"]
     labels[1, 10:20, 37:40] = Label.PSOAS_RIGHT  # three structures: listed with commas
     labels[1, 0:2, 20:30] = Label.MULTIFIDUS_LEFT
     cut = [f for f in plausibility_flags("L4-L5", measure_level(images, labels, [0, 1], (1.0, 1.0)))
