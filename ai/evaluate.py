@@ -241,16 +241,14 @@ class SegmentationMetrics:
 
 
 def column_identity_errors(pred: np.ndarray, truth: np.ndarray) -> list[int]:
-    """Slices whose anterior column is mostly disc in one label map and mostly vertebral
-    body in the other (both maps with a column there)."""
+    """Slices where the true disc or vertebral body took the other's identity
+    (:func:`identity_swapped`, as ``swapped_slices`` counts them)."""
     disc, body = STRUCTURES["disc"], STRUCTURES["vertebral_body"]
-    out = []
-    for k in range(len(truth)):
-        td, tb = int(np.isin(truth[k], disc).sum()), int(np.isin(truth[k], body).sum())
-        pd, pb = int(np.isin(pred[k], disc).sum()), int(np.isin(pred[k], body).sum())
-        if td + tb and pd + pb and (td > tb) != (pd > pb):
-            out.append(k)
-    return out
+    return [
+        k for k in range(len(truth))
+        if identity_swapped(np.isin(truth[k], disc), np.isin(pred[k], body))
+        or identity_swapped(np.isin(truth[k], body), np.isin(pred[k], disc))
+    ]
 
 
 def case_summary(case: EvalCase, pred_labels: np.ndarray, n_flags: int) -> dict[str, Any]:

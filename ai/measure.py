@@ -133,6 +133,11 @@ def asymmetry_pct(a: float, b: float) -> float:
     return (big - small) / big * 100.0
 
 
+def _ring_px(pixel_spacing: tuple[float, float]) -> int:
+    """Width of :func:`structure_contrast`'s ring in pixels."""
+    return max(1, int(round(CONTRAST_RING_MM / float(min(pixel_spacing)))))
+
+
 def structure_contrast(image: np.ndarray, mask: np.ndarray, pixel_spacing: tuple[float, float]) -> float:
     """How far a structure's outline is supported by the image: the two-sample
     Kolmogorov-Smirnov distance between the grey levels inside the mask (boundary pixels left
@@ -144,7 +149,7 @@ def structure_contrast(image: np.ndarray, mask: np.ndarray, pixel_spacing: tuple
 
     if not mask.any():
         return float("nan")
-    r = max(1, int(round(CONTRAST_RING_MM / float(min(pixel_spacing)))))
+    r = _ring_px(pixel_spacing)
     rows, cols = np.nonzero(mask)
     r0, r1 = max(int(rows.min()) - r - 1, 0), int(rows.max()) + r + 2
     c0, c1 = max(int(cols.min()) - r - 1, 0), int(cols.max()) + r + 2
@@ -204,10 +209,9 @@ def measure_slice(
                 mean_si = float(vals.mean())
                 ratio = mean_si / fat_ref if fat_ref else None
                 contrast = None
-                if key in CONTRAST_STRUCTURES:
-                    full = np.zeros(labels.shape, dtype=bool)
-                    full[box] = mask
-                    contrast = structure_contrast(image, full, pixel_spacing)
+                if key in CONTRAST_STRUCTURES:  # the box grown by the ring: all it reads
+                    grown = _grow(box, _ring_px(pixel_spacing) + 1, labels.shape)
+                    contrast = structure_contrast(image[grown], np.isin(labels[grown], labs), pixel_spacing)
                 out[key] = StructureMeasurement(csa, fcsa, ff, mean_si, ratio, contrast, at_image_edge=edge)
             else:
                 out[key] = StructureMeasurement(csa, csa, None, None, None, at_image_edge=edge)
@@ -227,6 +231,13 @@ def _box(boxes: list[tuple[slice, slice] | None], labs: Sequence[int]) -> tuple[
     rows = slice(min(b[0].start for b in found), max(b[0].stop for b in found))
     cols = slice(min(b[1].start for b in found), max(b[1].stop for b in found))
     return rows, cols
+
+
+def _grow(box: tuple[slice, slice], margin: int, shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """``box`` widened by ``margin`` pixels on every side, within ``shape``."""
+    rows, cols = box
+    return (slice(max(rows.start - margin, 0), min(rows.stop + margin, shape[0])),
+            slice(max(cols.start - margin, 0), min(cols.stop + margin, shape[1])))
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -221,8 +221,8 @@ class Analyzer:
                 index=k,
                 sop_instance_uid=volume.slice_uids[k],
                 frame_number=int(volume.frame_numbers[k]),
-                level_position=level_of[k].position if k in level_of else None,
-                level=level_of[k].level if k in level_of else None,
+                level_position=owner.position if (owner := level_of.get(k)) else None,
+                level=owner.level if owner else None,
                 measurements=m.values,
             )
             for k, m in enumerate(per_slice)

@@ -30,6 +30,12 @@ LABELS_FILE = "labels.npz"
 MEASUREMENTS_CSV = "measurements.csv"
 SLICE_MEASUREMENTS_CSV = "slice_measurements.csv"
 
+#: Measurement columns shared by both CSV files (:meth:`ai.results.StructureMeasurement.to_dict`).
+MEASUREMENT_COLUMNS: tuple[str, ...] = (
+    "csa_mm2", "fcsa_mm2", "fat_fraction_pct", "mean_si", "si_ratio_to_fat", "outline_contrast",
+    "at_image_edge",
+)
+
 #: Columns of measurements.csv: one row per series, level and structure.
 CSV_COLUMNS: tuple[str, ...] = (
     "series_instance_uid",
@@ -40,13 +46,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "level_confidence",
     "slice_indices",
     "structure",
-    "csa_mm2",
-    "fcsa_mm2",
-    "fat_fraction_pct",
-    "mean_si",
-    "si_ratio_to_fat",
-    "outline_contrast",
-    "at_image_edge",
+    *MEASUREMENT_COLUMNS,
     "asymmetry_pct",
     "kjaer_grade",
     "schizas",
@@ -54,12 +54,6 @@ CSV_COLUMNS: tuple[str, ...] = (
     "dsca_grade",
     "severity",
     "mirror_pass",
-)
-
-#: Measurement columns shared by both CSV files (:meth:`ai.results.StructureMeasurement.to_dict`).
-MEASUREMENT_COLUMNS: tuple[str, ...] = (
-    "csa_mm2", "fcsa_mm2", "fat_fraction_pct", "mean_si", "si_ratio_to_fat", "outline_contrast",
-    "at_image_edge",
 )
 
 #: Columns of slice_measurements.csv: one row per series, slice and structure.
@@ -176,6 +170,7 @@ def _mirror_pass(result: SeriesResult) -> str:
 def slice_csv_rows(result: SeriesResult) -> list[dict[str, Any]]:
     """slice_measurements.csv rows of one series (one per slice and structure)."""
     rows = []
+    mirror_pass = _mirror_pass(result)
     for sl in result.slices:
         for key in STRUCTURES:
             m = sl.measurements.get(key)
@@ -192,7 +187,7 @@ def slice_csv_rows(result: SeriesResult) -> list[dict[str, Any]]:
                 "level_position": "" if sl.level_position is None else sl.level_position,
                 "structure": key,
                 **measurement_cells(m),
-                "mirror_pass": _mirror_pass(result),
+                "mirror_pass": mirror_pass,
             })
     return rows
 
