@@ -53,7 +53,7 @@ import torch
 from ai.card import MAX_LOGIT_OFFSET, ModelCard
 from ai.inference import calibrate_logits, pre_process, predict
 from ai.labels import Label
-from ai.model_grid import SliceGrid, labels_to_model, normalised_grid
+from ai.model_grid import SliceGrid, covered_by_model, labels_to_model, normalised_grid
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def native_samples(logits: torch.Tensor, grid: SliceGrid, stride: int = STRIDE) 
     mr, mc = grid.model_shape
     rows, cols = np.meshgrid(np.arange(0, nr, stride), np.arange(0, nc, stride), indexing="ij")
     ij = grid.native_to_model(np.stack([rows, cols], axis=-1).astype(np.float64))
-    inside = (ij[..., 0] >= 0) & (ij[..., 0] <= mr - 1) & (ij[..., 1] >= 0) & (ij[..., 1] <= mc - 1)
+    inside, ij = covered_by_model(ij, grid.model_shape)
     points = normalised_grid(ij[inside], grid.model_shape).view(1, 1, -1, 2)
     sampled = torch.nn.functional.grid_sample(
         logits[None].float(), points, mode="bilinear", align_corners=True

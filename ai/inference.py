@@ -25,7 +25,7 @@ import torch
 from ai.card import ModelCard, Normalisation
 from ai.labels import MIRRORED, Label
 from ai.model import UNet
-from ai.model_grid import SliceGrid, covering_shape, resample_to_model, slice_grid
+from ai.model_grid import SliceGrid, covered_by_model, covering_shape, resample_to_model, slice_grid
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -314,8 +314,8 @@ def to_native(
     Equivalent to bilinear interpolation of the logits followed by arg-max, computed
     cheaply: where the four model pixels around a native pixel share one arg-max label,
     any convex combination of their logits has that arg-max too, so only native pixels
-    near a label boundary are interpolated. Native pixels outside the model's field of
-    view are background. Grids without in-plane rotation (the usual axial slice) take a
+    near a label boundary are interpolated. Native pixels the model grid does not cover
+    (:func:`~ai.model_grid.covered_by_model`) are background. Grids without in-plane rotation (the usual axial slice) take a
     separable path: model row and column follow from native row and column alone.
     ``model_labels`` is the logits' arg-max over classes when the caller has it already.
     """
@@ -341,11 +341,12 @@ def to_native(
     if inv[0, 1] == 0 and inv[1, 0] == 0:
         fi = inv[0, 0] * dr + mc0[0]
         fj = inv[1, 1] * dc + mc0[1]
-        rows = np.flatnonzero((fi >= 0) & (fi <= mr - 1))
-        cols = np.flatnonzero((fj >= 0) & (fj <= mc - 1))
+        row_in, row_ij = covered_by_model(np.stack([fi, np.zeros_like(fi)], axis=-1), (mr, mc))
+        col_in, col_ij = covered_by_model(np.stack([np.zeros_like(fj), fj], axis=-1), (mr, mc))
+        rows, cols = np.flatnonzero(row_in), np.flatnonzero(col_in)
         if rows.size == 0 or cols.size == 0:
             return out
-        pi, pj = fi[rows], fj[cols]
+        pi, pj = row_ij[rows, 0], col_ij[cols, 1]
         i0 = np.clip(np.floor(pi).astype(np.int64), 0, mr - 1)
         j0 = np.clip(np.floor(pj).astype(np.int64), 0, mc - 1)
         # rows and cols are contiguous runs (fi, fj are linear): plain slices, and
@@ -360,10 +361,10 @@ def to_native(
         return out
     fi = inv[0, 0] * dr[:, None] + inv[0, 1] * dc[None, :] + mc0[0]
     fj = inv[1, 0] * dr[:, None] + inv[1, 1] * dc[None, :] + mc0[1]
-    inside = (fi >= 0) & (fi <= mr - 1) & (fj >= 0) & (fj <= mc - 1)
+    inside, ij = covered_by_model(np.stack([fi, fj], axis=-1), (mr, mc))
     if not inside.any():
         return out
-    pi, pj = fi[inside], fj[inside]
+    pi, pj = ij[inside, 0], ij[inside, 1]
     i0 = np.clip(np.floor(pi).astype(np.int64), 0, mr - 1)
     j0 = np.clip(np.floor(pj).astype(np.int64), 0, mc - 1)
     flat = model_labels[i0, j0]

@@ -147,6 +147,22 @@ def covering_shape(volume: Volume, card: ModelCard) -> tuple[int, int]:
     return (card.input_size[0], max(card.input_size[1], min(cap, rounded)))
 
 
+def covered_by_model(ij: np.ndarray, model_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Which model-grid points ``(..., 2)`` a model pixel covers, and the points clipped onto the
+    pixel centres.
+
+    A model pixel is the square around its centre, so the grid covers ``[-0.5, size - 0.5]``
+    along each axis; a point in the outer half of an edge pixel takes that pixel's value.
+    Counting only ``[0, size - 1]`` lost the outermost native column on each side of a field
+    exactly as wide as the window (320 x 0.7 mm in a 224 mm window), and with it the
+    subcutaneous fat the field cuts there.
+    """
+    mr, mc = model_shape
+    inside = (ij[..., 0] >= -0.5) & (ij[..., 0] <= mr - 0.5) & (ij[..., 1] >= -0.5) & (ij[..., 1] <= mc - 0.5)
+    clipped = np.stack([np.clip(ij[..., 0], 0, mr - 1), np.clip(ij[..., 1], 0, mc - 1)], axis=-1)
+    return inside, clipped
+
+
 def normalised_grid(points_rc: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
     """Pixel (row, col) -> grid_sample (x, y) in [-1, 1] (align_corners=True)."""
     rows, cols = shape
@@ -177,8 +193,10 @@ def resample_to_model(
             img = ndimage.gaussian_filter(img, sigma=sigma, mode="nearest")
     g, inside = _sampling_grid(grid.matrix.tobytes(), grid.native_shape, grid.model_shape)
     t = torch.from_numpy(img)[None, None]
-    out = F.grid_sample(t, g, mode=mode, padding_mode="zeros", align_corners=True)
-    return out[0, 0].numpy(), inside.copy()
+    # bilinear: edge pixels at full value inside the field (see _linear_operator), zero beyond
+    padding = "border" if mode == "bilinear" else "zeros"
+    sampled = F.grid_sample(t, g, mode=mode, padding_mode=padding, align_corners=True)[0, 0].numpy()
+    return np.where(inside, sampled, np.float32(0.0)) if mode == "bilinear" else sampled, inside.copy()
 
 
 def antialias_sigma(grid: SliceGrid) -> tuple[float, float]:
@@ -211,17 +229,23 @@ def _gaussian_operator(n: int, sigma: float) -> np.ndarray:
 
 
 def _linear_operator(positions: np.ndarray, n: int) -> np.ndarray:
-    """``(len(positions), n)`` linear interpolation at ``positions``; zero outside ``[0, n-1]``.
+    """``(len(positions), n)`` linear interpolation at ``positions``; zero outside the field.
 
-    What ``grid_sample(mode="bilinear", padding_mode="zeros", align_corners=True)`` does
-    along one axis.
+    The field is ``[-0.5, n - 0.5]`` (pixels are squares around their centres): a position
+    in the outer half of an edge pixel takes that pixel's whole value. Interpolating
+    towards zero there instead (``grid_sample``'s zero padding) darkened the last model
+    pixel of the field, and the network read the darkened rim as the body's outline: the
+    native edge pixels were never labelled (the subcutaneous fat lost its outermost pixel
+    ring wherever the field cuts it, every slice of every realistic tuning study).
     """
+    in_field = (positions >= -0.5) & (positions <= n - 0.5)
+    positions = np.clip(positions, 0.0, n - 1.0)
     op = np.zeros((len(positions), n))
     lo = np.floor(positions).astype(np.int64)
     frac = positions - lo
     rows = np.arange(len(positions))
     for idx, w in ((lo, 1.0 - frac), (lo + 1, frac)):
-        ok = (idx >= 0) & (idx < n)
+        ok = in_field & (idx < n)
         np.add.at(op, (rows[ok], idx[ok]), w[ok])
     return op
 

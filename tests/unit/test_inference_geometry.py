@@ -90,6 +90,14 @@ def test_crop_and_pad_around_the_centre() -> None:
     sampled, valid = resample_to_model(small, slice_grid(AXIAL, (1.0, 1.0), small.shape, card))
     assert 0.2 < valid.mean() < 0.3
     assert np.allclose(sampled[32, 32], 1.0)
+    # every model pixel inside the field reads the full value, up to its edge (a rim
+    # interpolated towards the zero padding looked like the body's outline to the network)
+    assert np.allclose(sampled[valid], 1.0) and np.allclose(sampled[~valid], 0.0)
+    for shape, spacing in (((37, 41), 0.77), ((90, 70), 1.3)):
+        field = np.ones(shape, np.float32)
+        for orientation in (AXIAL, np.array([0.9848, 0.1736, 0, -0.1736, 0.9848, 0])):  # 10 degrees
+            sampled, valid = resample_to_model(field, slice_grid(orientation, (spacing, spacing), shape, card))
+            assert valid.any() and np.allclose(sampled[valid], 1.0, atol=1e-5)
 
 
 def _volume(pixels: np.ndarray, spacing: float, orientation: np.ndarray = AXIAL) -> Volume:
@@ -174,7 +182,10 @@ def _dense_bilinear_argmax(logits: torch.Tensor, grid: SliceGrid) -> np.ndarray:
     mr, mc = grid.model_shape
     rc = np.stack(np.meshgrid(np.arange(nr, dtype=float), np.arange(nc, dtype=float), indexing="ij"), -1)
     ij = grid.native_to_model(rc)
-    inside = (ij[..., 0] >= 0) & (ij[..., 0] <= mr - 1) & (ij[..., 1] >= 0) & (ij[..., 1] <= mc - 1)
+    # a model pixel covers the square around its centre: points in the outer half of an
+    # edge pixel take its value, points further out are background
+    inside = (ij[..., 0] >= -0.5) & (ij[..., 0] <= mr - 0.5) & (ij[..., 1] >= -0.5) & (ij[..., 1] <= mc - 0.5)
+    ij = np.stack([np.clip(ij[..., 0], 0, mr - 1), np.clip(ij[..., 1], 0, mc - 1)], -1)
     g = torch.from_numpy(np.stack([ij[..., 1] / (mc - 1) * 2 - 1, ij[..., 0] / (mr - 1) * 2 - 1], -1)).float()
     up = torch.nn.functional.grid_sample(logits[None].float(), g[None], mode="bilinear", align_corners=True)[0]
     out = up.argmax(0).numpy().astype(np.uint8)
@@ -195,6 +206,24 @@ def test_to_native_equals_dense_bilinear_argmax_with_and_without_rotation() -> N
         want = _dense_bilinear_argmax(logits, grid)
         # float rounding may flip a pixel exactly on a tie; nothing more
         assert (got != want).mean() < 1e-3, (shape, float((got != want).mean()))
+
+
+def test_a_field_as_wide_as_the_window_keeps_its_edge_pixels() -> None:
+    """320 x 0.7 mm is the card's 224 mm: the outermost native pixel centres lie 0.15 model
+    pixels beyond the outermost model pixel centres, inside those pixels' squares."""
+    card = _card(spacing=1.0, size=224)
+    grid = slice_grid(AXIAL, (0.7, 0.7), (320, 320), card)
+    edge = grid.native_to_model(np.array([[0.0, 0.0], [319.0, 319.0]]))
+    assert np.allclose(edge, [[-0.15, -0.15], [223.15, 223.15]])
+    fat = torch.zeros(NUM_CLASSES, 224, 224)
+    fat[Label.SUBCUTANEOUS_FAT] = 1.0
+    assert (to_native(fat, grid) == Label.SUBCUTANEOUS_FAT).all()
+    # a field wider than the window: only the pixels it covers are labelled
+    wide = slice_grid(AXIAL, (0.7, 0.7), (400, 400), card)
+    got = to_native(fat, wide)
+    covered = np.zeros(got.shape, bool)
+    covered[40:360, 40:360] = True  # (k - 199.5) * 0.7 + 111.5 within [-0.5, 223.5]
+    assert (got[covered] == Label.SUBCUTANEOUS_FAT).all() and (got[~covered] == 0).all()
 
 
 def test_folded_batchnorm_gives_the_same_logits() -> None:
@@ -230,7 +259,8 @@ def test_precision_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _filter_then_grid_sample(image: np.ndarray, grid: SliceGrid) -> np.ndarray:
-    """The reference pre-processing: scipy Gaussian low-pass, then bilinear grid_sample."""
+    """The reference pre-processing: scipy Gaussian low-pass, then bilinear grid_sample
+    (edge values held out to the field's border, zero beyond it)."""
     from scipy import ndimage
 
     sigma = antialias_sigma(grid)
@@ -244,9 +274,11 @@ def _filter_then_grid_sample(image: np.ndarray, grid: SliceGrid) -> np.ndarray:
     gy = rc[..., 0] / (grid.native_shape[0] - 1) * 2 - 1
     g = torch.from_numpy(np.stack([gx, gy], -1).astype(np.float32))[None]
     out = torch.nn.functional.grid_sample(
-        torch.from_numpy(img)[None, None], g, mode="bilinear", padding_mode="zeros", align_corners=True
+        torch.from_numpy(img)[None, None], g, mode="bilinear", padding_mode="border", align_corners=True
     )
-    return out[0, 0].numpy()
+    rows, cols = grid.native_shape
+    inside = (rc[..., 0] >= -0.5) & (rc[..., 0] <= rows - 0.5) & (rc[..., 1] >= -0.5) & (rc[..., 1] <= cols - 0.5)
+    return np.where(inside, out[0, 0].numpy(), 0.0)
 
 
 @pytest.mark.parametrize(
