@@ -32,7 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from conftest import free_port, free_ports
+
+try:  # under pytest: the tests folder is on sys.path
+    from conftest import free_port, free_ports
+except ModuleNotFoundError:  # imported by bench/ (python -m bench.run) from the repository root
+    from tests.conftest import free_port, free_ports
 
 logger = logging.getLogger(__name__)
 
