@@ -3,15 +3,35 @@
 Each module that keeps state owns its tables and passes its DDL to
 :meth:`Database.ensure_schema` at start-up (``CREATE TABLE IF NOT EXISTS ...``), so the
 schema of a table lives next to the code that uses it.
+
+Writers of one process queue on a lock of their own instead of on SQLite's: a connection
+that finds the database locked sleeps in SQLite's busy handler (1, 2, 5 ... 100 ms steps)
+and is not woken when the lock frees, which gave 8 concurrent C-STORE handlers a p99 of
+200-450 ms for a 2.5 ms store. Small writes that many threads make at once (the receiver's
+index rows) share one transaction and one fsync (:meth:`Database.write_grouped`).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Write(Generic[T]):
+    """One caller's work in a grouped transaction, and what came of it."""
+
+    work: Callable[[sqlite3.Connection], T]
+    result: T | None = None
+    error: BaseException | None = None
+    done: bool = False
 
 
 class Database:
@@ -30,6 +50,13 @@ class Database:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        #: held by this process's writer for a whole transaction (see the module docstring)
+        self._write_lock = threading.RLock()
+        self._queue_lock = threading.Lock()
+        self._queued: list[_Write[Any]] = []
+        #: transactions :meth:`write_grouped` committed, and the writes they held
+        self.grouped_transactions = 0
+        self.grouped_writes = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self.connection()
         conn.execute("PRAGMA journal_mode=WAL")
@@ -57,14 +84,64 @@ class Database:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction: committed (durably) on normal exit, rolled back on error."""
         conn = self.connection()
-        conn.execute("BEGIN IMMEDIATE")
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
+
+    def write_grouped(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work(conn)`` in a write transaction shared with concurrent callers.
+
+        Group commit: the caller that gets the write lock commits every write queued by
+        then in one transaction (one fsync), each inside its own savepoint, so a write that
+        raises is rolled back alone and its caller gets the exception. Returns ``work``'s
+        result once the transaction holding it is durable; a failed commit (disk full, I/O
+        error) raises in every caller whose write it held. ``work`` runs on whichever
+        thread commits: it must use only the connection it is given.
+        """
+        write: _Write[T] = _Write(work)
+        with self._queue_lock:
+            self._queued.append(write)
+        with self._write_lock:
+            if not write.done:
+                with self._queue_lock:
+                    batch, self._queued = self._queued, []
+                self._commit(batch)
+        if write.error is not None:
+            raise write.error
+        return write.result  # type: ignore[return-value]
+
+    def _commit(self, batch: list[_Write[Any]]) -> None:
+        conn = self.connection()
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
+            conn.execute("BEGIN IMMEDIATE")
+            for write in batch:
+                conn.execute("SAVEPOINT grouped_write")
+                try:
+                    write.result = write.work(conn)
+                except Exception as exc:  # noqa: BLE001 - handed to the write's own caller
+                    conn.execute("ROLLBACK TO grouped_write")
+                    write.error = exc
+                conn.execute("RELEASE grouped_write")
             conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for write in batch:
+                if write.error is None:
+                    write.result, write.error = None, exc
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            for write in batch:
+                write.done = True
+            self.grouped_transactions += 1
+            self.grouped_writes += len(batch)
 
     def execute(
         self, sql: str, params: tuple[object, ...] | dict[str, object] = ()

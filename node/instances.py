@@ -316,14 +316,12 @@ def _record(row: Any) -> InstanceRecord:
 
 
 def insert_instance(db: Database, record: InstanceRecord) -> bool:
-    """Index ``record`` in one durable transaction; False if the UID was already there."""
+    """Index ``record`` durably (committed together with concurrent receivers' rows:
+    :meth:`~node.db.Database.write_grouped`); False if the UID was already there."""
     placeholders = ",".join("?" for _ in _COLUMNS)
-    with db.transaction() as conn:
-        cursor = conn.execute(
-            f"INSERT OR IGNORE INTO instances ({','.join(_COLUMNS)}) VALUES ({placeholders})",  # noqa: S608
-            record.to_row(),
-        )
-        return cursor.rowcount == 1
+    sql = f"INSERT OR IGNORE INTO instances ({','.join(_COLUMNS)}) VALUES ({placeholders})"  # noqa: S608
+    row = record.to_row()
+    return db.write_grouped(lambda conn: conn.execute(sql, row).rowcount == 1)
 
 
 def get_instance(db: Database, sop_instance_uid: str) -> InstanceRecord | None:
