@@ -40,13 +40,13 @@ def measure(associations: int, per_association: int, workdir: Path, rows: int = 
         node.stop()
     conn = sqlite3.connect(node.state_dir / "index.sqlite")
     try:
-        rows_found = conn.execute("SELECT path, sha256 FROM instances").fetchall()
+        rows_found = conn.execute("SELECT path, sha256, size_bytes, sop_instance_uid FROM instances").fetchall()
     finally:
         conn.close()
-    intact = sum(
-        1 for path, digest in rows_found
-        if hashlib.sha256((node.state_dir / path).read_bytes()).hexdigest() == digest
-    )
+    not_intact = [
+        problem for problem in (_check(node.state_dir, *row) for row in rows_found) if problem is not None
+    ]
+    intact = len(rows_found) - len(not_intact)
     total = associations * per_association
     return {
         "associations": associations,
@@ -61,7 +61,19 @@ def measure(associations: int, per_association: int, workdir: Path, rows: int = 
         "p99_ms": _round(harness.percentile(sent.latencies_ms, 99)),
         "max_ms": _round(max(sent.latencies_ms) if sent.latencies_ms else None),
         "errors": sent.errors[:3],
+        "not_intact": not_intact[:5],
     }
+
+
+def _check(state_dir: Path, path: str, digest: str, size: int, sop_uid: str) -> str | None:
+    """None when the indexed file is there with the indexed bytes, else what is wrong."""
+    try:
+        data = (state_dir / path).read_bytes()
+    except OSError as exc:
+        return f"{sop_uid}: {path}: {exc.strerror}"
+    if hashlib.sha256(data).hexdigest() != digest:
+        return f"{sop_uid}: {path}: {len(data)} bytes, {size} indexed, SHA-256 differs"
+    return None
 
 
 def _round(value: float | None) -> float | None:
