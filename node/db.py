@@ -13,6 +13,7 @@ index rows) share one transaction and one fsync (:meth:`Database.write_grouped`)
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -125,16 +128,23 @@ class Database:
                 try:
                     write.result = write.work(conn)
                 except Exception as exc:  # noqa: BLE001 - handed to the write's own caller
-                    conn.execute("ROLLBACK TO grouped_write")
                     write.error = exc
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back (disk full, I/O error):
+                        # the cause is every write's, so that each caller cleans up as its own
+                        raise
+                    conn.execute("ROLLBACK TO grouped_write")
                 conn.execute("RELEASE grouped_write")
             conn.execute("COMMIT")
         except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            for write in batch:
+            for write in batch:  # nothing of the batch is committed: no caller may see success
                 if write.error is None:
                     write.result, write.error = None, exc
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                logger.exception("rollback of a failed grouped transaction failed")
             if not isinstance(exc, Exception):
                 raise
         finally:

@@ -85,6 +85,22 @@ def test_a_failing_write_is_rolled_back_alone_and_raises_in_its_own_caller(db: D
     assert _rows(db.path) == {"x": 1, "y": 2}  # nothing of the failed write, not even its first row
 
 
+def test_a_write_that_ends_the_transaction_fails_the_whole_batch_with_its_cause(db: Database) -> None:
+    """SQLite rolls the whole transaction back on some errors (disk full, I/O error): every
+    write of the batch failed for that cause, and each caller must see it (the receiver
+    removes its file and answers out-of-resources only for a full disk)."""
+
+    def disk_full(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t VALUES ('full', 1)")
+        conn.execute("ROLLBACK")  # what SQLite does by itself on SQLITE_FULL
+        raise sqlite3.OperationalError("database or disk is full")
+
+    outcomes = _queue_while_locked(db, {"x": _insert("x", 1), "full": disk_full, "y": _insert("y", 2)})
+    assert all(isinstance(o, sqlite3.OperationalError) and "disk is full" in str(o) for o in outcomes.values()), outcomes
+    assert _rows(db.path) == {}
+    assert db.write_grouped(_insert("z", 1)) is True  # the connection is usable again
+
+
 def test_a_failed_commit_raises_in_every_caller_and_stores_nothing(db: Database) -> None:
     outside = sqlite3.connect(db.path, timeout=0.05)
     outside.execute("BEGIN EXCLUSIVE")  # another process holds the database
