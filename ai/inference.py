@@ -25,7 +25,14 @@ import torch
 from ai.card import ModelCard, Normalisation
 from ai.labels import MIRRORED, Label
 from ai.model import UNet
-from ai.model_grid import SliceGrid, covered_by_model, covering_shape, resample_to_model, slice_grid
+from ai.model_grid import (
+    SliceGrid,
+    covered_along,
+    covered_by_model,
+    covering_shape,
+    resample_to_model,
+    slice_grid,
+)
 from ai.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -315,8 +322,8 @@ def to_native(
     cheaply: where the four model pixels around a native pixel share one arg-max label,
     any convex combination of their logits has that arg-max too, so only native pixels
     near a label boundary are interpolated. Native pixels the model grid does not cover
-    (:func:`~ai.model_grid.covered_by_model`) are background. Grids without in-plane rotation (the usual axial slice) take a
-    separable path: model row and column follow from native row and column alone.
+    (:func:`~ai.model_grid.covered_along`) are background. Grids without in-plane rotation
+    (the usual axial slice) take a separable path: model row and column follow from native row and column alone.
     ``model_labels`` is the logits' arg-max over classes when the caller has it already.
     """
     nr, nc = grid.native_shape
@@ -341,12 +348,12 @@ def to_native(
     if inv[0, 1] == 0 and inv[1, 0] == 0:
         fi = inv[0, 0] * dr + mc0[0]
         fj = inv[1, 1] * dc + mc0[1]
-        row_in, row_ij = covered_by_model(np.stack([fi, np.zeros_like(fi)], axis=-1), (mr, mc))
-        col_in, col_ij = covered_by_model(np.stack([np.zeros_like(fj), fj], axis=-1), (mr, mc))
+        row_in, fi = covered_along(fi, mr)
+        col_in, fj = covered_along(fj, mc)
         rows, cols = np.flatnonzero(row_in), np.flatnonzero(col_in)
         if rows.size == 0 or cols.size == 0:
             return out
-        pi, pj = row_ij[rows, 0], col_ij[cols, 1]
+        pi, pj = fi[rows], fj[cols]
         i0 = np.clip(np.floor(pi).astype(np.int64), 0, mr - 1)
         j0 = np.clip(np.floor(pj).astype(np.int64), 0, mc - 1)
         # rows and cols are contiguous runs (fi, fj are linear): plain slices, and

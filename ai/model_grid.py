@@ -147,20 +147,25 @@ def covering_shape(volume: Volume, card: ModelCard) -> tuple[int, int]:
     return (card.input_size[0], max(card.input_size[1], min(cap, rounded)))
 
 
-def covered_by_model(ij: np.ndarray, model_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Which model-grid points ``(..., 2)`` a model pixel covers, and the points clipped onto the
-    pixel centres.
+def covered_along(positions: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which positions along one axis of ``n`` pixels the pixels cover, and the positions
+    clipped onto the pixel centres ``[0, n - 1]``.
 
-    A model pixel is the square around its centre, so the grid covers ``[-0.5, size - 0.5]``
-    along each axis; a point in the outer half of an edge pixel takes that pixel's value.
-    Counting only ``[0, size - 1]`` lost the outermost native column on each side of a field
-    exactly as wide as the window (320 x 0.7 mm in a 224 mm window), and with it the
-    subcutaneous fat the field cuts there.
+    A pixel is the square around its centre, so the axis is covered over ``[-0.5, n - 0.5]``;
+    a position in the outer half of an edge pixel takes that pixel's value. Counting only
+    ``[0, n - 1]`` on the way back from the model grid lost the outermost native column on
+    each side of a field exactly as wide as the window (320 x 0.7 mm in a 224 mm window), and
+    with it the subcutaneous fat the field cuts there; interpolating towards the zero padding
+    there on the way in darkened the field's last model pixel.
     """
-    mr, mc = model_shape
-    inside = (ij[..., 0] >= -0.5) & (ij[..., 0] <= mr - 0.5) & (ij[..., 1] >= -0.5) & (ij[..., 1] <= mc - 0.5)
-    clipped = np.stack([np.clip(ij[..., 0], 0, mr - 1), np.clip(ij[..., 1], 0, mc - 1)], axis=-1)
-    return inside, clipped
+    return (positions >= -0.5) & (positions <= n - 0.5), np.clip(positions, 0.0, n - 1.0)
+
+
+def covered_by_model(ij: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`covered_along` for points ``(..., 2)`` (row, col) on a grid of ``shape`` pixels."""
+    rows_in, rows = covered_along(ij[..., 0], shape[0])
+    cols_in, cols = covered_along(ij[..., 1], shape[1])
+    return rows_in & cols_in, np.stack([rows, cols], axis=-1)
 
 
 def normalised_grid(points_rc: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
@@ -229,17 +234,9 @@ def _gaussian_operator(n: int, sigma: float) -> np.ndarray:
 
 
 def _linear_operator(positions: np.ndarray, n: int) -> np.ndarray:
-    """``(len(positions), n)`` linear interpolation at ``positions``; zero outside the field.
-
-    The field is ``[-0.5, n - 0.5]`` (pixels are squares around their centres): a position
-    in the outer half of an edge pixel takes that pixel's whole value. Interpolating
-    towards zero there instead (``grid_sample``'s zero padding) darkened the last model
-    pixel of the field, and the network read the darkened rim as the body's outline: the
-    native edge pixels were never labelled (the subcutaneous fat lost its outermost pixel
-    ring wherever the field cuts it, every slice of every realistic tuning study).
-    """
-    in_field = (positions >= -0.5) & (positions <= n - 0.5)
-    positions = np.clip(positions, 0.0, n - 1.0)
+    """``(len(positions), n)`` linear interpolation at ``positions``; zero outside the field
+    (:func:`covered_along`: the outer half of an edge pixel takes that pixel's whole value)."""
+    in_field, positions = covered_along(positions, n)
     op = np.zeros((len(positions), n))
     lo = np.floor(positions).astype(np.int64)
     frac = positions - lo
@@ -295,8 +292,7 @@ def _sampling_grid(
     mr, mc = model_shape
     ii, jj = np.meshgrid(np.arange(mr, dtype=np.float64), np.arange(mc, dtype=np.float64), indexing="ij")
     rc = grid.model_to_native(np.stack([ii, jj], axis=-1))
-    nr, nc = native_shape
-    inside = (rc[..., 0] >= -0.5) & (rc[..., 0] <= nr - 0.5) & (rc[..., 1] >= -0.5) & (rc[..., 1] <= nc - 0.5)
+    inside, _ = covered_by_model(rc, native_shape)  # the native field, by the same rule
     return normalised_grid(rc, native_shape)[None], inside
 
 

@@ -15,7 +15,7 @@ truth), weight 1 on coarse or true column pixels, 0.1 elsewhere. Augmentation: r
 scale, mirror, centre shift, reversed slice order, gamma, noise.
 
 Validation: held-out studies (:attr:`ColumnTrainConfig.val_sets`, seeds never used by the
-evaluation (9001/9002, 9101-9105) or tuning (7701-7708) sets) through the node's own
+evaluation (9001/9002, 9101-9107) or tuning (7701-7713) sets) through the node's own
 :meth:`ai.column_refine.ColumnRefiner.refine` (``min_share`` rule included): disc and
 vertebral-body Dice before / after. ``OUT/best`` keeps the best mean of the two.
 
@@ -101,7 +101,7 @@ DEFAULT_VAL_SETS: tuple[StudySet, ...] = (
     (5302, 8, "realistic", 320, 0.7),
 )
 #: Seeds the training must never draw from: held-out evaluation (9001, 9002; the geometry
-#: sets 9101-9105 of docs/evaluation.md) and tuning sets (7701-7708).
+#: sets 9101-9107 of docs/evaluation.md) and tuning sets (7701-7713).
 RESERVED_SEEDS = frozenset({9001, 9002, 9101, 9102, 9103, 9104, 9105, 9106, 9107, 7701, 7702, 7703, 7704, 7705, 7706, 7707, 7708, 7709, 7710, 7711, 7712, 7713})
 
 

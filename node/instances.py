@@ -81,6 +81,11 @@ _COLUMNS = (
     "modality",
     "meta",
 )
+#: the C-STORE handler's one write, built once
+_INSERT_SQL = (
+    f"INSERT OR IGNORE INTO instances ({','.join(_COLUMNS)}) "  # noqa: S608 - fixed column names
+    f"VALUES ({','.join('?' for _ in _COLUMNS)})"
+)
 
 _INT_KEYS = (
     "AcquisitionNumber",
@@ -318,10 +323,8 @@ def _record(row: Any) -> InstanceRecord:
 def insert_instance(db: Database, record: InstanceRecord) -> bool:
     """Index ``record`` durably (committed together with concurrent receivers' rows:
     :meth:`~node.db.Database.write_grouped`); False if the UID was already there."""
-    placeholders = ",".join("?" for _ in _COLUMNS)
-    sql = f"INSERT OR IGNORE INTO instances ({','.join(_COLUMNS)}) VALUES ({placeholders})"  # noqa: S608
     row = record.to_row()
-    return db.write_grouped(lambda conn: conn.execute(sql, row).rowcount == 1)
+    return db.write_grouped(lambda conn: conn.execute(_INSERT_SQL, row).rowcount == 1)
 
 
 def get_instance(db: Database, sop_instance_uid: str) -> InstanceRecord | None:
