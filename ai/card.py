@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ai.errors import InputError
 from ai.labels import Label
 from ai.model import UNet, UNetConfig
 
@@ -34,7 +35,7 @@ MAX_WEIGHTS_BYTES = 20 * 1024 * 1024
 MAX_LOGIT_OFFSET = 5.0
 
 
-class CardError(ValueError):
+class CardError(InputError):
     """The model card is invalid or does not match its weights."""
 
 

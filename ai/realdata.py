@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ai.card import ModelCard
+from ai.errors import InputError
 from ai.evaluate import EvalCase
 from ai.inference import pre_process_slice
 from ai.labels import DISPLAY_NAMES, NUM_CLASSES, Label
@@ -46,7 +47,7 @@ _LPS = np.diag([-1.0, -1.0, 1.0])
 VolumeLoader = Callable[[list[Path]], tuple[Volume, list[Any]]]
 
 
-class RealDataError(ValueError):
+class RealDataError(InputError):
     """A case folder does not follow the documented format (the message says why)."""
 
 

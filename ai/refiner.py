@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ai.card import sha256_file
+from ai.errors import InputError
 from ai.model import UNet, UNetConfig, fold_batchnorm
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
-class RefinerCardError(ValueError):
+class RefinerCardError(InputError):
     """A refiner card is invalid or does not match its weights (each stage subclasses it)."""
 
 

@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
+from ai.errors import InputError
 from node import __version__
+from node.errors import NodeError
+
+#: Exit status when a command cannot do its work with the input it was given (a path that
+#: does not exist, a file where a folder was expected, a weights folder without its card).
+EXIT_INPUT = 2
+#: Set to 1 to get the traceback of such an error instead of the one-line message.
+TRACEBACK_ENV = "LUMBAR_NODE_TRACEBACK"
 
 #: sub-command -> (module under node.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -68,7 +77,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner = getattr(module, f"run_{args._command.replace('-', '_')}", None)
     if runner is None:
         runner = module.run
-    return int(runner(args))
+    try:
+        return int(runner(args))
+    except (NodeError, InputError, OSError) as exc:
+        # What the user can act on (their paths, permissions, the node's own refusals) is
+        # one line naming the problem; a traceback would bury it. Bugs still raise.
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        print(f"lumbar-node {args._command}: error: {describe_error(exc)}", file=sys.stderr)
+        return EXIT_INPUT
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for ``exc``: an OS error's reason and the path it concerns, else its message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+        return f"{exc.strerror}: {' -> '.join(paths)}" if paths else exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 if __name__ == "__main__":
