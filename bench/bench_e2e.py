@@ -186,7 +186,6 @@ def run(budget_s: float = 140.0) -> dict[str, Any]:
                 work / "node",
                 {
                     "series": {"quiet_seconds": QUIET_S},
-                    "routing": {"max_axial_tilt_deg": 30.0},
                     "ai": {"device": "cpu"},
                     "export": {"retry_initial_s": 1.0, "retry_max_s": 2.0},
                     "destinations": [{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}],

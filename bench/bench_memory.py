@@ -85,7 +85,7 @@ def run(budget_s: float = 90.0) -> dict[str, Any]:
         with harness.isolated_network():
             node = harness.NodeProcess(
                 work / "node",
-                {"series": {"quiet_seconds": QUIET_S}, "routing": {"max_axial_tilt_deg": 30.0}, "ai": {"device": "cpu"}},
+                {"series": {"quiet_seconds": QUIET_S}, "ai": {"device": "cpu"}},
             )
             node.start()
             try:

@@ -172,7 +172,9 @@ class RoutingSection:
     """``[routing]``: which complete series are analysed (angles in degrees)."""
 
     modalities: tuple[str, ...] = ("MR",)
-    max_axial_tilt_deg: float = 20.0
+    #: 30: blocks planned parallel to the L5-S1 disc are often tilted 20-30 degrees, and a
+    #: coronal or sagittal plane is at 90 (see docs/pipeline.md, Routing)
+    max_axial_tilt_deg: float = 30.0
     min_slices: int = 3
     body_parts: tuple[str, ...] = DEFAULT_BODY_PARTS
     description_keywords: tuple[str, ...] = DEFAULT_DESCRIPTION_KEYWORDS

@@ -4,7 +4,10 @@ Files and folders (recursively) are grouped into series by Series Instance UID; 
 image series goes through the same path as in the node (``node.volume_io.load_volume``
 -> ``ai.pipeline.Analyzer`` -> ``node.results_io``) and gets ``DIR/<series uid>/``
 with ``results.json`` and ``labels.npz``; ``DIR/measurements.csv`` collects every series'
-level measurements, ``DIR/slice_measurements.csv`` every slice's.
+level measurements, ``DIR/slice_measurements.csv`` every slice's. A series whose slices are
+not axial within ``--max-tilt`` (the node's ``[routing] max_axial_tilt_deg``, by the same rule:
+:func:`node.routing.check_axial`) is skipped with the reason; the other routing rules (body
+part, modality) are the node's business, not a researcher's folder's.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from node.commands.analysis_options import add_analysis_options, analysis_options
+from node.config import RoutingSection
+from node.routing import check_axial
 
 logger = logging.getLogger(__name__)
 
-#: Smallest |cos| between a slice normal and patient z for an axial (tilted blocks ok) slice.
-AXIAL_MIN_COS = 0.7
+#: Exit status when every series found was skipped (none analysed, none failed).
+EXIT_NOTHING_ANALYSED = 2
 
 #: SOP classes that are never analysed (our own outputs, reports, presentation states).
 NON_IMAGE_SOP_PREFIXES: tuple[str, ...] = (
@@ -38,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--weights", type=Path, default=None, help="weights folder (default: shipped)"
+    )
+    parser.add_argument(
+        "--max-tilt",
+        type=float,
+        default=RoutingSection().max_axial_tilt_deg,
+        help="largest angle (degrees) between a slice normal and the patient axial axis; "
+        "steeper series are skipped (default: the node's [routing] max_axial_tilt_deg)",
     )
     add_analysis_options(parser)
 
@@ -76,16 +86,12 @@ def group_series(files: Sequence[Path]) -> dict[str, list[Path]]:
     return series
 
 
-def is_axial(normals: np.ndarray) -> bool:
-    """True when every slice normal is within ~45 degrees of the patient's z axis."""
-    return bool(np.all(np.abs(normals[:, 2]) >= AXIAL_MIN_COS))
-
-
 def safe_dirname(uid: str) -> str:
     return "".join(ch if ch.isalnum() or ch in ".-_" else "_" for ch in uid)
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
     from rich.progress import Progress
 
     from ai.pipeline import Analyzer
@@ -114,20 +120,24 @@ def run(args: argparse.Namespace) -> int:
     csv_path, slice_csv_path = args.out / MEASUREMENTS_CSV, args.out / SLICE_MEASUREMENTS_CSV
     for path in (csv_path, slice_csv_path):
         path.unlink(missing_ok=True)
-    failures = 0
-    with Progress(transient=False) as progress:
+    failures = skipped = 0
+    # one line per series whatever the terminal width; messages printed as they are (no markup)
+    console = Console(soft_wrap=True, markup=False, highlight=False)
+    with Progress(transient=False, console=console) as progress:
         task = progress.add_task("analysing", total=len(series))
         for uid, paths in series.items():
             try:
                 volume, _datasets = load_volume(paths)
-                if not is_axial(volume.normals()):
-                    progress.console.print(f"series {uid}: not axial, skipped")
+                not_axial, _tilt = check_axial(volume.orientations.tolist(), args.max_tilt)
+                if not_axial is not None:
+                    skipped += 1
+                    progress.console.print(f"series {uid}: skipped, {not_axial}")
                     progress.advance(task)
                     continue
                 result = analyzer.analyze(volume)
             except (InvalidInstance, ValueError) as exc:
                 failures += 1
-                progress.console.print(f"[red]series {uid}: {exc}")
+                progress.console.print(f"series {uid}: failed, {exc}", style="red")
                 progress.advance(task)
                 continue
             write_results(
@@ -143,5 +153,11 @@ def run(args: argparse.Namespace) -> int:
                 f"series {uid}: {volume.n_slices} slices, {names}, {len(result.flags)} flags"
             )
             progress.advance(task)
-    print(f"{len(series) - failures}/{len(series)} series analysed; results in {args.out}")
-    return 1 if failures else 0
+    analysed = len(series) - failures - skipped
+    print(
+        f"{analysed} of {len(series)} series analysed, {skipped} skipped, {failures} failed; "
+        f"results in {args.out}"
+    )
+    if failures:
+        return 1
+    return 0 if analysed else EXIT_NOTHING_ANALYSED

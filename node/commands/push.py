@@ -78,7 +78,11 @@ def collect(paths: Sequence[Path], report: PushReport) -> list[PushItem]:
             meta = read_file_meta_info(path)
             sop_class = str(meta.MediaStorageSOPClassUID)
             syntax = str(meta.TransferSyntaxUID)
-        except (InvalidDicomError, OSError, AttributeError, ValueError, EOFError) as exc:
+        except OSError as exc:  # missing, unreadable: say so, not "not DICOM"
+            reason = f"cannot read: {exc.strerror or exc}"
+            (report.failed if explicit else report.skipped).append((path, reason))
+            continue
+        except (InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
             reason = f"not a DICOM file ({type(exc).__name__})"
             (report.failed if explicit else report.skipped).append((path, reason))
             continue
@@ -119,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
 
     _config.STORE_SEND_CHUNKED_DATASET = True
     use_race_free_requestors()
-    console = Console(stderr=True)
+    # one line per file whatever the terminal width, and paths printed as they are (no markup)
+    console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
     report = PushReport()
     items = collect(args.paths, report)
     peer = args.to
@@ -195,6 +200,6 @@ def _print_last(console: object, report: PushReport, path: Path) -> None:
 
     assert isinstance(console, Console)
     if report.sent and report.sent[-1] == path:
-        console.print(f"OK      {path}", highlight=False)
+        console.print(f"OK      {path}")
     elif report.failed and report.failed[-1][0] == path:
-        console.print(f"FAILED  {path}: {report.failed[-1][1]}", highlight=False)
+        console.print(f"FAILED  {path}: {report.failed[-1][1]}")

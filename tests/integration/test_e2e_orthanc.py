@@ -210,8 +210,6 @@ def start_node(node_factory: Callable[..., Any], destination: dict[str, Any], **
     return node_factory(
         destinations=[destination],
         series={"quiet_seconds": 2.0},
-        # the phantom tilts its L5-S1 block like real protocols do (about 20-25 degrees)
-        routing={"max_axial_tilt_deg": 30.0},
         export={"retry_initial_s": 1.0, "retry_max_s": 3.0, "retry_horizon_h": 0.5, **sections.pop("export", {})},
         **sections,
     )

@@ -130,13 +130,17 @@ def test_push_reports_failures_and_skips(node: NodeProcess, tmp_path: Path) -> N
     (folder / "README.txt").write_text("not DICOM")
     notdicom = tmp_path / "explicit.txt"
     notdicom.write_text("nope")
+    missing = tmp_path / "missing.dcm"
     push = subprocess.run(
-        [*node_command(), "push", str(folder), str(notdicom), "--to", f"{node.ae_title}@127.0.0.1:{node.port}"],
+        [*node_command(), "push", str(folder), str(notdicom), str(missing),
+         "--to", f"{node.ae_title}@127.0.0.1:{node.port}"],
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert push.returncode == 1
-    assert "pushed 2 file(s)" in push.stdout and "1 failed, 1 skipped" in push.stdout
+    assert "pushed 2 file(s)" in push.stdout and "2 failed, 1 skipped" in push.stdout
     assert "SKIPPED" in push.stderr and "README.txt" in push.stderr
+    assert f"{notdicom}: not a DICOM file" in push.stderr
+    assert f"{missing}: cannot read: No such file or directory" in push.stderr
 
 
 def test_compressed_transfer_syntaxes_are_stored_as_sent_and_decodable(node: NodeProcess, tmp_path: Path) -> None:

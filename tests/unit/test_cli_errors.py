@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
 from node import cli
+from node.commands import analyze
 from tests.conftest import write_mr_series
 
 
@@ -45,11 +47,28 @@ def test_the_traceback_on_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_bug_is_not_dressed_as_an_input_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from node.commands import analyze
-
     def broken(files: object) -> object:
         raise KeyError("a bug")
 
     monkeypatch.setattr(analyze, "collect_files", broken)
     with pytest.raises(KeyError):
         cli.main(["analyze", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize(("tilt_deg", "analysed"), [(25.0, True), (40.0, False)])
+def test_analyze_skips_what_the_node_would_not_call_axial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tilt_deg: float, analysed: bool
+) -> None:
+    """Offline and in the node one rule decides axial: a 25 degree L5-S1 block is analysed,
+    a 40 degree oblique is skipped with the reason, and a run that analysed nothing says so."""
+    t = math.radians(tilt_deg)
+    series = write_mr_series(tmp_path / "series", 3, orientation=(1, 0, 0, 0, math.cos(t), -math.sin(t)))
+    rc = cli.main(["analyze", str(series[0].parent), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    if analysed:
+        assert rc == 0 and "1 of 1 series analysed, 0 skipped, 0 failed" in out
+        assert len(list((tmp_path / "out").glob("*/results.json"))) == 1
+    else:
+        assert rc == analyze.EXIT_NOTHING_ANALYSED
+        assert f"not axial: slice normal {tilt_deg:.1f} deg" in " ".join(out.split())
+        assert "0 of 1 series analysed, 1 skipped, 0 failed" in out

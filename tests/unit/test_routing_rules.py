@@ -63,8 +63,8 @@ def test_sagittal_is_skipped_with_the_tilt_in_the_reason() -> None:
     assert "sagittal" in decision.reason
 
 
-@pytest.mark.parametrize(("tilt", "analysed"), [(19.0, True), (21.0, False)])
-def test_tilt_tolerance_is_twenty_degrees(tilt: float, analysed: bool) -> None:
+@pytest.mark.parametrize(("tilt", "analysed"), [(29.0, True), (31.0, False)])
+def test_tilt_tolerance_is_thirty_degrees(tilt: float, analysed: bool) -> None:
     decision = decide(group([tilted(tilt)] * 10), RULES)
     assert decision.analyse is analysed, decision.reason
     assert decision.checks["max_tilt_deg"] == pytest.approx(tilt, abs=0.01)
