@@ -33,6 +33,7 @@ from node.http import StatusServer
 from node.instances import InstanceRecord
 from node.receiver import Receiver
 from node.spool import Spool
+from node.state_lock import StateLock
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +98,15 @@ class NodeServer:
         self._force = threading.Event()
         self._previous: dict[int, Any] = {}
         self._started_at = 0.0
+        self.state_lock: StateLock | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     def startup(self) -> None:
         """Open everything; the DICOM port opens last."""
         os.umask(PRIVATE_UMASK)
         self.spool.ensure()
+        # before anything touches the state: a second node must not clean up the first's files
+        self.state_lock = StateLock.acquire(self.config.state_dir)
         self.spool.remove_stale_temp_files()
         self.db = Database(self.config.index_path)
         instances.ensure_schema(self.db)
@@ -173,6 +177,8 @@ class NodeServer:
             self.status_server.stop()
         if self.db is not None:
             self.db.close()
+        if self.state_lock is not None:
+            self.state_lock.release()
         logger.info(
             "lumbar-node stopped (%s)",
             "drained" if clean and not self._force.is_set() else "forced",

@@ -14,7 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import NodeProcess, c_echo, make_mr_dataset, node_command, wait_until, write_mr_series
+from conftest import (
+    NodeProcess,
+    c_echo,
+    free_port,
+    make_mr_dataset,
+    node_command,
+    wait_until,
+    write_mr_series,
+)
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
@@ -201,6 +209,25 @@ def test_healthz_and_metrics(node: NodeProcess, tmp_path: Path) -> None:
     uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     assert uid not in text and "Test^Lumbar" not in text
     assert node.http_get("/nope")[0] == 404
+
+
+def test_a_second_node_on_the_same_state_directory_refuses_to_start(node: NodeProcess, tmp_path: Path) -> None:
+    """Two nodes on one state directory would share spool, index and outbox; the second one
+    stops at start-up with the first one's pid and leaves the first one's files alone."""
+    in_flight = node.state_dir / "spool" / ".in-flight.dcm.tmp"  # what a store in progress looks like
+    in_flight.write_bytes(b"half an instance")
+    config = tmp_path / "second.toml"
+    config.write_text(
+        f"[node]\nhost = '127.0.0.1'\nport = {free_port()}\nstate_dir = '{node.state_dir}'\nfree_disk_floor_mb = 1\n"
+        "[http]\nenabled = false\n"
+    )
+    result = subprocess.run(
+        [*node_command(), "serve", "--config", str(config)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 3, result.stderr
+    assert f"state directory {node.state_dir} is in use by another lumbar-node (pid {node.proc.pid})" in result.stderr
+    assert in_flight.exists()  # the second node did not clean up the first one's temp files
+    assert node.running and c_echo(node.port, node.ae_title) == 0
 
 
 def test_port_in_use_fails_start_up_cleanly(node: NodeProcess, tmp_path: Path) -> None:
