@@ -257,6 +257,24 @@ class ExportSection:
 
 
 @dataclass(frozen=True)
+class RetentionSection:
+    """``[retention]``: when a finished series' files and rows are removed (days, minutes).
+
+    A series is finished when it is not receiving, none of its jobs is waiting, running or
+    failed, and none of its deliveries is pending or dead (``node.retention``). 0 keeps
+    everything forever.
+    """
+
+    keep_days: float = 30.0
+    check_every_minutes: float = 60.0
+
+    def validate(self) -> None:
+        if not self.keep_days >= 0.0:
+            raise _Invalid("keep_days", f"must be >= 0 (0 keeps everything), got {self.keep_days}")
+        _check_positive("check_every_minutes", self.check_every_minutes)
+
+
+@dataclass(frozen=True)
 class DestinationTls:
     """TLS settings of one destination (paths to PEM files)."""
 
@@ -358,6 +376,7 @@ class NodeConfig:
     ai: AiSection = field(default_factory=AiSection)
     http: HttpSection = field(default_factory=HttpSection)
     export: ExportSection = field(default_factory=ExportSection)
+    retention: RetentionSection = field(default_factory=RetentionSection)
     destinations: tuple[Destination, ...] = ()
     tls: TlsSection = field(default_factory=TlsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)

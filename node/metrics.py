@@ -75,6 +75,11 @@ INSTANCES_REJECTED = counter(
     ["reason"],
 )
 RECEIVED_BYTES = counter("received_bytes_total", "Bytes of newly stored instances")
+RETENTION_REMOVED = counter(
+    "retention_removed_total",
+    "Finished series and their received instances removed by retention ([retention] keep_days)",
+    ["what"],
+)
 STORE_SECONDS = histogram(
     "cstore_handler_seconds",
     "Time in the C-STORE handler (validate, persist, index)",

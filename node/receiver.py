@@ -399,6 +399,17 @@ class Receiver:
             metrics.INSTANCES_REJECTED.labels(reason=outcome.reason).inc()
         return int(outcome.status)
 
+    def instance_lock(self, sop_instance_uid: str) -> threading.Lock:
+        """The lock held from "is this UID stored?" until it is indexed (or refused).
+
+        Whoever removes an instance (``node.retention``) holds it too, so a C-STORE of the
+        same UID never sees a row that is about to go, nor loses a file it just wrote.
+        """
+        stripe = int(
+            hashlib.sha1(sop_instance_uid.encode(), usedforsecurity=False).hexdigest()[:8], 16
+        )
+        return self._locks[stripe % _LOCK_STRIPES]
+
     # -- the store path (callable without a network, for tests) ------------------------------
     def store(
         self,
@@ -443,10 +454,7 @@ class Receiver:
             return StoreOutcome(status, reason)
         study_uid = str(ds.StudyInstanceUID).strip()
         series_uid = str(ds.SeriesInstanceUID).strip()
-        stripe = int(
-            hashlib.sha1(sop_instance_uid.encode(), usedforsecurity=False).hexdigest()[:8], 16
-        )
-        with self._locks[stripe % _LOCK_STRIPES]:
+        with self.instance_lock(sop_instance_uid):
             if instance_exists(self.db, sop_instance_uid):
                 logger.info("duplicate %s ignored (first copy kept)", sop_instance_uid)
                 return StoreOutcome(Status.SUCCESS, "duplicate")

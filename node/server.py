@@ -32,6 +32,7 @@ from node.export import register_metrics as register_export_metrics
 from node.http import StatusServer
 from node.instances import InstanceRecord
 from node.receiver import Receiver
+from node.retention import Retention
 from node.spool import Spool
 from node.state_lock import StateLock
 
@@ -99,6 +100,7 @@ class NodeServer:
         self._previous: dict[int, Any] = {}
         self._started_at = 0.0
         self.state_lock: StateLock | None = None
+        self.retention: Retention | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     def startup(self) -> None:
@@ -120,6 +122,8 @@ class NodeServer:
         self.receiver = Receiver(
             self.config, self.db, self.spool, on_stored=self.orchestrator.instance_stored
         )
+        self.retention = Retention(self.db, self.config, self.spool, self.receiver.instance_lock)
+        self.retention.start()
         if self.config.http.enabled:
             self.status_server = StatusServer(self.config.http.host, self.config.http.port)
             self._add_health_checks(self.status_server)
@@ -168,6 +172,8 @@ class NodeServer:
                     logger.warning("aborted %d association(s) still open at shutdown", aborted)
                     clean = False
                     break
+        if self.retention is not None:
+            self.retention.stop()
         if self.orchestrator is not None:
             remaining = 0.0 if self._force.is_set() else max(0.0, deadline - time.monotonic())
             self.orchestrator.shutdown(remaining)

@@ -230,6 +230,28 @@ def test_a_second_node_on_the_same_state_directory_refuses_to_start(node: NodePr
     assert node.running and c_echo(node.port, node.ae_title) == 0
 
 
+def test_retention_removes_a_finished_series_and_keeps_receiving(node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    """The node's own retention run: a finished (skipped) series older than keep_days leaves
+    no file and no row behind, and the node still stores what arrives next."""
+    node = node_factory(series={"quiet_seconds": 0.5}, retention={"keep_days": 2.0 / 86400, "check_every_minutes": 0.02})
+    files = write_mr_series(tmp_path / "sag", 3, orientation=(0, 1, 0, 0, 0, -1))  # sagittal: skipped
+    assert node.storescu(files).returncode == 0
+
+    def gone() -> bool:
+        conn = sqlite3.connect(node.state_dir / "index.sqlite")
+        try:
+            rows = sum(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("instances", "series", "jobs"))
+        finally:
+            conn.close()
+        return rows == 0 and not any(p.is_file() for p in (node.state_dir / "spool").rglob("*"))
+
+    wait_until(gone, 30.0, "the skipped series removed by retention")
+    assert "retention: removed 1 finished series (3 instances" in node.log_text()
+    more = write_mr_series(tmp_path / "ax", 3)
+    assert node.storescu(more).returncode == 0
+    assert len(index(node)) == 3
+
+
 def test_port_in_use_fails_start_up_cleanly(node: NodeProcess, tmp_path: Path) -> None:
     config = tmp_path / "second.toml"
     config.write_text(

@@ -99,3 +99,29 @@ def make_config(tmp_path: Path, quiet: float = 0.3, extra: str = "") -> NodeConf
     path = tmp_path / "node.toml"
     path.write_text(f'[node]\nstate_dir = "state"\n[series]\nquiet_seconds = {quiet}\n{extra}')
     return load_config(path)
+
+
+def complete_series(db: Any, uid: str, records: list[InstanceRecord], at: float | None = None) -> list[int]:
+    """Index ``records`` as series ``uid``, complete it as the orchestrator does (at ``at``,
+    default now) and queue its jobs; the job ids. Needs the instances, series and jobs tables."""
+    from node import jobs, series
+    from node.instances import insert_instance
+
+    now = time.time() if at is None else at
+    records = [
+        r.__class__(**{**r.__dict__, "series_instance_uid": uid, "sop_instance_uid": f"{uid}.{i}",
+                       "path": f"spool/{STUDY}/{uid}/{uid}.{i}.dcm", "received_at": now})
+        for i, r in enumerate(records)
+    ]
+    for rec in records:
+        insert_instance(db, rec)
+    seq, _ = series.open_series(db, series_uid=uid, study_uid=STUDY, calling_ae="SCANNER",
+                                quiet_seconds=10.0, received_at=now)
+    assembly = series.assemble(records, load_config(None).routing)
+    modality, description = series.describe(records)
+    with db.transaction() as conn:
+        assert series.record_completion(conn, series_uid=uid, opened_seq=seq, assembly=assembly,
+                                        modality=modality, description=description,
+                                        last_received_at=now)
+        return jobs.upsert_for_completion(conn, series_uid=uid, study_uid=STUDY,
+                                          groups=assembly.groups, received_at=now, now=now)

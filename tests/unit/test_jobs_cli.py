@@ -7,35 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
-from series_samples import SAGITTAL, stack
+from series_samples import SAGITTAL, complete_series, stack
 
 from node import jobs, series
 from node.cli import main
 from node.config import load_config
 from node.db import Database
 from node.instances import ensure_schema as ensure_instances
-from node.instances import insert_instance
-from node.series import assemble
-
-
-def _complete(db: Database, uid: str, records: list) -> list[int]:  # type: ignore[type-arg]
-    records = [
-        r.__class__(**{**r.__dict__, "series_instance_uid": uid, "sop_instance_uid": f"{uid}.{i}"})
-        for i, r in enumerate(records)
-    ]
-    for rec in records:
-        insert_instance(db, rec)
-    now = time.time()
-    seq, _ = series.open_series(db, series_uid=uid, study_uid="1.2.3", calling_ae="SCANNER",
-                                quiet_seconds=10.0, received_at=now)
-    assembly = assemble(records, load_config(None).routing)
-    modality, description = series.describe(records)
-    with db.transaction() as conn:
-        assert series.record_completion(conn, series_uid=uid, opened_seq=seq, assembly=assembly,
-                                        modality=modality, description=description,
-                                        last_received_at=now)
-        return jobs.upsert_for_completion(conn, series_uid=uid, study_uid="1.2.3",
-                                          groups=assembly.groups, received_at=now, now=now)
 
 
 @pytest.fixture
@@ -46,9 +24,9 @@ def state(tmp_path: Path) -> Path:
     ensure_instances(db)
     series.ensure_schema(db)
     jobs.ensure_schema(db)
-    (good,) = _complete(db, "1.2.10", stack(4))
-    (bad,) = _complete(db, "1.2.11", stack(4))
-    _complete(db, "1.2.12", stack(3, iop=SAGITTAL, BodyPartExamined="BRAIN", SeriesDescription="sag"))
+    (good,) = complete_series(db, "1.2.10", stack(4))
+    (bad,) = complete_series(db, "1.2.11", stack(4))
+    complete_series(db, "1.2.12", stack(3, iop=SAGITTAL, BodyPartExamined="BRAIN", SeriesDescription="sag"))
     now = time.time()
     db.execute("UPDATE jobs SET state = 'done', updated_at = ? WHERE id = ?", (now - 40 * 86400, good))
     db.execute("UPDATE jobs SET state = 'failed', reason = 'analyse: RuntimeError: boom' WHERE id = ?",
