@@ -22,9 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from node.errors import NodeError
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Layout of the index this code reads and writes, kept in SQLite's ``PRAGMA user_version``.
+#: Raise it with every change to a table, and teach :func:`check_index_version` the step
+#: from the layout before (indexes of every earlier release must keep opening).
+INDEX_VERSION = 1
+
+
+class IndexVersionError(NodeError):
+    """The index was written by a newer lumbar-node than this one."""
 
 
 @dataclass
@@ -175,3 +186,25 @@ class Database:
                 # it is released when that thread ends.
                 continue
         self._local = threading.local()
+
+
+def check_index_version(db: Database) -> None:
+    """Refuse an index of a newer layout; bring an older one to :data:`INDEX_VERSION`.
+
+    Why: an index opened by an older node after an upgrade (a rollback) would be read with
+    the wrong idea of its tables; refusing names the problem before anything is written.
+    Layout 0 is a new file, or one written before layouts were numbered (the same tables as
+    layout 1): it is stamped. Call it before any ``ensure_schema``.
+    """
+    found = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if found > INDEX_VERSION:
+        raise IndexVersionError(
+            f"the index {db.path} was written by a newer lumbar-node (layout {found}; this one "
+            f"reads up to {INDEX_VERSION}): run that version, or restore the state directory "
+            "from before the upgrade"
+        )
+    if found < INDEX_VERSION:
+        with db.transaction() as conn:
+            conn.execute(f"PRAGMA user_version = {INDEX_VERSION}")
+        if found:
+            logger.info("index %s: layout %d -> %d", db.path, found, INDEX_VERSION)

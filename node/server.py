@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from node import instances, metrics
 from node.config import NodeConfig
-from node.db import Database
+from node.db import Database, check_index_version
 from node.export import Exporter
 from node.export import register_metrics as register_export_metrics
 from node.http import StatusServer
@@ -111,6 +111,7 @@ class NodeServer:
         self.state_lock = StateLock.acquire(self.config.state_dir)
         self.spool.remove_stale_temp_files()
         self.db = Database(self.config.index_path)
+        check_index_version(self.db)
         instances.ensure_schema(self.db)
         self.orchestrator = make_orchestrator(self.db, self.config)
         self.orchestrator.start()

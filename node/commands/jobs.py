@@ -50,10 +50,11 @@ def run_retry(args: argparse.Namespace) -> int:
         print(f"retry: no index at {config.index_path}", file=sys.stderr)
         return EXIT_USAGE
     from node import jobs
-    from node.db import Database
+    from node.db import Database, check_index_version
 
     db = Database(config.index_path)
     try:
+        check_index_version(db)
         jobs.ensure_schema(db)
         status = 0
         if args.job_ids or args.all_failed:
@@ -101,7 +102,7 @@ def run_purge(args: argparse.Namespace) -> int:
         print(f"purge: no index at {config.index_path}: nothing to purge")
         return 0
     from node import jobs
-    from node.db import Database
+    from node.db import Database, check_index_version
 
     states = [jobs.DONE, jobs.SUPERSEDED]
     if args.include_failed:
@@ -110,6 +111,7 @@ def run_purge(args: argparse.Namespace) -> int:
         states.append(jobs.SKIPPED)
     db = Database(config.index_path)
     try:
+        check_index_version(db)
         jobs.ensure_schema(db)
         purged = jobs.purge_jobs(db, args.done_older_than * SECONDS_PER_DAY, states)
     finally:

@@ -67,7 +67,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
 def run(args: argparse.Namespace) -> int:
     """Load the configuration, set up logging, run the server; the exit status."""
     from node.config import load_config
-    from node.errors import ConfigError
+    from node.errors import ConfigError, NodeError
     from node.logs import configure_logging
 
     config_path = args.config
@@ -87,6 +87,6 @@ def run(args: argparse.Namespace) -> int:
     server = NodeServer(config)
     try:
         return server.run()
-    except OSError as exc:
+    except (OSError, NodeError) as exc:
         logger.error("start-up failed: %s", exc)
         return EXIT_STARTUP

@@ -252,6 +252,21 @@ def test_retention_removes_a_finished_series_and_keeps_receiving(node_factory: C
     assert len(index(node)) == 3
 
 
+def test_an_index_written_by_a_newer_node_stops_start_up(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    conn = sqlite3.connect(state / "index.sqlite")
+    conn.execute("PRAGMA user_version = 999")
+    conn.close()
+    config = tmp_path / "node.toml"
+    config.write_text(f"[node]\nhost = '127.0.0.1'\nport = {free_port()}\nstate_dir = '{state}'\nfree_disk_floor_mb = 1\n[http]\nenabled = false\n")
+    result = subprocess.run(
+        [*node_command(), "serve", "--config", str(config)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 3, result.stderr
+    assert "start-up failed: the index" in result.stderr and "newer lumbar-node (layout 999" in result.stderr
+
+
 def test_port_in_use_fails_start_up_cleanly(node: NodeProcess, tmp_path: Path) -> None:
     config = tmp_path / "second.toml"
     config.write_text(
