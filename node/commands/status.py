@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sqlite3
 import sys
 import time
@@ -192,6 +193,24 @@ def _deliveries_section(index: ReadOnlyIndex) -> dict[str, Any] | None:
     return summary
 
 
+def _storage_section(index: ReadOnlyIndex, config: NodeConfig) -> dict[str, Any]:
+    """What the received images take, the free disk, and when retention removes them."""
+    count, size, oldest = 0, 0, None
+    if index.has_table("instances"):
+        row = index.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0), MIN(received_at) FROM instances"
+        ).fetchone()
+        count, size, oldest = int(row[0]), int(row[1]), row[2]
+    return {
+        "instances": count,
+        "received_bytes": size,
+        "oldest_received_at": oldest,
+        "free_mb": round(shutil.disk_usage(config.state_dir).free / 1e6, 1),
+        "free_disk_floor_mb": config.node.free_disk_floor_mb,
+        "retention_keep_days": config.retention.keep_days,
+    }
+
+
 def collect(config: NodeConfig, limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data."""
     path = config.index_path
@@ -203,6 +222,7 @@ def collect(config: NodeConfig, limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
         out["series"] = _series_section(index, limit)
         out["jobs"] = _jobs_section(index, limit)
         out["deliveries"] = _deliveries_section(index)
+        out["storage"] = _storage_section(index, config)
     finally:
         index.close()
     return out
@@ -212,6 +232,10 @@ def _when(epoch: float | None) -> str:
     if epoch is None:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(epoch)))
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -225,6 +249,19 @@ def render_text(data: dict[str, Any]) -> str:
     if not data.get("exists"):
         lines.append("no index yet: the node has not received anything")
         return "\n".join(lines)
+    store = data["storage"]
+    retention = (
+        f"finished series removed after {store['retention_keep_days']:g} days"
+        if store["retention_keep_days"] > 0
+        else "retention off"
+    )
+    oldest = store["oldest_received_at"]
+    age = f", oldest {(time.time() - oldest) / 86400:.1f} days old" if oldest is not None else ""
+    lines.append(
+        f"storage: {store['instances']} instances, {_size(store['received_bytes'])} received{age};"
+        f" {_size(store['free_mb'] * 1e6)} free (refusing below {_size(store['free_disk_floor_mb'] * 1e6)});"
+        f" {retention}"
+    )
     jobs_ = data["jobs"]
     lines.append(f"jobs: {_counts(jobs_['by_state'])}")
     for job in jobs_["active"]:

@@ -54,9 +54,14 @@ def test_status_reports_queue_series_and_failures(state: Path, capsys: pytest.Ca
     assert skipped["state"] == "skipped" and skipped["description"] == "sag"
     assert "not axial" in skipped["reason"] and "BRAIN" in skipped["reason"]
     assert data["deliveries"] is None  # no deliveries table in this index
+    store = data["storage"]
+    assert store["instances"] == 11 and store["received_bytes"] == 11 * 1000  # the rows' sizes
+    assert store["retention_keep_days"] == 30.0 and store["free_mb"] > 0
     assert main(["status", "--state-dir", str(state)]) == 0
     text = capsys.readouterr().out
     assert "failures:" in text and "boom" in text and "skipped" in text
+    assert "storage: 11 instances, 0.0 MB received, oldest 0.0 days old;" in text
+    assert "finished series removed after 30 days" in text
 
 
 def test_status_without_an_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
