@@ -165,7 +165,13 @@ def write_durably(path: Path, data: bytes) -> None:
     """
     directory = path.parent
     ensure_private_dir(directory)
-    fd, tmp_name = tempfile.mkstemp(prefix="." + path.stem, suffix=TEMP_SUFFIX, dir=directory)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix="." + path.stem, suffix=TEMP_SUFFIX, dir=directory)
+    except FileNotFoundError:
+        # an emptied series folder removed between the two calls (``Spool.remove``, run by
+        # retention): make it again; once the temp file is in it, no rmdir can take it
+        ensure_private_dir(directory)
+        fd, tmp_name = tempfile.mkstemp(prefix="." + path.stem, suffix=TEMP_SUFFIX, dir=directory)
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, FILE_MODE)

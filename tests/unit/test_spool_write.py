@@ -77,3 +77,24 @@ def test_stale_temp_files_are_removed_and_remove_cleans_up(tmp_path: Path) -> No
     spool.remove(stored.relative_path)
     assert not (spool.root / STUDY).exists()
     assert spool.free_mb() > 0
+
+
+def test_a_series_folder_removed_under_a_write_is_made_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention's Spool.remove can rmdir an emptied series folder just after a C-STORE of a
+    late instance made sure it exists; the write makes it again instead of failing."""
+    spool = Spool(tmp_path / "state")
+    spool.ensure()
+    first = spool.write(STUDY, SERIES, SOP, b"old")
+    ensure = spool_module.ensure_private_dir
+    calls: list[Path] = []
+
+    def ensure_then_lose(path: Path) -> None:
+        ensure(path)
+        calls.append(path)
+        if len(calls) == 1:
+            spool.remove(first.relative_path)  # the last file goes, and its folders with it
+            assert not path.exists()
+
+    monkeypatch.setattr(spool_module, "ensure_private_dir", ensure_then_lose)
+    stored = spool.write(STUDY, SERIES, SOP + ".6", b"late")
+    assert spool.absolute(stored.relative_path).read_bytes() == b"late" and len(calls) == 2
