@@ -188,13 +188,14 @@ class Database:
         self._local = threading.local()
 
 
-def check_index_version(db: Database) -> None:
+def check_index_version(db: Database, *, stamp: bool = True) -> None:
     """Refuse an index of a newer layout; bring an older one to :data:`INDEX_VERSION`.
 
     Why: an index opened by an older node after an upgrade (a rollback) would be read with
     the wrong idea of its tables; refusing names the problem before anything is written.
     Layout 0 is a new file, or one written before layouts were numbered (the same tables as
-    layout 1): it is stamped. Call it before any ``ensure_schema``.
+    layout 1): it is stamped, unless ``stamp`` is False (a read-only reader: ``status``).
+    Call it before any ``ensure_schema``.
     """
     found = int(db.execute("PRAGMA user_version").fetchone()[0])
     if found > INDEX_VERSION:
@@ -203,7 +204,7 @@ def check_index_version(db: Database) -> None:
             f"reads up to {INDEX_VERSION}): run that version, or restore the state directory "
             "from before the upgrade"
         )
-    if found < INDEX_VERSION:
+    if found < INDEX_VERSION and stamp:
         with db.transaction() as conn:
             conn.execute(f"PRAGMA user_version = {INDEX_VERSION}")
         if found:

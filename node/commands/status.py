@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import NodeConfig
+from node.db import check_index_version
 
 #: exit status for an invalid configuration
 EXIT_CONFIG = 2
@@ -219,6 +220,7 @@ def collect(config: NodeConfig, limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
         return out
     index = ReadOnlyIndex(path)
     try:
+        check_index_version(index, stamp=False)  # type: ignore[arg-type]
         out["series"] = _series_section(index, limit)
         out["jobs"] = _jobs_section(index, limit)
         out["deliveries"] = _deliveries_section(index)
