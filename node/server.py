@@ -186,10 +186,11 @@ class NodeServer:
             self.db.close()
         if self.state_lock is not None:
             self.state_lock.release()
-        logger.info(
-            "lumbar-node stopped (%s)",
-            "drained" if clean and not self._force.is_set() else "forced",
-        )
+        if self._started_at:
+            logger.info(
+                "lumbar-node stopped (%s)",
+                "drained" if clean and not self._force.is_set() else "forced",
+            )
         return clean and not self._force.is_set()
 
     def run(self) -> int:
