@@ -11,7 +11,6 @@ runs the same measurement at a size that fits ``make test``.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sqlite3
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 from pydicom.uid import generate_uid
 
 from bench import harness
+from node.spool import Spool
 
 ASSOCIATIONS = 20
 PER_ASSOCIATION = 200
@@ -67,13 +67,8 @@ def measure(associations: int, per_association: int, workdir: Path, rows: int = 
 
 def _check(state_dir: Path, path: str, digest: str, size: int, sop_uid: str) -> str | None:
     """None when the indexed file is there with the indexed bytes, else what is wrong."""
-    try:
-        data = (state_dir / path).read_bytes()
-    except OSError as exc:
-        return f"{sop_uid}: {path}: {exc.strerror}"
-    if hashlib.sha256(data).hexdigest() != digest:
-        return f"{sop_uid}: {path}: {len(data)} bytes, {size} indexed, SHA-256 differs"
-    return None
+    problem = Spool(state_dir).check(path, digest, size)
+    return f"{sop_uid}: {problem}" if problem else None
 
 
 def _round(value: float | None) -> float | None:

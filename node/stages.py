@@ -15,6 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from node.errors import InvalidInstance
+from node.spool import Spool
 from node.worker import Analysis, JobContext
 
 if TYPE_CHECKING:
@@ -115,8 +117,15 @@ class DefaultStages:
 
         group, records = ctx.echo_group()
         uids = set(group.sop_instance_uids)
-        paths = [ctx.config.state_dir / r.path for r in records if r.sop_instance_uid in uids]
-        volume, sources = load_volume(paths)
+        chosen = [r for r in records if r.sop_instance_uid in uids]
+        spool = Spool(ctx.config.state_dir)
+        changed = [c for c in (spool.check(r.path, r.sha256, r.size_bytes) for r in chosen) if c]
+        if changed:
+            raise InvalidInstance(
+                f"{len(changed)} of {len(chosen)} received files are not the bytes that were "
+                f"acknowledged ({changed[0]}); send the series again"
+            )
+        volume, sources = load_volume([ctx.config.state_dir / r.path for r in chosen])
         volume, sources = _subset_volume(volume, list(sources), group)
         result = self._get_analyzer().analyze(volume)
         out = ctx.results_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -66,8 +67,9 @@ def _store_series(db: Database, config: NodeConfig, uid: str, echoes: Sequence[i
             rec = InstanceRecord(
                 sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
                 study_instance_uid=str(ds.StudyInstanceUID), series_instance_uid=uid,
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=rel, sha256="0" * 64,
-                size_bytes=1, calling_ae="SCANNER", peer_address="127.0.0.1", received_at=time.time(),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), path=rel,
+                sha256=hashlib.sha256((config.state_dir / rel).read_bytes()).hexdigest(),
+                size_bytes=(config.state_dir / rel).stat().st_size, calling_ae="SCANNER", peer_address="127.0.0.1", received_at=time.time(),
                 modality="MR", meta=summarize(dcmread(config.state_dir / rel, stop_before_pixels=True)),
             )
             insert_instance(db, rec)
@@ -129,6 +131,22 @@ def test_a_rerun_replaces_the_previous_results(env: Any) -> None:
     assert again is not None and again.state == jobs.DONE and again.generation == 2
     assert not (folder / "stale.txt").exists()
     assert json.loads((folder / "results.json").read_text())["job"]["generation"] == 2
+
+
+def test_a_file_changed_since_it_was_acknowledged_fails_the_job_with_the_reason(env: Any) -> None:
+    """The analysis reads only the bytes the node acknowledged: a spool file that no longer
+    matches its indexed SHA-256 (disk fault, another program) fails the job visibly."""
+    db, config = env
+    uid = generate_uid()
+    records = _store_series(db, config, uid, echoes=[1])
+    hit = config.state_dir / records[2].path
+    data = bytearray(hit.read_bytes())
+    data[-1] ^= 0xFF  # one bit of one pixel
+    hit.write_bytes(bytes(data))
+    job = process_one(db, config, AnalyseOnly(config))
+    assert job is not None and job.state == jobs.FAILED
+    assert job.reason is not None and "1 of 4 received files are not the bytes that were acknowledged" in job.reason
+    assert records[2].path in job.reason and FakeAnalyzer.built == 0
 
 
 def test_subset_volume_keeps_one_echo_of_a_multi_frame_instance() -> None:
