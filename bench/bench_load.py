@@ -67,7 +67,7 @@ def measure(associations: int, per_association: int, workdir: Path, rows: int = 
 
 def _check(state_dir: Path, path: str, digest: str, size: int, sop_uid: str) -> str | None:
     """None when the indexed file is there with the indexed bytes, else what is wrong."""
-    problem = Spool(state_dir).check(path, digest, size)
+    _, problem = Spool(state_dir).read_checked(path, digest, size)
     return f"{sop_uid}: {problem}" if problem else None
 
 

@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import logging
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from node import jobs, metrics
 from node.config import NodeConfig
 from node.db import Database
+from node.outbox import State
 from node.series import COMPLETE, INCOHERENT, SKIPPED
 from node.spool import Spool
 
@@ -54,7 +54,7 @@ QUIET_SERIES_STATES = (COMPLETE, SKIPPED, INCOHERENT)
 #: job states after which the series' data are no longer needed
 FINISHED_JOB_STATES = (jobs.DONE, jobs.SKIPPED, jobs.SUPERSEDED)
 #: delivery states after which the outbox file is no longer needed
-FINISHED_DELIVERY_STATES = ("done", "held")
+FINISHED_DELIVERY_STATES = (State.DONE.value, State.HELD.value)
 #: the first check runs this long after start-up (the node settles first), or one interval if shorter
 FIRST_CHECK_DELAY_S = 60.0
 
@@ -73,37 +73,27 @@ class Removed:
     outbox_files: int = 0
 
     def add(self, other: Removed) -> None:
-        for name in ("series", "instances", "bytes", "results_folders", "outbox_files"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 def _marks(values: tuple[str, ...]) -> str:
     return ", ".join(f"'{v}'" for v in values)
 
 
-def _has_table(db: Database, name: str) -> bool:
-    row = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
-    return row is not None
-
-
-def _finished_sql(deliveries: bool) -> str:
-    """Condition on ``s`` (a series row): quiet since ``:cutoff`` and nothing of it pending."""
-    sql = (
-        f"s.state IN ({_marks(QUIET_SERIES_STATES)}) AND s.last_received_at < :cutoff"
-        " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid = s.series_instance_uid"
-        f" AND j.state NOT IN ({_marks(FINISHED_JOB_STATES)}))"
-    )
-    if deliveries:
-        sql += (
-            " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.series_uid = s.series_instance_uid"
-            f" AND d.state NOT IN ({_marks(FINISHED_DELIVERY_STATES)}))"
-        )
-    return sql
+#: condition on ``s`` (a series row): quiet since ``:cutoff`` and nothing of it pending
+FINISHED_SQL = (
+    f"s.state IN ({_marks(QUIET_SERIES_STATES)}) AND s.last_received_at < :cutoff"
+    " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_instance_uid = s.series_instance_uid"
+    f" AND j.state NOT IN ({_marks(FINISHED_JOB_STATES)}))"
+    " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.series_uid = s.series_instance_uid"
+    f" AND d.state NOT IN ({_marks(FINISHED_DELIVERY_STATES)}))"
+)
 
 
 def expired_series(db: Database, cutoff: float) -> list[str]:
     """Series UIDs that are finished and whose last instance arrived before ``cutoff``."""
-    sql = f"SELECT s.series_instance_uid FROM series s WHERE {_finished_sql(_has_table(db, 'deliveries'))}"
+    sql = f"SELECT s.series_instance_uid FROM series s WHERE {FINISHED_SQL}"
     return [str(r[0]) for r in db.execute(sql, {"cutoff": cutoff}).fetchall()]
 
 
@@ -127,10 +117,9 @@ def forget_series(
                 spool.remove(path)
                 removed.instances += 1
                 removed.bytes += int(size)
-    deliveries = _has_table(db, "deliveries")
     with db.transaction() as conn:
         still = conn.execute(
-            f"SELECT 1 FROM series s WHERE s.series_instance_uid = :uid AND {_finished_sql(deliveries)}"
+            f"SELECT 1 FROM series s WHERE s.series_instance_uid = :uid AND {FINISHED_SQL}"
             " AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.series_instance_uid = :uid)",
             {"uid": series_uid, "cutoff": cutoff},
         ).fetchone()
@@ -143,15 +132,13 @@ def forget_series(
                 (series_uid,),
             ).fetchall()
         ]
-        outbox = []
-        if deliveries:
-            outbox = [
-                str(r[0])
-                for r in conn.execute(
-                    "SELECT DISTINCT path FROM deliveries WHERE series_uid = ?", (series_uid,)
-                ).fetchall()
-            ]
-            conn.execute("DELETE FROM deliveries WHERE series_uid = ?", (series_uid,))
+        outbox = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT DISTINCT path FROM deliveries WHERE series_uid = ?", (series_uid,)
+            ).fetchall()
+        ]
+        conn.execute("DELETE FROM deliveries WHERE series_uid = ?", (series_uid,))
         conn.execute("DELETE FROM jobs WHERE series_instance_uid = ?", (series_uid,))
         conn.execute("DELETE FROM series WHERE series_instance_uid = ?", (series_uid,))
     removed.series = 1
@@ -211,7 +198,6 @@ class Retention:
     def __init__(self, db: Database, config: NodeConfig, spool: Spool, instance_lock: InstanceLock) -> None:
         self.db, self.config, self.spool, self.instance_lock = db, config, spool, instance_lock
         self._scheduler: BackgroundScheduler | None = None
-        self._running = threading.Lock()
 
     def start(self) -> None:
         if self.config.retention.keep_days <= 0:
@@ -235,13 +221,12 @@ class Retention:
         )
 
     def run_once(self) -> Removed:
-        """One run now (also what the schedule calls); errors are logged, never raised."""
-        with self._running:
-            try:
-                return remove_expired(self.db, self.config, self.spool, self.instance_lock)
-            except Exception:  # noqa: BLE001 - the next run tries again; the node keeps receiving
-                logger.exception("retention run failed")
-                return Removed()
+        """One run (the schedule never overlaps two); errors are logged, never raised."""
+        try:
+            return remove_expired(self.db, self.config, self.spool, self.instance_lock)
+        except Exception:  # noqa: BLE001 - the next run tries again; the node keeps receiving
+            logger.exception("retention run failed")
+            return Removed()
 
     def stop(self) -> None:
         if self._scheduler is not None:

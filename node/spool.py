@@ -123,20 +123,21 @@ class Spool:
         write_durably(self.absolute(rel), data)
         return StoredFile(relative_path=rel, sha256=digest, size_bytes=len(data))
 
-    def check(self, relative_path: str, sha256: str, size_bytes: int) -> str | None:
-        """None when the file holds the bytes indexed at receipt, else what differs.
+    def read_checked(self, relative_path: str, sha256: str, size_bytes: int) -> tuple[bytes | None, str | None]:
+        """``(bytes, None)`` when the file holds the bytes indexed at receipt, else ``(None, what differs)``.
 
         Why: the index's digest is what the node acknowledged; a file that no longer matches
         it (disk fault, a hand edit, another program) must fail its series visibly rather
-        than be analysed as if it were the image that was sent.
+        than be analysed as if it were the image that was sent. The bytes are returned so
+        that the reader parses what it checked, without reading the file twice.
         """
         try:
             data = self.absolute(relative_path).read_bytes()
         except OSError as exc:
-            return f"{relative_path}: {exc.strerror or exc}"
+            return None, f"{relative_path}: {exc.strerror or exc}"
         if len(data) != size_bytes or hashlib.sha256(data).hexdigest() != sha256:
-            return f"{relative_path}: {len(data)} bytes on disk, {size_bytes} received, SHA-256 differs"
-        return None
+            return None, f"{relative_path}: {len(data)} bytes on disk, {size_bytes} received, SHA-256 differs"
+        return data, None
 
     def remove(self, relative_path: str) -> None:
         """Delete a stored file (missing is fine) and empty parent directories."""

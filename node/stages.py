@@ -119,13 +119,16 @@ class DefaultStages:
         uids = set(group.sop_instance_uids)
         chosen = [r for r in records if r.sop_instance_uid in uids]
         spool = Spool(ctx.config.state_dir)
-        changed = [c for c in (spool.check(r.path, r.sha256, r.size_bytes) for r in chosen) if c]
+        checked = [spool.read_checked(r.path, r.sha256, r.size_bytes) for r in chosen]
+        changed = [problem for _, problem in checked if problem]
         if changed:
             raise InvalidInstance(
                 f"{len(changed)} of {len(chosen)} received files are not the bytes that were "
                 f"acknowledged ({changed[0]}); send the series again"
             )
-        volume, sources = load_volume([ctx.config.state_dir / r.path for r in chosen])
+        volume, sources = load_volume(
+            [ctx.config.state_dir / r.path for r in chosen], contents=[data for data, _ in checked]
+        )
         volume, sources = _subset_volume(volume, list(sources), group)
         result = self._get_analyzer().analyze(volume)
         out = ctx.results_dir

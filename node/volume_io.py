@@ -13,6 +13,7 @@ with the reason and the SOP Instance UID.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,12 +180,19 @@ def _centre(fr: _Frame) -> np.ndarray:
     )
 
 
-def read_datasets(paths: Sequence[Path | str]) -> list[Dataset]:
-    """Read DICOM files (pixel data included); unreadable files raise InvalidInstance."""
+def read_datasets(
+    paths: Sequence[Path | str], contents: Sequence[bytes | None] | None = None
+) -> list[Dataset]:
+    """Read DICOM files (pixel data included); unreadable files raise InvalidInstance.
+
+    ``contents``: the files' bytes when the caller has read them already (the analyse stage
+    checks them against the index first); ``paths`` then only name them in errors.
+    """
     out: list[Dataset] = []
-    for p in paths:
+    for i, p in enumerate(paths):
+        data = contents[i] if contents is not None else None
         try:
-            out.append(pydicom.dcmread(str(p)))
+            out.append(pydicom.dcmread(io.BytesIO(data) if data is not None else str(p)))
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
             raise InvalidInstance(f"{p}: not a readable DICOM file: {exc}") from exc
     return out
@@ -251,8 +259,12 @@ def volume_from_datasets(datasets: Sequence[Dataset]) -> tuple[Volume, list[Data
     return volume, [datasets[i] for i in seen]
 
 
-def load_volume(paths: Sequence[Path | str]) -> tuple[Volume, list[Dataset]]:
+def load_volume(
+    paths: Sequence[Path | str], contents: Sequence[bytes | None] | None = None
+) -> tuple[Volume, list[Dataset]]:
     """Read one series' files into a volume sorted caudal -> cranial.
+
+    ``contents``: the files' bytes when already read (see :func:`read_datasets`).
 
     Returns
     -------
@@ -269,4 +281,4 @@ def load_volume(paths: Sequence[Path | str]) -> tuple[Volume, list[Dataset]]:
         Unreadable files, undecodable pixels, several series, inconsistent sizes or
         spacings, invalid orientation, or two slices at one position.
     """
-    return volume_from_datasets(read_datasets(paths))
+    return volume_from_datasets(read_datasets(paths, contents))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sqlite3
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 from node.config import NodeConfig
 from node.db import check_index_version
+from node.spool import BYTES_PER_MB, Spool
 
 #: exit status for an invalid configuration
 EXIT_CONFIG = 2
@@ -206,7 +206,7 @@ def _storage_section(index: ReadOnlyIndex, config: NodeConfig) -> dict[str, Any]
         "instances": count,
         "received_bytes": size,
         "oldest_received_at": oldest,
-        "free_mb": round(shutil.disk_usage(config.state_dir).free / 1e6, 1),
+        "free_mb": round(Spool(config.state_dir).free_mb(), 1),
         "free_disk_floor_mb": config.node.free_disk_floor_mb,
         "retention_keep_days": config.retention.keep_days,
     }
@@ -261,7 +261,8 @@ def render_text(data: dict[str, Any]) -> str:
     age = f", oldest {(time.time() - oldest) / 86400:.1f} days old" if oldest is not None else ""
     lines.append(
         f"storage: {store['instances']} instances, {_size(store['received_bytes'])} received{age};"
-        f" {_size(store['free_mb'] * 1e6)} free (refusing below {_size(store['free_disk_floor_mb'] * 1e6)});"
+        f" {_size(store['free_mb'] * BYTES_PER_MB)} free"
+        f" (refusing below {_size(store['free_disk_floor_mb'] * BYTES_PER_MB)});"
         f" {retention}"
     )
     jobs_ = data["jobs"]
