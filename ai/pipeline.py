@@ -140,6 +140,11 @@ class Analyzer:
             card.name, card.version, self.device, batch_size, self.autocast or torch.float32,
         )
 
+    @property
+    def setup_flags(self) -> list[str]:
+        """Stages that did not load (each analysis carries these flags too)."""
+        return list(self._setup_flags)
+
     def _load_stage(
         self, stage: type[StageT], weights_dir: Path | str | None, fallback: str
     ) -> StageT | None:

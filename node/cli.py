@@ -26,6 +26,7 @@ TRACEBACK_ENV = "LUMBAR_NODE_TRACEBACK"
 #: sub-command -> (module under node.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "run the DICOM node (receiver, scheduler, analysis, export)"),
+    "check": ("check", "check the configuration, state directory, ports, models and destinations"),
     "echo": ("echo", "C-ECHO a peer: AE@host:port"),
     "push": ("push", "C-STORE files or folders to a peer: PATH --to AE@host:port"),
     "status": ("status", "queue, recent series, failures and deliveries, from the index"),

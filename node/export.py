@@ -52,6 +52,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import Destination, DestinationTls, NodeConfig
 from node.db import Database
@@ -183,11 +184,30 @@ def backoff_delay_s(attempts: int, initial_s: float, max_s: float, rng: random.R
 # -- senders ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Probe:
+    """What a destination answered to a test connection (``lumbar-node check``).
+
+    ``reachable`` is False when no association / HTTP answer came back (``detail`` says
+    why); ``accepted`` holds the SOP classes the peer accepted a presentation context for
+    (DICOM destinations), ``echo`` its C-ECHO status (None when it did not answer one).
+    """
+
+    reachable: bool
+    detail: str
+    accepted: frozenset[str] = frozenset()
+    echo: int | None = None
+
+
 class Sender(Protocol):
     """Sends one batch to one destination and says what happened to each instance."""
 
     def send(self, batch: Sequence[tuple[int, Dataset]]) -> dict[int, Outcome]:
         """``batch`` is ``[(delivery id, dataset)]``; return an outcome for every id."""
+        ...
+
+    def probe(self) -> Probe:
+        """Connect as a delivery would and say what the peer answered; send nothing."""
         ...
 
 
@@ -278,6 +298,46 @@ class DicomSender:
             if assoc.is_established:
                 assoc.release()
         return outcomes
+
+    def probe(self) -> Probe:
+        """Associate as a delivery would (plus Verification), C-ECHO, release; send nothing.
+
+        Tells an administrator before the first result whether the peer is reachable,
+        knows the node's AE title and takes the result classes (many archives refuse SEG).
+        """
+        dest = self.destination
+        assert dest.host is not None and dest.port is not None and dest.ae_title is not None
+        received: list[Any] = []
+
+        def on_acse(event: evt.Event) -> None:
+            received.append(getattr(event, "primitive", None))
+
+        ae = self._application_entity()
+        ae.add_requested_context(Verification)
+        tls_args = (self.ssl_context, dest.host) if self.ssl_context is not None else None
+        try:
+            assoc = ae.associate(
+                dest.host,
+                dest.port,
+                ae_title=dest.ae_title,
+                tls_args=tls_args,
+                evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)],
+            )
+        except (OSError, ssl.SSLError) as exc:
+            return Probe(False, f"cannot connect to {dest.host}:{dest.port}: {exc}")
+        if not assoc.is_established:
+            return Probe(False, self._not_established(assoc, received).reason)
+        try:
+            accepted = frozenset(str(cx.abstract_syntax) for cx in assoc.accepted_contexts)
+            echo: int | None = None
+            if Verification in accepted:
+                status = assoc.send_c_echo()
+                echo = int(status.Status) if status and "Status" in status else None
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return Probe(True, f"association accepted by {dest.ae_title}@{dest.host}:{dest.port}",
+                     accepted - {Verification}, echo)
 
     def _not_established(self, assoc: Association, received: list[Any]) -> Outcome:
         dest = self.destination

@@ -78,6 +78,15 @@ KIND_BY_SOP_CLASS: dict[str, Kind] = {
     "1.2.840.10008.5.1.4.1.1.7.4": Kind.OVERLAY,  # Multi-frame True Color SC Image Storage
 }
 
+#: the SOP class the node's encoders write for each kind (``node.encode``): what a
+#: destination must accept (``lumbar-node check``); the other classes above are negotiated
+#: too but not written by this version
+PRODUCED_SOP_CLASS: dict[Kind, str] = {
+    Kind.SEG: "1.2.840.10008.5.1.4.1.1.66.4",
+    Kind.SR: "1.2.840.10008.5.1.4.1.1.88.34",
+    Kind.OVERLAY: "1.2.840.10008.5.1.4.1.1.7",
+}
+
 DDL = f"""
 CREATE TABLE IF NOT EXISTS deliveries (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -40,7 +40,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node import metrics
-from node.config import CallersSection, NodeConfig
+from node.config import CallersSection, NodeConfig, TlsSection
 from node.db import Database
 from node.instances import (
     InstanceRecord,
@@ -109,6 +109,18 @@ class StoreOutcome:
     status: Status
     reason: str
     record: InstanceRecord | None = None
+
+
+def server_tls_context(tls: TlsSection) -> ssl.SSLContext:
+    """The TLS listener's context (TLS >= 1.2; client certificates per ``tls``)."""
+    assert tls.cert_file is not None and tls.key_file is not None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca_file))
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+    return ctx
 
 
 def is_loopback(address: str) -> bool:
@@ -230,19 +242,8 @@ class Receiver:
         node = self.config.node
         self._start_server(node.port, None)
         if self.config.tls.enabled:
-            self._start_server(self.config.tls.port, self._tls_context())
+            self._start_server(self.config.tls.port, server_tls_context(self.config.tls))
         self._accepting = True
-
-    def _tls_context(self) -> ssl.SSLContext:
-        tls = self.config.tls
-        assert tls.cert_file is not None and tls.key_file is not None
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        if tls.ca_file is not None:
-            ctx.load_verify_locations(cafile=str(tls.ca_file))
-        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
-        return ctx
 
     def _start_server(self, port: int, tls: ssl.SSLContext | None) -> None:
         node = self.config.node

@@ -61,6 +61,30 @@ class StateLock:
         os.close(fd)  # closing the last descriptor releases the flock
 
 
+def running_node(state_dir: Path) -> str | None:
+    """The process id (text, "" when unknown) of the node holding ``state_dir``, or None.
+
+    For ``lumbar-node check``: it tests the lock with a shared, non-blocking ``flock`` and
+    lets go at once, so it never writes the lock file and never keeps a node from starting
+    (a node starting in that instant would be refused once and say so).
+    """
+    path = Path(state_dir) / LOCK_FILE_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            return _read_owner(fd)
+        return None
+    finally:
+        os.close(fd)  # also drops the shared lock if it was taken
+
+
 def _read_owner(fd: int) -> str:
     try:
         return os.pread(fd, 32, 0).decode("ascii", "replace").strip()

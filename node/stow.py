@@ -19,7 +19,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from node.config import Destination
-from node.export import Outcome, Verdict, classify_store_status
+from node.export import Outcome, Probe, Verdict, classify_store_status
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,10 @@ class StowSender:
         if destination.type != "stow" or not destination.url:
             raise ValueError(f"destination {destination.name!r} is not a STOW-RS destination")
         self.destination = destination
+        self.timeout_s = timeout_s
+        self.session = session_for(destination)
         self.client = DICOMwebClient(
-            url=destination.url.rstrip("/"), session=session_for(destination), timeout=timeout_s
+            url=destination.url.rstrip("/"), session=self.session, timeout=timeout_s
         )
         self.client.set_http_retry_params(retry=False)
 
@@ -100,6 +102,27 @@ class StowSender:
             outcome = Outcome(Verdict.RETRY, f"cannot reach STOW-RS service {url}: {exc}")
             return dict.fromkeys(ids_by_uid.values(), outcome)
         return _per_instance(response, ids_by_uid, http_status)
+
+
+    def probe(self) -> Probe:
+        """Ask the service for one study (QIDO-RS ``GET {url}/studies?limit=1``); store nothing.
+
+        Any HTTP answer but 401 / 403 / 5xx counts as reachable: a STOW-only service may not
+        offer QIDO-RS, but it answered, with the destination's TLS settings and credentials.
+        """
+        url = f"{self.destination.url.rstrip('/')}/studies"  # type: ignore[union-attr]
+        try:
+            response = self.session.get(
+                url, params={"limit": "1"}, headers={"Accept": "application/dicom+json"},
+                timeout=self.timeout_s,
+            )
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            return Probe(False, f"cannot reach {url}: {exc}")
+        code = response.status_code
+        if code in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN) or code >= HTTPStatus.INTERNAL_SERVER_ERROR:
+            excerpt = response.text[:BODY_EXCERPT].strip()
+            return Probe(False, f"{url} answered HTTP {code}: {excerpt}")
+        return Probe(True, f"{url} answered HTTP {code}")
 
 
 def _response_dataset(response: requests.Response) -> Dataset | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from node.state_lock import LOCK_FILE_NAME, StateDirectoryInUse, StateLock
+from node.state_lock import LOCK_FILE_NAME, StateDirectoryInUse, StateLock, running_node
 
 
 def test_a_second_holder_is_refused_with_the_owner(tmp_path: Path) -> None:
@@ -37,3 +37,14 @@ def test_the_lock_dies_with_its_process(tmp_path: Path) -> None:
         holder.kill()
         holder.wait(timeout=30)
     StateLock.acquire(tmp_path).release()  # SIGKILL left no stale lock
+
+
+def test_running_node_tests_the_lock_without_taking_it(tmp_path: Path) -> None:
+    assert running_node(tmp_path) is None  # no lock file: no node ever ran here
+    held = StateLock.acquire(tmp_path)
+    content = (tmp_path / LOCK_FILE_NAME).read_bytes()
+    assert running_node(tmp_path) == str(os.getpid())
+    assert (tmp_path / LOCK_FILE_NAME).read_bytes() == content  # nothing written
+    held.release()
+    assert running_node(tmp_path) is None  # a stale file from a stopped node
+    StateLock.acquire(tmp_path).release()  # the test left no lock behind
