@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("push", "C-STORE files or folders to a peer: PATH --to AE@host:port"),
     "status": ("status", "queue, recent series, failures and deliveries, from the index"),
     "retry": ("jobs", "re-queue failed jobs or dead-lettered deliveries"),
+    "reanalyze": ("jobs", "analyse done series again and re-send their results (after a model upgrade)"),
     "purge": ("jobs", "remove finished jobs (and optionally their files) from the index"),
     "analyze": ("analyze", "run the analysis offline on files or folders: PATH --out DIR"),
     "phantom": ("phantom", "write synthetic lumbar MR studies with exact ground truth"),

@@ -353,6 +353,44 @@ def retry_jobs(db: Database, job_ids: Iterable[int] = (), *, all_failed: bool = 
     return ids
 
 
+def reanalyse_jobs(
+    db: Database,
+    job_ids: Iterable[int] = (),
+    *,
+    series_uids: Iterable[str] = (),
+    done_within_s: float | None = None,
+) -> list[int]:
+    """Re-queue finished (``done``) jobs for a fresh analysis; return the ids re-queued.
+
+    Why: after a model upgrade, or when a radiologist asks for a series' results again,
+    the images are still in the spool (until retention removes the series, jobs and all):
+    the job runs the whole chain once more, and the outbox re-sends its results (same
+    models: the same UIDs, replacing; new models: new UIDs). Selected by id, by series, or
+    every job done within the last ``done_within_s`` seconds; other states are left alone
+    (failed jobs are ``retry_jobs``'; skipped ones were routed away on purpose).
+    ``generation`` + 1 marks the new run, as a late instance would.
+    """
+    now = time.time()
+    with db.transaction() as conn:
+        ids: set[int] = set()
+        for job_id in job_ids:
+            ids.update(int(r[0]) for r in conn.execute(
+                "SELECT id FROM jobs WHERE id = ? AND state = ?", (int(job_id), DONE)))
+        for uid in series_uids:
+            ids.update(int(r[0]) for r in conn.execute(
+                "SELECT id FROM jobs WHERE series_instance_uid = ? AND state = ?", (uid, DONE)))
+        if done_within_s is not None:
+            ids.update(int(r[0]) for r in conn.execute(
+                "SELECT id FROM jobs WHERE state = ? AND done_at >= ?", (DONE, now - done_within_s)))
+        for job_id in sorted(ids):
+            conn.execute(
+                "UPDATE jobs SET state = ?, reason = ?, attempts = 0, generation = generation + 1,"
+                " worker_pid = NULL, queued_at = ?, updated_at = ? WHERE id = ?",
+                (QUEUED, "re-queued by reanalyze", now, now, job_id),
+            )
+    return sorted(ids)
+
+
 def purge_jobs(db: Database, older_than_s: float, states: Sequence[str] = (DONE,)) -> list[Job]:
     """Delete jobs in ``states`` last updated more than ``older_than_s`` ago; return them."""
     bad = sorted(set(states) - set(TERMINAL_STATES))

@@ -1,4 +1,4 @@
-"""``lumbar-node retry`` and ``lumbar-node purge``: job maintenance on the index.
+"""``lumbar-node retry``, ``reanalyze`` and ``purge``: job maintenance on the index.
 
 Both work whether the node runs or not: they change rows in the index (in one write
 transaction each) and a running node's worker picks re-queued jobs up at its next poll
@@ -6,6 +6,9 @@ transaction each) and a running node's worker picks re-queued jobs up at its nex
 
 * ``retry JOB_ID...`` / ``retry --all-failed`` re-queues failed jobs with fresh attempts;
   ``--dead-letters`` also re-queues dead-lettered deliveries (``node.outbox``).
+* ``reanalyze JOB_ID...`` / ``--series UID`` / ``--done-within DAYS`` re-queues done jobs: the
+  series is analysed again from its stored images and its results are re-sent (after a
+  model upgrade, or when a result is wanted again).
 * ``purge`` deletes finished jobs older than ``--done-older-than`` days (``done`` and
   ``superseded``; ``--include-failed``/``--include-skipped`` add those), and with ``--files``
   their results folders under ``results_dir``.
@@ -75,6 +78,61 @@ def run_retry(args: argparse.Namespace) -> int:
         return status
     finally:
         db.close()
+
+
+def add_reanalyze_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument(
+        "job_ids", nargs="*", type=int, metavar="JOB_ID", help="done job ids (see status)"
+    )
+    parser.add_argument(
+        "--series", action="append", default=[], metavar="UID",
+        help="every done job of this SeriesInstanceUID (repeatable)",
+    )
+    parser.add_argument(
+        "--done-within", type=float, default=None, metavar="DAYS",
+        help="every job done in the last DAYS days (e.g. after a model upgrade)",
+    )
+
+
+def run_reanalyze(args: argparse.Namespace) -> int:
+    if not args.job_ids and not args.series and args.done_within is None:
+        print("reanalyze: give JOB_ID..., --series UID or --done-within DAYS", file=sys.stderr)
+        return EXIT_USAGE
+    if args.done_within is not None and args.done_within <= 0:
+        print("reanalyze: --done-within must be > 0", file=sys.stderr)
+        return EXIT_USAGE
+    config = load_cli_config(args)
+    if config is None:
+        return EXIT_CONFIG
+    if not config.index_path.exists():
+        print(f"reanalyze: no index at {config.index_path}", file=sys.stderr)
+        return EXIT_USAGE
+    from node import jobs
+    from node.db import Database, check_index_version
+
+    db = Database(config.index_path)
+    try:
+        check_index_version(db)
+        jobs.ensure_schema(db)
+        ids = jobs.reanalyse_jobs(
+            db,
+            args.job_ids,
+            series_uids=args.series,
+            done_within_s=None if args.done_within is None else args.done_within * SECONDS_PER_DAY,
+        )
+        picked = {job.id: job for job in (jobs.get_job(db, i) for i in ids) if job is not None}
+        missing_ids = sorted(set(args.job_ids) - set(ids))
+        missing_series = sorted(
+            set(args.series) - {job.series_instance_uid for job in picked.values()}
+        )
+    finally:
+        db.close()
+    print(f"re-queued {len(ids)} job(s) for analysis{': ' + ', '.join(map(str, ids)) if ids else ''}")
+    if missing_ids or missing_series:
+        left = [str(i) for i in missing_ids] + missing_series
+        print(f"not done or unknown, left alone: {', '.join(left)}", file=sys.stderr)
+    return 0 if ids and not (missing_ids or missing_series) else EXIT_USAGE
 
 
 def add_purge_arguments(parser: argparse.ArgumentParser) -> None:

@@ -171,3 +171,31 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_reanalyze_runs_a_done_series_again_and_sends_its_results_again(
+    fake_stage_node: Callable[..., NodeProcess], pacs: ScriptedPacs, tmp_path: Path
+) -> None:
+    import subprocess
+
+    node = fake_stage_node(pacs)
+    series_uid = send_series(node, tmp_path / "s")
+    wait_delivered(node, RESULTS_PER_SERIES)
+    [job] = jobs_of(node)
+    assert job["state"] == "done" and job["generation"] == 1
+
+    def reanalyze(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*conftest.node_command(), "reanalyze", "--config", str(node.config_path), *args],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    unknown = reanalyze("--series", "1.2.3.999")
+    assert unknown.returncode == 1 and "left alone: 1.2.3.999" in unknown.stderr
+    done = reanalyze("--series", series_uid)  # the node is running: its worker picks it up
+    assert done.returncode == 0 and f"re-queued 1 job(s) for analysis: {job['id']}" in done.stdout, done
+    wait_until(lambda: analyses(node.state_dir) == [series_uid, series_uid], DEADLINE_S, "the second analysis")
+    wait_until(lambda: len(pacs.stored) == 2 * RESULTS_PER_SERIES, DEADLINE_S, "the results sent again")
+    [job] = jobs_of(node)
+    assert job["state"] == "done" and job["generation"] == 2 and job["attempts"] == 1
+    assert sorted(pacs.stored) == sorted(2 * list(expected_results(series_uid)))  # same UIDs: replaced
+    assert all(r["state"] == "done" for r in deliveries_of(node))
+    assert reanalyze("--done-within", "1").returncode == 0  # the same job, found by its age

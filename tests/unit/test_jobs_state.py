@@ -197,6 +197,31 @@ def test_retry_requeues_failed_jobs_only(env: tuple[Database, NodeConfig]) -> No
     assert jobs.retry_jobs(db, all_failed=True) == [other]
 
 
+def test_reanalyse_requeues_done_jobs_only(env: tuple[Database, NodeConfig]) -> None:
+    db, config = env
+    done_old = queue_series(db, config, "1.2.650")
+    done_new = queue_series(db, config, "1.2.651")
+    failed = queue_series(db, config, "1.2.652")
+    stages = FakeStages(fail={"1.2.652": "analyse"})
+    for _ in range(3):
+        process_one(db, config, stages)
+    waiting = queue_series(db, config, "1.2.653")  # queued, never run
+    db.execute("UPDATE jobs SET done_at = ? WHERE id = ?", (time.time() - 3 * 86400, done_old))
+    assert jobs.reanalyse_jobs(db, [failed, waiting]) == []  # neither is done
+    assert jobs.reanalyse_jobs(db, done_within_s=86400) == [done_new]
+    assert jobs.reanalyse_jobs(db, series_uids=["1.2.650", "1.2.699"]) == [done_old]
+    for job_id in (done_old, done_new):
+        job = jobs.get_job(db, job_id)
+        assert job is not None and job.state == jobs.QUEUED and job.attempts == 0
+        assert job.generation == 2 and job.reason == "re-queued by reanalyze"
+    # the worker runs them again to the end, after the job that was queued before them
+    stages.calls.clear()
+    for _ in range(3):
+        process_one(db, config, stages)
+    assert [uid for stage, uid in stages.calls if stage == "analyse"] == ["1.2.653", "1.2.651", "1.2.650"]
+    assert {jobs.get_job(db, i).state for i in (done_old, done_new)} == {jobs.DONE}  # type: ignore[union-attr]
+
+
 def test_purge_removes_old_finished_jobs(env: tuple[Database, NodeConfig]) -> None:
     db, config = env
     old = queue_series(db, config, "1.2.700")
