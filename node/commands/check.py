@@ -5,6 +5,7 @@ service, or while it runs (like ``nginx -t`` or ``apachectl configtest``). It ta
 flags as ``serve`` and checks, each independently, one line each:
 
 * the configuration (the same validation as ``serve``: an invalid file exits 2 at once);
+* who may send (``[callers]``): only this machine when no remote caller is listed;
 * the state directory: writable (a temp file written, fsynced and removed), free space
   against ``node.free_disk_floor_mb``, whether a node is running on it (its lock);
 * the index: its layout is one this version reads;
@@ -102,6 +103,7 @@ def check_all(config: NodeConfig, *, network: bool = True, models: bool = True) 
         f"{config.source or '(built-in defaults)'}: AE {node.ae_title}, port {node.port}, "
         f"state {config.state_dir}, {len(config.destinations)} destination(s)",
     )
+    yield check_callers(config)
     yield check_state_dir(config)
     yield check_free_space(config)
     from node.state_lock import running_node
@@ -126,6 +128,22 @@ def check_all(config: NodeConfig, *, network: bool = True, models: bool = True) 
         yield check_destination(config, destination.name, network)
     if not config.destinations:
         yield Finding("destinations", WARN, "none configured: results stay in the state directory")
+
+
+def check_callers(config: NodeConfig) -> Finding:
+    """Who may send: the most common reason a scanner "cannot send" is a caller not listed."""
+    callers = config.callers
+    listed = [f"{c.ae_title}{'@' + c.address if c.address else ''}" for c in callers.allowed]
+    local = "callers on this machine" if callers.allow_any_loopback else ""
+    if listed:
+        who = ", ".join(([local] if local else []) + listed)
+        return Finding("senders", OK, f"may send: {who}")
+    if local:
+        return Finding(
+            "senders", WARN,
+            f"only {local} may send: list scanners and PACS under [[callers.allowed]]",
+        )
+    return Finding("senders", FAIL, "nobody may send: allow_any_loopback is off and [[callers.allowed]] is empty")
 
 
 def check_state_dir(config: NodeConfig) -> Finding:

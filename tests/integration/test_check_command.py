@@ -72,6 +72,7 @@ def test_a_fresh_host_passes_and_loads_the_models(tmp_path: Path) -> None:
     models = found["models"][0]
     assert models["level"] == OK and "lumbar-seg-unet" in models["detail"], models
     assert level(found, "destinations") == WARN  # none configured
+    assert level(found, "senders") == WARN  # only this machine may send
     assert not (tmp_path / "state").exists()  # the check creates nothing
 
 
@@ -86,6 +87,18 @@ def test_a_port_taken_by_another_program_fails(tmp_path: Path) -> None:
     assert level(found, "DICOM port") == FAIL
     assert "in use by another program" in found["DICOM port"][0]["detail"]
     assert level(found, "models") == SKIP
+
+
+def test_senders_say_who_may_send(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    base = config.read_text()
+    config.write_text(base + '\n[[callers.allowed]]\nae_title = "MRI3T"\naddress = "10.1.2.3"\n')
+    rc, found = run_check(config, "--no-models")
+    assert rc == 0 and found["senders"][0] == {
+        "item": "senders", "level": OK, "detail": "may send: callers on this machine, MRI3T@10.1.2.3"}
+    config.write_text(base + "\n[callers]\nallow_any_loopback = false\n")
+    rc, found = run_check(config, "--no-models")
+    assert rc == EXIT_FAILED and level(found, "senders") == FAIL
 
 
 def test_an_index_of_a_newer_layout_fails(tmp_path: Path) -> None:
