@@ -110,12 +110,11 @@ def check_all(config: NodeConfig, *, network: bool = True, models: bool = True) 
 
     owner = running_node(config.state_dir) if config.state_dir.is_dir() else None
     running = owner is not None
-    yield Finding(
-        "running node",
-        OK,
-        f"a node is running on this state directory (pid {owner or 'unknown'}): ports are "
-        "checked by talking to it" if running else "none on this state directory",
-    )
+    if running:
+        detail = f"a node runs on this state directory (pid {owner or 'unknown'}): its ports are asked"
+    else:
+        detail = "none on this state directory"
+    yield Finding("running node", OK, detail)
     yield check_index(config)
     yield from check_ports(config, running)
     if config.tls.enabled:
