@@ -246,33 +246,22 @@ def _local_host(host: str) -> str:
 
 
 def _echo_self(config: NodeConfig) -> Finding:
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+    from node.commands.echo import NoAssociation, Peer, c_echo
 
-    from node.reactor import use_race_free_requestors
-
-    use_race_free_requestors()
     node = config.node
-    host = _local_host(node.host)
-    ae = AE(ae_title="LUMBARCHECK")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = LOCAL_TIMEOUT_S
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(host, node.port, ae_title=node.ae_title)
-    if not assoc.is_established:
+    peer = Peer(node.ae_title, _local_host(node.host), node.port)
+    try:
+        code = c_echo(peer, "LUMBARCHECK", LOCAL_TIMEOUT_S)
+    except NoAssociation:
         return Finding(
             "DICOM port",
             FAIL,
-            f"{node.ae_title}@{host}:{node.port}: the running node did not accept an association "
-            "from this host (check [callers] if it is not loopback)",
+            f"{peer}: the running node did not accept an association from this host "
+            "(check [callers] if it is not loopback)",
         )
-    try:
-        status = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    code = int(status.Status) if status and "Status" in status else None
     if code != 0:
-        return Finding("DICOM port", FAIL, f"{node.ae_title}@{host}:{node.port}: C-ECHO status {code}")
-    return Finding("DICOM port", OK, f"{node.ae_title}@{host}:{node.port} answers C-ECHO")
+        return Finding("DICOM port", FAIL, f"{peer}: C-ECHO status {code}")
+    return Finding("DICOM port", OK, f"{peer} answers C-ECHO")
 
 
 def _healthz(config: NodeConfig) -> Finding:

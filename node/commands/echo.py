@@ -53,30 +53,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each step")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Associate, send C-ECHO, release; print the result."""
+class NoAssociation(Exception):
+    """The peer rejected, aborted or never answered the association."""
+
+
+def c_echo(peer: Peer, calling_ae: str = DEFAULT_CALLING_AE, timeout_s: float = 10.0) -> int | None:
+    """Associate, send C-ECHO, release: the peer's status (None when it sent none).
+
+    Raises :class:`NoAssociation` when no association was established.
+    """
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     from node.reactor import use_race_free_requestors
 
     use_race_free_requestors()
-
-    peer = args.peer
-    ae = AE(ae_title=args.aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.add_requested_context(Verification)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
-        print(
-            f"echo {peer}: association failed (rejected, aborted or unreachable)", file=sys.stderr
-        )
-        return EXIT_FAILED
+        raise NoAssociation(f"{peer}: association failed (rejected, aborted or unreachable)")
     try:
         status = assoc.send_c_echo()
     finally:
         assoc.release()
-    code = int(status.Status) if status and "Status" in status else None
+    return int(status.Status) if status and "Status" in status else None
+
+
+def run(args: argparse.Namespace) -> int:
+    """C-ECHO the peer; print the result."""
+    peer = args.peer
+    try:
+        code = c_echo(peer, args.aet, args.timeout)
+    except NoAssociation as exc:
+        print(f"echo {exc}", file=sys.stderr)
+        return EXIT_FAILED
     if code != 0:
         print(f"echo {peer}: status {code if code is None else hex(code)}", file=sys.stderr)
         return EXIT_FAILED
