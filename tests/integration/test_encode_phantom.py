@@ -16,6 +16,7 @@ from pydicom import config
 
 from ai.results import InferenceSettings
 from node.encode import EncodedOutputs, encode_series, kind_of
+from node.outbox import PRODUCED_SOP_CLASS
 from node.volume_io import volume_from_datasets
 
 pytestmark = pytest.mark.integration
@@ -56,6 +57,9 @@ def test_outputs_pass_dciodvfy_and_read_back(phantom: SyntheticSeries, tmp_path:
     out = encode_series(phantom.datasets, phantom.volume, result)
     assert out.seg is not None
     assert "mirror=on" in out.seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+    # the classes a destination must accept (lumbar-node check, docs/conformance.md)
+    assert {(kind_of(ds), str(ds.SOPClassUID)) for ds in out.all()} == {
+        (kind, uid) for kind, uid in PRODUCED_SOP_CLASS.items()}
     paths = _write(out, tmp_path)
     checked = [paths["seg"][0], paths["sr"][0], paths["overlay"][0], paths["overlay"][-1]]
     for path in checked:

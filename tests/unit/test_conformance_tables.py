@@ -13,7 +13,7 @@ from pynetdicom import AllStoragePresentationContexts
 from node.config import Destination, load_config
 from node.db import Database
 from node.export import DicomSender, export_contexts
-from node.outbox import KIND_BY_SOP_CLASS
+from node.outbox import KIND_BY_SOP_CLASS, PRODUCED_SOP_CLASS
 from node.receiver import IMAGE_SOP_CLASSES, TRANSFER_SYNTAXES, Receiver
 from node.spool import Spool
 
@@ -72,9 +72,10 @@ def test_receiver_negotiates_every_storage_class_with_the_documented_syntaxes(tm
 def test_scu_sop_classes_and_kinds() -> None:
     rows = table("scu-sop-classes")
     assert {row[1] for row in rows} == {sop for sop, _ in export_contexts()}
-    for name, uid, kind in rows:
+    for name, uid, kind, written in rows:
         assert name == UID(uid).name
         assert kind == f"`{KIND_BY_SOP_CLASS[uid].value}`"
+        assert written == ("yes" if uid in PRODUCED_SOP_CLASS.values() else "no")
 
 
 def test_scu_presentation_contexts_match_what_the_sender_requests() -> None:
