@@ -367,21 +367,28 @@ def reanalyse_jobs(
     the job runs the whole chain once more, and the outbox re-sends its results (same
     models: the same UIDs, replacing; new models: new UIDs). Selected by id, by series, or
     every job done within the last ``done_within_s`` seconds; other states are left alone
-    (failed jobs are ``retry_jobs``'; skipped ones were routed away on purpose).
+    (failed jobs are ``retry_jobs``'; skipped ones were routed away on purpose), and so are
+    jobs whose series has no indexed instance left. Retention deletes a series' instance
+    rows in one transaction and only while no job of it is queued, so the two never leave
+    a job with a part of its series.
     ``generation`` + 1 marks the new run, as a late instance would.
     """
     now = time.time()
+    # a done job whose images retention is removing has none left (one transaction there)
+    has_images = (
+        " AND EXISTS (SELECT 1 FROM instances i WHERE i.series_instance_uid = jobs.series_instance_uid)"
+    )
     with db.transaction() as conn:
         ids: set[int] = set()
         for job_id in job_ids:
             ids.update(int(r[0]) for r in conn.execute(
-                "SELECT id FROM jobs WHERE id = ? AND state = ?", (int(job_id), DONE)))
+                f"SELECT id FROM jobs WHERE id = ? AND state = ?{has_images}", (int(job_id), DONE)))
         for uid in series_uids:
             ids.update(int(r[0]) for r in conn.execute(
-                "SELECT id FROM jobs WHERE series_instance_uid = ? AND state = ?", (uid, DONE)))
+                f"SELECT id FROM jobs WHERE series_instance_uid = ? AND state = ?{has_images}", (uid, DONE)))
         if done_within_s is not None:
             ids.update(int(r[0]) for r in conn.execute(
-                "SELECT id FROM jobs WHERE state = ? AND done_at >= ?", (DONE, now - done_within_s)))
+                f"SELECT id FROM jobs WHERE state = ? AND done_at >= ?{has_images}", (DONE, now - done_within_s)))
         for job_id in sorted(ids):
             conn.execute(
                 "UPDATE jobs SET state = ?, reason = ?, attempts = 0, generation = generation + 1,"

@@ -12,17 +12,21 @@ so once a series is *finished* its copies here have done their job:
 * every delivery of its results is ``done`` or ``held`` (shadow destinations); pending,
   sending, failed and dead-lettered deliveries keep the series.
 
-What goes, in this order: each received instance (index row, then spool file), the jobs'
+What goes, in this order: the received instances (index rows, then spool files), the jobs'
 results folders and rows, the outbox files and delivery rows, the series row. A crash part
 way leaves a series that is still finished and expired, so the next run finishes the work;
-at worst a spool file without its row stays, which the spool treats as a crash leftover.
+at worst the spool files of one series stay without their rows (a crash between the
+transaction and the file removals), which the spool treats as crash leftovers.
 
-The receiver may be storing an instance of the same series at that moment (a late instance,
-or one sent again). Each instance row is deleted, and its file removed, while holding the
-receiver's lock for that SOP Instance UID (the lock a C-STORE of the UID holds between
-"do I have it" and "it is indexed"), and only if the row is still older than the cut-off; a
-late instance is newer and stays, and the series row is deleted only if the series is still
-finished and quiet since the cut-off, so a series re-opened meanwhile keeps its row.
+The series' instance rows are deleted in one transaction, and only if the series is still
+finished then: a job queued for it meanwhile (``lumbar-node reanalyze``) keeps all of them,
+so an analysis never sees a part of a series. The receiver may be storing an instance of the
+same series at that moment (a late instance, or one sent again): each file is removed while
+holding the receiver's lock for that SOP Instance UID (the lock a C-STORE of the UID holds
+between "do I have it" and "it is indexed"), and not if the UID is indexed again by then
+(the file is the new copy); a late instance is newer than the cut-off and stays, and the
+series row is deleted only if the series is still finished and quiet since the cut-off, so
+a series re-opened meanwhile keeps its row.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from node import jobs, metrics
 from node.config import NodeConfig
 from node.db import Database
+from node.instances import instance_exists
 from node.outbox import State
 from node.series import COMPLETE, INCOHERENT, SKIPPED
 from node.spool import Spool
@@ -102,21 +107,28 @@ def forget_series(
 ) -> Removed:
     """Remove one expired series' instances, results, outbox files and rows (module docstring)."""
     removed = Removed()
-    rows = db.execute(
-        "SELECT sop_instance_uid, path, size_bytes FROM instances"
-        " WHERE series_instance_uid = ? AND received_at < ?",
-        (series_uid, cutoff),
-    ).fetchall()
+    params = {"uid": series_uid, "cutoff": cutoff}
+    with db.transaction() as conn:
+        # one transaction, and only while the series is still finished: work queued for it
+        # meanwhile (``reanalyze``) keeps every instance, never a part of them
+        if conn.execute(f"SELECT 1 FROM series s WHERE s.series_instance_uid = :uid AND {FINISHED_SQL}",
+                        params).fetchone() is None:
+            return removed
+        rows = conn.execute(
+            "SELECT sop_instance_uid, path, size_bytes FROM instances"
+            " WHERE series_instance_uid = :uid AND received_at < :cutoff",
+            params,
+        ).fetchall()
+        conn.execute(
+            "DELETE FROM instances WHERE series_instance_uid = :uid AND received_at < :cutoff", params
+        )
     for sop_uid, path, size in rows:
         with instance_lock(sop_uid):
-            with db.transaction() as conn:
-                gone = conn.execute(
-                    "DELETE FROM instances WHERE sop_instance_uid = ? AND received_at < ?", (sop_uid, cutoff)
-                ).rowcount
-            if gone:
-                spool.remove(path)
-                removed.instances += 1
-                removed.bytes += int(size)
+            if instance_exists(db, sop_uid):  # stored again since: the file is the new copy
+                continue
+            spool.remove(path)
+        removed.instances += 1
+        removed.bytes += int(size)
     with db.transaction() as conn:
         still = conn.execute(
             f"SELECT 1 FROM series s WHERE s.series_instance_uid = :uid AND {FINISHED_SQL}"

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from series_samples import STUDY, complete_series, record, stack
@@ -15,8 +16,8 @@ from node import jobs, outbox, series
 from node.config import NodeConfig, load_config
 from node.db import Database
 from node.instances import ensure_schema as ensure_instances
-from node.instances import insert_instance
-from node.retention import Retention, remove_expired
+from node.instances import insert_instance, instance_exists
+from node.retention import Retention, expired_series, forget_series, remove_expired
 from node.spool import Spool
 
 DAY = 86400.0
@@ -133,14 +134,52 @@ def test_the_receivers_lock_orders_a_store_and_a_removal(tmp_path: Path) -> None
     held.acquire()
     result: list[int] = []
     worker = threading.Thread(
-        target=lambda: result.append(remove_expired(world.db, world.config, world.spool, lambda uid: held).instances)
+        target=lambda: result.append(remove_expired(world.db, world.config, world.spool, lambda uid: held).instances),
+        daemon=True,
     )
     worker.start()
     worker.join(timeout=0.5)
-    assert worker.is_alive() and world.kept("1.2.50")["instances"] == 3  # waiting for the store
-    held.release()
+    try:
+        # the rows went in one transaction; the files wait for the store to finish
+        assert worker.is_alive() and world.kept("1.2.50")["files"] == 3
+        assert world.kept("1.2.50")["instances"] == 0
+    finally:
+        held.release()
     worker.join(timeout=10)
     assert result == [3] and world.kept("1.2.50") == ALL_GONE
+
+
+def test_a_uid_stored_again_keeps_its_new_file(tmp_path: Path) -> None:
+    """A C-STORE of a UID between the rows' removal and its file's keeps the new copy."""
+    world = World(tmp_path)
+    world.add_series("1.2.55", age_days=31)
+    again = record("1.2.55.0", series="1.2.55")
+
+    def store_again_then_lock(uid: str) -> Any:
+        if uid == "1.2.55.0" and not instance_exists(world.db, uid):
+            stored = world.spool.write(STUDY, "1.2.55", uid, b"sent again")
+            insert_instance(world.db, again.__class__(**{**again.__dict__, "path": stored.relative_path}))
+        return world.lock(uid)
+
+    removed = remove_expired(world.db, world.config, world.spool, store_again_then_lock)
+    assert (removed.series, removed.instances) == (0, 2)  # the new copy and its series stay
+    assert world.kept("1.2.55")["instances"] == 1 and world.kept("1.2.55")["files"] == 1
+    [path] = (world.config.spool_dir / STUDY / "1.2.55").glob("*.dcm")
+    assert path.read_bytes() == b"sent again"
+
+
+def test_work_queued_meanwhile_keeps_the_whole_series(tmp_path: Path) -> None:
+    """reanalyze between the expiry query and the removal: nothing of the series goes."""
+    world = World(tmp_path)
+    world.add_series("1.2.56", age_days=31)
+    [uid] = expired_series(world.db, time.time() - 30 * DAY)
+    assert jobs.reanalyse_jobs(world.db, series_uids=[uid]) != []
+    removed = forget_series(world.db, world.config, world.spool, uid, time.time() - 30 * DAY, world.lock)
+    assert removed.instances == 0 and world.kept(uid)["files"] == 3 and world.kept(uid)["instances"] == 3
+    # and once retention has removed a series, there is nothing left to re-queue
+    world.add_series("1.2.57", age_days=31)
+    remove_expired(world.db, world.config, world.spool, world.lock)
+    assert jobs.reanalyse_jobs(world.db, series_uids=["1.2.57"]) == []
 
 
 def test_invalid_retention_settings_are_refused(tmp_path: Path) -> None:
