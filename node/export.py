@@ -266,29 +266,10 @@ class DicomSender:
 
     def send(self, batch: Sequence[tuple[int, Dataset]]) -> dict[int, Outcome]:
         """Send ``batch`` over one association; see the module docstring for outcomes."""
-        dest = self.destination
-        assert dest.host is not None and dest.port is not None and dest.ae_title is not None
-        received: list[Any] = []
-
-        def on_acse(event: evt.Event) -> None:
-            received.append(getattr(event, "primitive", None))
-
-        ae = self._application_entity()
-        tls_args = (self.ssl_context, dest.host) if self.ssl_context is not None else None
-        try:
-            assoc = ae.associate(
-                dest.host,
-                dest.port,
-                ae_title=dest.ae_title,
-                tls_args=tls_args,
-                evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)],
-            )
-        except (OSError, ssl.SSLError) as exc:
-            outcome = Outcome(Verdict.RETRY, f"cannot connect to {dest.host}:{dest.port}: {exc}")
-            return {row_id: outcome for row_id, _ in batch}
-        if not assoc.is_established:
-            outcome = self._not_established(assoc, received)
-            return {row_id: outcome for row_id, _ in batch}
+        assoc, failure = self._associate(self._application_entity())
+        if assoc is None:
+            assert failure is not None
+            return {row_id: failure for row_id, _ in batch}
         _set_nodelay(assoc)
         outcomes: dict[int, Outcome] = {}
         try:
@@ -305,6 +286,27 @@ class DicomSender:
         Tells an administrator before the first result whether the peer is reachable,
         knows the node's AE title and takes the result classes (many archives refuse SEG).
         """
+        ae = self._application_entity()
+        ae.add_requested_context(Verification)
+        assoc, failure = self._associate(ae)
+        if assoc is None:
+            assert failure is not None
+            return Probe(False, failure.reason)
+        try:
+            accepted = frozenset(str(cx.abstract_syntax) for cx in assoc.accepted_contexts)
+            echo: int | None = None
+            if Verification in accepted:
+                status = assoc.send_c_echo()
+                echo = int(status.Status) if status and "Status" in status else None
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        dest = self.destination
+        return Probe(True, f"association accepted by {dest.ae_title}@{dest.host}:{dest.port}",
+                     accepted - {Verification}, echo)
+
+    def _associate(self, ae: AE) -> tuple[Association | None, Outcome | None]:
+        """An established association with the destination, or None and why not."""
         dest = self.destination
         assert dest.host is not None and dest.port is not None and dest.ae_title is not None
         received: list[Any] = []
@@ -312,8 +314,6 @@ class DicomSender:
         def on_acse(event: evt.Event) -> None:
             received.append(getattr(event, "primitive", None))
 
-        ae = self._application_entity()
-        ae.add_requested_context(Verification)
         tls_args = (self.ssl_context, dest.host) if self.ssl_context is not None else None
         try:
             assoc = ae.associate(
@@ -324,20 +324,10 @@ class DicomSender:
                 evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)],
             )
         except (OSError, ssl.SSLError) as exc:
-            return Probe(False, f"cannot connect to {dest.host}:{dest.port}: {exc}")
+            return None, Outcome(Verdict.RETRY, f"cannot connect to {dest.host}:{dest.port}: {exc}")
         if not assoc.is_established:
-            return Probe(False, self._not_established(assoc, received).reason)
-        try:
-            accepted = frozenset(str(cx.abstract_syntax) for cx in assoc.accepted_contexts)
-            echo: int | None = None
-            if Verification in accepted:
-                status = assoc.send_c_echo()
-                echo = int(status.Status) if status and "Status" in status else None
-        finally:
-            if assoc.is_established:
-                assoc.release()
-        return Probe(True, f"association accepted by {dest.ae_title}@{dest.host}:{dest.port}",
-                     accepted - {Verification}, echo)
+            return None, self._not_established(assoc, received)
+        return assoc, None
 
     def _not_established(self, assoc: Association, received: list[Any]) -> Outcome:
         dest = self.destination

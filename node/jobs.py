@@ -374,28 +374,34 @@ def reanalyse_jobs(
     ``generation`` + 1 marks the new run, as a late instance would.
     """
     now = time.time()
-    # a done job whose images retention is removing has none left (one transaction there)
-    has_images = (
-        " AND EXISTS (SELECT 1 FROM instances i WHERE i.series_instance_uid = jobs.series_instance_uid)"
-    )
+    job_ids, series_uids = [int(i) for i in job_ids], list(series_uids)
+    chosen: list[str] = []
+    params: list[object] = []
+    if job_ids:
+        chosen.append(f"id IN ({','.join('?' for _ in job_ids)})")
+        params += job_ids
+    if series_uids:
+        chosen.append(f"series_instance_uid IN ({','.join('?' for _ in series_uids)})")
+        params += series_uids
+    if done_within_s is not None:
+        chosen.append("done_at >= ?")
+        params.append(now - done_within_s)
+    if not chosen:
+        return []
     with db.transaction() as conn:
-        ids: set[int] = set()
-        for job_id in job_ids:
-            ids.update(int(r[0]) for r in conn.execute(
-                f"SELECT id FROM jobs WHERE id = ? AND state = ?{has_images}", (int(job_id), DONE)))
-        for uid in series_uids:
-            ids.update(int(r[0]) for r in conn.execute(
-                f"SELECT id FROM jobs WHERE series_instance_uid = ? AND state = ?{has_images}", (uid, DONE)))
-        if done_within_s is not None:
-            ids.update(int(r[0]) for r in conn.execute(
-                f"SELECT id FROM jobs WHERE state = ? AND done_at >= ?{has_images}", (DONE, now - done_within_s)))
-        for job_id in sorted(ids):
+        # a done job whose images retention is removing has none left (one transaction there)
+        ids = sorted(int(r[0]) for r in conn.execute(
+            f"SELECT id FROM jobs WHERE state = ? AND ({' OR '.join(chosen)}) AND EXISTS"
+            " (SELECT 1 FROM instances i WHERE i.series_instance_uid = jobs.series_instance_uid)",
+            (DONE, *params),
+        ))
+        for job_id in ids:
             conn.execute(
                 "UPDATE jobs SET state = ?, reason = ?, attempts = 0, generation = generation + 1,"
                 " worker_pid = NULL, queued_at = ?, updated_at = ? WHERE id = ?",
                 (QUEUED, "re-queued by reanalyze", now, now, job_id),
             )
-    return sorted(ids)
+    return ids
 
 
 def purge_jobs(db: Database, older_than_s: float, states: Sequence[str] = (DONE,)) -> list[Job]:

@@ -30,18 +30,15 @@ import json
 import os
 import socket
 import ssl
-import sys
 import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
-from node.commands.serve import CONFIG_ENV, EXIT_CONFIG, overrides_from_args
+from node.commands.serve import EXIT_CONFIG, overrides_from_args
 from node.commands.serve import add_arguments as add_serve_arguments
-from node.config import NodeConfig
+from node.config import Destination, NodeConfig
 
 #: exit status when at least one check failed
 EXIT_FAILED = 1
@@ -71,21 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run every check, print them, and return the exit status."""
-    from node.config import load_config
-    from node.errors import ConfigError
+    from node.commands.status import load_cli_config
 
-    config_path = args.config
-    if config_path is None and os.environ.get(CONFIG_ENV):
-        config_path = Path(os.environ[CONFIG_ENV])
-    try:
-        config = load_config(config_path, env=os.environ, overrides=overrides_from_args(args))
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+    config = load_cli_config(args, overrides_from_args(args))
+    if config is None:
         return EXIT_CONFIG
     findings = list(check_all(config, network=not args.no_network, models=not args.no_models))
     failed = any(f.level == FAIL for f in findings)
     if args.json:
-        print(json.dumps({"ok": not failed, "checks": as_dict(findings)}, indent=2))
+        print(json.dumps({"ok": not failed, "checks": [asdict(f) for f in findings]}, indent=2))
     else:
         width = max(len(f.item) for f in findings)
         for f in findings:
@@ -108,7 +99,7 @@ def check_all(config: NodeConfig, *, network: bool = True, models: bool = True) 
     yield check_free_space(config)
     from node.state_lock import running_node
 
-    owner = running_node(config.state_dir) if config.state_dir.is_dir() else None
+    owner = running_node(config.state_dir)
     running = owner is not None
     if running:
         detail = f"a node runs on this state directory (pid {owner or 'unknown'}): its ports are asked"
@@ -124,7 +115,7 @@ def check_all(config: NodeConfig, *, network: bool = True, models: bool = True) 
     else:
         yield Finding("models", SKIP, "--no-models")
     for destination in config.destinations:
-        yield check_destination(config, destination.name, network)
+        yield check_destination(config, destination, network)
     if not config.destinations:
         yield Finding("destinations", WARN, "none configured: results stay in the state directory")
 
@@ -310,13 +301,12 @@ def check_models(config: NodeConfig) -> Iterator[Finding]:
         yield Finding("models", WARN, flag)
 
 
-def check_destination(config: NodeConfig, name: str, network: bool) -> Finding:
+def check_destination(config: NodeConfig, destination: Destination, network: bool) -> Finding:
     """Probe one destination and compare what it accepts with the kinds it should receive."""
     from node.export import make_sender
     from node.outbox import PRODUCED_SOP_CLASS, Kind, is_shadow, wants
 
-    destination = next(d for d in config.destinations if d.name == name)
-    item = f"destination {name}"
+    item = f"destination {destination.name}"
     where = destination.url if destination.type == "stow" else (
         f"{destination.ae_title}@{destination.host}:{destination.port}"
     )
@@ -344,8 +334,3 @@ def check_destination(config: NodeConfig, name: str, network: bool) -> Finding:
             f"would be dead-lettered (configure the peer, or drop them from kinds){shadow}",
         )
     return Finding(item, OK, f"{where}: {echo}, accepts {', '.join(k.value for k in kinds)}{shadow}")
-
-
-def as_dict(findings: list[Finding]) -> list[dict[str, Any]]:
-    """Plain data for ``--json`` and tests."""
-    return [asdict(f) for f in findings]

@@ -19,14 +19,40 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from typing import TYPE_CHECKING
 
 from node.commands.status import EXIT_CONFIG, add_config_arguments, load_cli_config
+
+if TYPE_CHECKING:
+    from node.db import Database
 
 #: exit status when nothing matched or the request is inconsistent
 EXIT_USAGE = 1
 #: default age (days) of finished jobs that purge removes
 DEFAULT_PURGE_DAYS = 30.0
 SECONDS_PER_DAY = 86400.0
+
+
+def _open_jobs_index(args: argparse.Namespace, command: str) -> Database | int:
+    """The index for ``retry`` / ``reanalyze`` (layout checked, jobs table there), or the
+    exit status after saying why there is none."""
+    from node import jobs
+    from node.db import Database, check_index_version
+
+    config = load_cli_config(args)
+    if config is None:
+        return EXIT_CONFIG
+    if not config.index_path.exists():
+        print(f"{command}: no index at {config.index_path}", file=sys.stderr)
+        return EXIT_USAGE
+    db = Database(config.index_path)
+    try:
+        check_index_version(db)
+        jobs.ensure_schema(db)
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 def add_retry_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,19 +72,12 @@ def run_retry(args: argparse.Namespace) -> int:
     if not args.job_ids and not args.all_failed and not args.dead_letters:
         print("retry: give JOB_ID..., --all-failed or --dead-letters", file=sys.stderr)
         return EXIT_USAGE
-    config = load_cli_config(args)
-    if config is None:
-        return EXIT_CONFIG
-    if not config.index_path.exists():
-        print(f"retry: no index at {config.index_path}", file=sys.stderr)
-        return EXIT_USAGE
+    db = _open_jobs_index(args, "retry")
+    if isinstance(db, int):
+        return db
     from node import jobs
-    from node.db import Database, check_index_version
 
-    db = Database(config.index_path)
     try:
-        check_index_version(db)
-        jobs.ensure_schema(db)
         status = 0
         if args.job_ids or args.all_failed:
             ids = jobs.retry_jobs(db, args.job_ids, all_failed=args.all_failed)
@@ -102,19 +121,12 @@ def run_reanalyze(args: argparse.Namespace) -> int:
     if args.done_within is not None and args.done_within <= 0:
         print("reanalyze: --done-within must be > 0", file=sys.stderr)
         return EXIT_USAGE
-    config = load_cli_config(args)
-    if config is None:
-        return EXIT_CONFIG
-    if not config.index_path.exists():
-        print(f"reanalyze: no index at {config.index_path}", file=sys.stderr)
-        return EXIT_USAGE
+    db = _open_jobs_index(args, "reanalyze")
+    if isinstance(db, int):
+        return db
     from node import jobs
-    from node.db import Database, check_index_version
 
-    db = Database(config.index_path)
     try:
-        check_index_version(db)
-        jobs.ensure_schema(db)
         ids = jobs.reanalyse_jobs(
             db,
             args.job_ids,

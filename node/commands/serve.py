@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 from pathlib import Path
 
 #: exit status for an invalid configuration or a failed start-up
@@ -66,17 +64,12 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     """Load the configuration, set up logging, run the server; the exit status."""
-    from node.config import load_config
-    from node.errors import ConfigError, NodeError
+    from node.commands.status import load_cli_config
+    from node.errors import NodeError
     from node.logs import configure_logging
 
-    config_path = args.config
-    if config_path is None and os.environ.get(CONFIG_ENV):
-        config_path = Path(os.environ[CONFIG_ENV])
-    try:
-        config = load_config(config_path, env=os.environ, overrides=overrides_from_args(args))
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+    config = load_cli_config(args, overrides_from_args(args))
+    if config is None:
         return EXIT_CONFIG
     configure_logging(config.logging.format, config.logging.level)
     logger = logging.getLogger("node.serve")

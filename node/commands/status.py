@@ -18,14 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from node.commands.serve import CONFIG_ENV, EXIT_CONFIG
 from node.config import NodeConfig
 from node.db import check_index_version
 from node.spool import BYTES_PER_MB, Spool
 
-#: exit status for an invalid configuration
-EXIT_CONFIG = 2
-#: environment variable naming the config file when --config is not given (as ``serve``)
-CONFIG_ENV = "LUMBAR_NODE_CONFIG"
 #: recent series and failures listed by default
 DEFAULT_LIMIT = 20
 
@@ -41,17 +38,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", default=None, help="override node.state_dir")
 
 
-def load_cli_config(args: argparse.Namespace) -> NodeConfig | None:
-    """The configuration for a maintenance command; None (after printing why) when invalid."""
+def load_cli_config(
+    args: argparse.Namespace, overrides: dict[str, object] | None = None
+) -> NodeConfig | None:
+    """The configuration a command runs with (``--config``, else ``$LUMBAR_NODE_CONFIG``,
+    else the defaults; the environment; ``overrides``, by default ``--state-dir``); None,
+    after printing ``configuration error: ...``, when it is invalid."""
     from node.config import load_config
     from node.errors import ConfigError
 
     path = args.config
     if path is None and os.environ.get(CONFIG_ENV):
         path = Path(os.environ[CONFIG_ENV])
-    overrides: dict[str, object] = {}
-    if getattr(args, "state_dir", None):
-        overrides["node.state_dir"] = str(Path(args.state_dir).resolve())
+    if overrides is None:
+        overrides = {}
+        if getattr(args, "state_dir", None):
+            overrides["node.state_dir"] = str(Path(args.state_dir).resolve())
     try:
         return load_config(path, env=os.environ, overrides=overrides)
     except ConfigError as exc:
