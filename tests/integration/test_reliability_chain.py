@@ -197,5 +197,6 @@ def test_reanalyze_runs_a_done_series_again_and_sends_its_results_again(
     [job] = jobs_of(node)
     assert job["state"] == "done" and job["generation"] == 2 and job["attempts"] == 1
     assert sorted(pacs.stored) == sorted(2 * list(expected_results(series_uid)))  # same UIDs: replaced
-    assert all(r["state"] == "done" for r in deliveries_of(node))
+    # The PACS has the instances a moment before the node records each delivery done.
+    wait_delivered(node, len(deliveries_of(node)))
     assert reanalyze("--done-within", "1").returncode == 0  # the same job, found by its age
