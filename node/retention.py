@@ -16,7 +16,9 @@ What goes, in this order: the received instances (index rows, then spool files),
 results folders and rows, the outbox files and delivery rows, the series row. A crash part
 way leaves a series that is still finished and expired, so the next run finishes the work;
 at worst the spool files of one series stay without their rows (a crash between the
-transaction and the file removals), which the spool treats as crash leftovers.
+transaction and the file removals), which the next start-up sets aside
+(:mod:`node.orphans`) and a later run removes with the other set-aside files older than
+the cut-off.
 
 The series' instance rows are deleted in one transaction, and only if the series is still
 finished then: a job queued for it meanwhile (``lumbar-node reanalyze``) keeps all of them,
@@ -47,6 +49,7 @@ from node import jobs, metrics
 from node.config import NodeConfig
 from node.db import Database
 from node.instances import instance_exists
+from node.orphans import remove_old_orphans
 from node.outbox import State
 from node.series import COMPLETE, INCOHERENT, SKIPPED
 from node.spool import Spool
@@ -76,6 +79,7 @@ class Removed:
     bytes: int = 0
     results_folders: int = 0
     outbox_files: int = 0
+    orphans: int = 0  #: set-aside spool files (:mod:`node.orphans`)
 
     def add(self, other: Removed) -> None:
         for f in fields(self):
@@ -188,15 +192,18 @@ def remove_expired(
     cutoff = (time.time() if now is None else now) - keep_days * SECONDS_PER_DAY
     for uid in expired_series(db, cutoff):
         total.add(forget_series(db, config, spool, uid, cutoff, instance_lock))
-    if total.series or total.instances:
+    orphans = remove_old_orphans(config.state_dir, cutoff)
+    total.orphans, total.bytes = orphans.files, total.bytes + orphans.bytes
+    if total.series or total.instances or total.orphans:
         logger.info(
             "retention: removed %d finished series (%d instances, %.1f MB, %d results folders, "
-            "%d outbox files) older than %g days",
+            "%d outbox files) and %d set-aside files older than %g days",
             total.series,
             total.instances,
             total.bytes / 1e6,
             total.results_folders,
             total.outbox_files,
+            total.orphans,
             keep_days,
         )
     metrics.RETENTION_REMOVED.labels(what="series").inc(total.series)

@@ -31,6 +31,7 @@ from node.export import Exporter
 from node.export import register_metrics as register_export_metrics
 from node.http import StatusServer
 from node.instances import InstanceRecord
+from node.orphans import set_aside_orphans
 from node.receiver import Receiver
 from node.retention import Retention
 from node.spool import Spool
@@ -113,6 +114,8 @@ class NodeServer:
         self.db = Database(self.config.index_path)
         check_index_version(self.db)
         instances.ensure_schema(self.db)
+        # before the port opens: no C-STORE is between its file and its row now
+        set_aside_orphans(self.db, self.spool)
         self.orchestrator = make_orchestrator(self.db, self.config)
         self.orchestrator.start()
         # export: durable deliveries to the configured destinations (node.export)

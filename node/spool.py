@@ -8,7 +8,8 @@ spool. Directories are created with mode 0700, files with 0600.
 When :meth:`Spool.write` returns, the bytes and the directory entry are on stable
 storage: a crash afterwards leaves either no file or the complete file, never a partial
 one under its final name. Temp files (``.*.tmp``) left by a crash are removed by
-:meth:`Spool.remove_stale_temp_files` at start-up.
+:meth:`Spool.remove_stale_temp_files` at start-up; complete files a crash left without
+an index row are set aside by :func:`node.orphans.set_aside_orphans`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ UID_MAX_LEN = 64
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 TEMP_SUFFIX = ".tmp"
+FILE_SUFFIX = ".dcm"
 BYTES_PER_MB = 1024 * 1024
 SPOOL_DIR_NAME = "spool"
 
@@ -53,10 +55,15 @@ class StoredFile:
     size_bytes: int
 
 
+def is_conformant_uid(uid: str) -> bool:
+    """Digits and dots, at most 64 characters: usable as a path component as it is."""
+    return bool(uid) and len(uid) <= UID_MAX_LEN and _UID_RE.match(uid) is not None
+
+
 def safe_component(uid: str) -> str:
     """A path component for ``uid``: the UID itself when conformant, else a hash of it."""
     uid = uid.strip().rstrip("\x00")
-    if uid and len(uid) <= UID_MAX_LEN and _UID_RE.match(uid):
+    if is_conformant_uid(uid):
         return uid
     return "h-" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
@@ -104,7 +111,7 @@ class Spool:
                 SPOOL_DIR_NAME,
                 safe_component(study_uid),
                 safe_component(series_uid),
-                safe_component(sop_uid) + ".dcm",
+                safe_component(sop_uid) + FILE_SUFFIX,
             )
         )
 

@@ -107,6 +107,7 @@ def check_all(config: NodeConfig, *, network: bool = True, models: bool = True) 
         detail = "none on this state directory"
     yield Finding("running node", OK, detail)
     yield check_index(config)
+    yield check_orphans(config)
     yield from check_ports(config, running)
     if config.tls.enabled:
         yield check_tls(config)
@@ -194,6 +195,23 @@ def check_index(config: NodeConfig) -> Finding:
     except Exception as exc:  # noqa: BLE001 - sqlite3.Error and friends: report, go on
         return Finding("index", FAIL, f"cannot read {path}: {exc}")
     return Finding("index", OK, f"{path} (layout {INDEX_VERSION})")
+
+
+def check_orphans(config: NodeConfig) -> Finding:
+    """Spool files a crash left without an index row, set aside at start-up (:mod:`node.orphans`)."""
+    from node.orphans import count_orphans, orphans_dir
+
+    found = count_orphans(config.state_dir)
+    if not found.files:
+        return Finding("set-aside files", OK, "none")
+    keep = config.retention.keep_days
+    until = f"retention removes them {keep:g} days after they were written" if keep > 0 else "retention is off"
+    return Finding(
+        "set-aside files", WARN,
+        f"{found.files} file(s), {found.bytes / 1e6:.1f} MB in {orphans_dir(config.state_dir)} (received but never"
+        f" acknowledged, or left by an interrupted retention run): send them again with 'lumbar-node push"
+        f" {orphans_dir(config.state_dir)} --to AE@host:port' if wanted; {until}",
+    )
 
 
 def check_ports(config: NodeConfig, running: bool) -> Iterator[Finding]:

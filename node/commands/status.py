@@ -21,6 +21,7 @@ from typing import Any
 from node.commands.serve import CONFIG_ENV, EXIT_CONFIG
 from node.config import NodeConfig
 from node.db import check_index_version
+from node.orphans import count_orphans, orphans_dir
 from node.spool import BYTES_PER_MB, Spool
 
 #: recent series and failures listed by default
@@ -204,6 +205,7 @@ def _storage_section(index: ReadOnlyIndex, config: NodeConfig) -> dict[str, Any]
             "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0), MIN(received_at) FROM instances"
         ).fetchone()
         count, size, oldest = int(row[0]), int(row[1]), row[2]
+    set_aside = count_orphans(config.state_dir)
     return {
         "instances": count,
         "received_bytes": size,
@@ -211,6 +213,9 @@ def _storage_section(index: ReadOnlyIndex, config: NodeConfig) -> dict[str, Any]
         "free_mb": round(Spool(config.state_dir).free_mb(), 1),
         "free_disk_floor_mb": config.node.free_disk_floor_mb,
         "retention_keep_days": config.retention.keep_days,
+        "set_aside_files": set_aside.files,
+        "set_aside_bytes": set_aside.bytes,
+        "set_aside_dir": str(orphans_dir(config.state_dir)),
     }
 
 
@@ -267,6 +272,11 @@ def render_text(data: dict[str, Any]) -> str:
         f" (refusing below {_size(store['free_disk_floor_mb'] * BYTES_PER_MB)});"
         f" {retention}"
     )
+    if store["set_aside_files"]:
+        lines.append(
+            f"set aside: {store['set_aside_files']} spool files without index rows,"
+            f" {_size(store['set_aside_bytes'])}, in {store['set_aside_dir']} (see lumbar-node check)"
+        )
     jobs_ = data["jobs"]
     lines.append(f"jobs: {_counts(jobs_['by_state'])}")
     for job in jobs_["active"]:

@@ -96,7 +96,13 @@ def test_sigkill_while_storing_loses_nothing_acknowledged(node: NodeProcess) -> 
     node.kill()  # SIGKILL mid-association: nothing drains
     assert done.wait(60)
     assert 20 <= len(acknowledged) < len(datasets), "the crash must happen mid-series"
+    # a file the crash left without its index row (the kill may have made one too)
+    planted = node.state_dir / "spool" / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(b"DICM never acknowledged")
     node.restart()
+    assert not planted.exists() and (node.state_dir / "orphans/1.2.3/1.2.3.4/1.2.3.4.5.dcm").is_file()
+    assert "spool files" in node.log_text() and "without index rows" in node.log_text()
     rows = index(node)
     for ds in acknowledged:
         row = rows[str(ds.SOPInstanceUID)]
@@ -105,6 +111,8 @@ def test_sigkill_while_storing_loses_nothing_acknowledged(node: NodeProcess) -> 
         assert dcmread(node.state_dir / row["path"]).PixelData == ds.PixelData
     # no temp files survive the restart, and the rest of the series can still be sent
     assert not list((node.state_dir / "spool").rglob("*.tmp"))
+    indexed_paths = {row["path"] for row in rows.values()}
+    assert {p.relative_to(node.state_dir).as_posix() for p in (node.state_dir / "spool").rglob("*.dcm")} == indexed_paths
     assoc = associate(node)
     statuses = [status_of(assoc, ds) for ds in datasets]
     assoc.release()

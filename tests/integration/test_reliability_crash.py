@@ -119,6 +119,10 @@ def test_kill_loop_with_ten_storescu_loses_nothing(
     for path, sop in sop_of.items():
         assert dcmread(node.state_dir / rows[sop]["path"]).PixelData == dcmread(path).PixelData
     assert not list((node.state_dir / "spool").rglob("*.tmp")), "a temp file survived a restart"
+    spool_files = {p.relative_to(node.state_dir).as_posix() for p in (node.state_dir / "spool").rglob("*.dcm")}
+    assert spool_files == {r["path"] for r in rows.values()}, "a spool file without its index row"
+    set_aside = [p.stem for p in (node.state_dir / "orphans").rglob("*.dcm")]
+    assert set(set_aside) <= set(rows), "a file set aside that was never sent"
     per_series = query(node.state_dir, "SELECT series_instance_uid, COUNT(*) AS n FROM instances GROUP BY 1")
     assert sorted(r["n"] for r in per_series) == [PER_SENDER] * SENDERS
     try:
@@ -146,6 +150,6 @@ def test_kill_loop_with_ten_storescu_loses_nothing(
     print(  # noqa: T201 - the figures for docs/reliability.md (pytest -s)
         f"kill loop: {CYCLES} SIGKILL/restart cycles, {SENDERS} storescu, {SENDERS * PER_SENDER} instances, "
         f"acknowledged per cycle {kill_stats}, unacknowledged but kept {in_flight_kept}, "
-        f"lost {len(lost)}"
+        f"set aside unacknowledged {len(set_aside)}, lost {len(lost)}"
     )
     assert not lost, f"{len(lost)} acknowledged instances lost or corrupt"
