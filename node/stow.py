@@ -3,7 +3,7 @@
 The response (PS3.18 10.5.3) lists stored instances in ReferencedSOPSequence (with an
 optional WarningReason) and refused ones in FailedSOPSequence with a FailureReason, whose
 values are the DIMSE storage statuses; they are classified exactly like C-STORE statuses
-(:func:`node.export.classify_store_status`). HTTP-level trouble is classified by status
+(:func:`node.senders.classify_store_status`). HTTP-level trouble is classified by status
 code: 408, 429 and 5xx and connection errors are retried, other 4xx are permanent.
 dicomweb-client's own retries are switched off: the exporter owns the schedule.
 """
@@ -19,7 +19,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from node.config import Destination
-from node.export import Outcome, Probe, Verdict, classify_store_status
+from node.senders import Outcome, Probe, Verdict, classify_store_status
 
 logger = logging.getLogger(__name__)
 

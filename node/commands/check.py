@@ -321,8 +321,8 @@ def check_models(config: NodeConfig) -> Iterator[Finding]:
 
 def check_destination(config: NodeConfig, destination: Destination, network: bool) -> Finding:
     """Probe one destination and compare what it accepts with the kinds it should receive."""
-    from node.export import make_sender
     from node.outbox import PRODUCED_SOP_CLASS, Kind, is_shadow, wants
+    from node.senders import make_sender
 
     item = f"destination {destination.name}"
     where = destination.url if destination.type == "stow" else (

@@ -1,5 +1,5 @@
 """docs/conformance.md tells the truth: its SOP class and transfer syntax tables equal what
-the receiver (node/receiver.py) and the exporter (node/export.py) really negotiate."""
+the receiver (node/receiver.py) and the exporter (node/senders.py) really negotiate."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pynetdicom import AllStoragePresentationContexts
 
 from node.config import Destination, load_config
 from node.db import Database
-from node.export import DicomSender, export_contexts
 from node.outbox import KIND_BY_SOP_CLASS, PRODUCED_SOP_CLASS
 from node.receiver import IMAGE_SOP_CLASSES, TRANSFER_SYNTAXES, Receiver
+from node.senders import DicomSender, export_contexts
 from node.spool import Spool
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "conformance.md"

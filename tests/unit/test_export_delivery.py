@@ -15,17 +15,9 @@ from prometheus_client import CollectorRegistry
 from pydicom.dataset import Dataset
 
 from node.db import Database
-from node.export import (
-    JITTER_LOW,
-    Exporter,
-    Outcome,
-    Verdict,
-    backoff_delay_s,
-    classify_store_status,
-    export_contexts,
-    register_metrics,
-)
+from node.export import JITTER_LOW, Exporter, backoff_delay_s, register_metrics
 from node.outbox import KIND_BY_SOP_CLASS, Outbox, deliveries_for_series
+from node.senders import Outcome, Verdict, classify_store_status, export_contexts
 
 
 class Clock:

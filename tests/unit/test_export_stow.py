@@ -11,7 +11,7 @@ import requests
 from pydicom.dataset import Dataset
 
 from node.config import Destination
-from node.export import Verdict
+from node.senders import Verdict
 from node.stow import StowSender
 
 A, B = "1.2.3.1", "1.2.3.2"
