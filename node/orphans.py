@@ -8,7 +8,8 @@ are gone. Nothing reads such files again, so without a sweep they fill the disk 
 unseen. They are *moved* (never deleted) to ``<state_dir>/orphans/<study>/<series>/``: an
 index lost or replaced by hand would otherwise make the sweep delete every image, and a
 moved file can be sent back into the node (``lumbar-node push``). Retention removes them
-``[retention] keep_days`` after they were written; ``lumbar-node check`` reports them.
+``[retention] keep_days`` after they were written, or as soon as their SOP Instance UID is
+indexed again (the sender sent it again); ``lumbar-node check`` reports them.
 
 The sweep runs before the DICOM port opens, so no C-STORE can be between its file and its
 row while the spool is read.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.db import Database
+from node.instances import instance_exists
 from node.spool import FILE_SUFFIX, SPOOL_DIR_NAME, Spool, ensure_private_dir, is_conformant_uid
 
 logger = logging.getLogger(__name__)
@@ -129,13 +131,17 @@ def count_orphans(state_dir: Path) -> OrphanFiles:
     return OrphanFiles(files, size)
 
 
-def remove_old_orphans(state_dir: Path, cutoff: float) -> OrphanFiles:
-    """Delete set-aside files last written before ``cutoff`` (a Unix time); what went."""
+def remove_old_orphans(db: Database, state_dir: Path, cutoff: float) -> OrphanFiles:
+    """Delete set-aside files written before ``cutoff`` (a Unix time), and those whose SOP
+    Instance UID is indexed again (the sender sent it again: the index holds the copy it
+    was told is stored); what went."""
     root = orphans_dir(state_dir)
     files = size = 0
     for path in _files_under(root):
         stat = path.stat()
-        if stat.st_mtime >= cutoff:
+        stem = path.name.removesuffix(FILE_SUFFIX)
+        stored_again = is_conformant_uid(stem) and instance_exists(db, stem)
+        if stat.st_mtime >= cutoff and not stored_again:
             continue
         path.unlink()
         files += 1

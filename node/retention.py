@@ -192,7 +192,7 @@ def remove_expired(
     cutoff = (time.time() if now is None else now) - keep_days * SECONDS_PER_DAY
     for uid in expired_series(db, cutoff):
         total.add(forget_series(db, config, spool, uid, cutoff, instance_lock))
-    orphans = remove_old_orphans(config.state_dir, cutoff)
+    orphans = remove_old_orphans(db, config.state_dir, cutoff)
     total.orphans, total.bytes = orphans.files, total.bytes + orphans.bytes
     if total.series or total.instances or total.orphans:
         logger.info(

@@ -205,7 +205,8 @@ def check_orphans(config: NodeConfig) -> Finding:
     if not found.files:
         return Finding("set-aside files", OK, "none")
     keep = config.retention.keep_days
-    until = f"retention removes them {keep:g} days after they were written" if keep > 0 else "retention is off"
+    until = (f"retention removes them {keep:g} days after they were written, or once sent again"
+             if keep > 0 else "retention is off")
     return Finding(
         "set-aside files", WARN,
         f"{found.files} file(s), {found.bytes / 1e6:.1f} MB in {orphans_dir(config.state_dir)} (received but never"

@@ -77,7 +77,7 @@ def test_a_lost_index_sets_the_spool_aside_without_deleting_it(tmp_path: Path) -
         assert (orphans_dir(state.state_dir) / rel.removeprefix("spool/")).is_file()
 
 
-def test_retention_removes_set_aside_files_written_before_the_cutoff(tmp_path: Path) -> None:
+def test_retention_removes_set_aside_files_written_before_the_cutoff_or_stored_again(tmp_path: Path) -> None:
     state = State(tmp_path)
     old = state.receive(f"{SERIES}.1", indexed=False)
     new = state.receive(f"{SERIES}.2", indexed=False)
@@ -85,11 +85,16 @@ def test_retention_removes_set_aside_files_written_before_the_cutoff(tmp_path: P
     os.utime(state.spool.absolute(old), (long_ago, long_ago))  # the move keeps the write time
     set_aside_orphans(state.db, state.spool)
     target = orphans_dir(state.state_dir)
-    gone = remove_old_orphans(state.state_dir, time.time() - 30 * DAY)
-    assert gone.files == 1
+    resent = state.receive(f"{SERIES}.3", indexed=False)
+    set_aside_orphans(state.db, state.spool)
+    state.receive(f"{SERIES}.3")  # the sender sent it again: the index holds that copy
+    gone = remove_old_orphans(state.db, state.state_dir, time.time() - 30 * DAY)
+    assert gone.files == 2
     assert not (target / old.removeprefix("spool/")).exists()
+    assert not (target / resent.removeprefix("spool/")).exists()
     assert (target / new.removeprefix("spool/")).is_file()
-    assert remove_old_orphans(state.state_dir, time.time() + 1).files == 1
+    assert state.spool.absolute(resent).is_file(), "the indexed copy stays"
+    assert remove_old_orphans(state.db, state.state_dir, time.time() + 1).files == 1
     assert list(target.iterdir()) == [], "emptied folders stay"
 
 
