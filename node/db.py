@@ -73,6 +73,7 @@ class Database:
         self.grouped_writes = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self.connection()
+        _refuse_newer_layout(self)  # before WAL changes the file a newer node wrote
         conn.execute("PRAGMA journal_mode=WAL")
 
     def connection(self) -> sqlite3.Connection:
@@ -197,15 +198,22 @@ def check_index_version(db: Database, *, stamp: bool = True) -> None:
     layout 1): it is stamped, unless ``stamp`` is False (a read-only reader: ``status``).
     Call it before any ``ensure_schema``.
     """
-    found = int(db.execute("PRAGMA user_version").fetchone()[0])
-    if found > INDEX_VERSION:
-        raise IndexVersionError(
-            f"the index {db.path} was written by a newer lumbar-node (layout {found}; this one "
-            f"reads up to {INDEX_VERSION}): run that version, or restore the state directory "
-            "from before the upgrade"
-        )
+    found = _refuse_newer_layout(db)
     if found < INDEX_VERSION and stamp:
         with db.transaction() as conn:
             conn.execute(f"PRAGMA user_version = {INDEX_VERSION}")
         if found:
             logger.info("index %s: layout %d -> %d", db.path, found, INDEX_VERSION)
+
+
+def _refuse_newer_layout(db: Database) -> int:
+    """The index's layout; :class:`IndexVersionError` when a newer node wrote it."""
+    found = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if found > INDEX_VERSION:
+        db.close()
+        raise IndexVersionError(
+            f"the index {db.path} was written by a newer lumbar-node (layout {found}; this one "
+            f"reads up to {INDEX_VERSION}): run that version, or restore the state directory "
+            "from before the upgrade"
+        )
+    return found
