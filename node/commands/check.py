@@ -16,7 +16,10 @@ flags as ``serve`` and checks, each independently, one line each:
 * every destination: a test association proposing what a delivery proposes plus
   Verification, a C-ECHO, and whether the peer accepts the SOP class of every result kind
   it is configured for (a SEG the archive refuses is otherwise found only when the first
-  delivery is dead-lettered); STOW-RS destinations get one QIDO-RS request.
+  delivery is dead-lettered); STOW-RS destinations get one QIDO-RS request;
+* with ``--files``, every stored instance: its file is there with the size and SHA-256
+  acknowledged at receipt (a scrub: disk faults are otherwise found only when the series is
+  analysed again).
 
 Nothing is stored, sent or changed. Exit status 0 when nothing failed (warnings allowed), 1
 when a check failed, 2 for an invalid configuration.
@@ -45,6 +48,9 @@ EXIT_FAILED = 1
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 #: seconds to wait for the running node's own C-ECHO and /healthz
 LOCAL_TIMEOUT_S = 5.0
+#: how many damaged files ``--files`` names, and how many index rows it reads at a time
+FAULTS_SHOWN = 5
+FILES_PAGE = 500
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-network", action="store_true", help="do not contact the destinations"
     )
     parser.add_argument("--no-models", action="store_true", help="do not load the models")
+    parser.add_argument(
+        "--files", action="store_true",
+        help="also read every stored instance and compare it with what was acknowledged (reads the whole spool)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -74,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     findings = list(check_all(config, network=not args.no_network, models=not args.no_models))
+    if args.files:
+        findings.append(check_files(config))
     failed = any(f.level == FAIL for f in findings)
     if args.json:
         print(json.dumps({"ok": not failed, "checks": [asdict(f) for f in findings]}, indent=2))
@@ -212,6 +224,51 @@ def check_orphans(config: NodeConfig) -> Finding:
         f"{found.files} file(s), {found.bytes / 1e6:.1f} MB in {orphans_dir(config.state_dir)} (received but never"
         f" acknowledged, or left by an interrupted retention run): send them again with 'lumbar-node push"
         f" {orphans_dir(config.state_dir)} --to AE@host:port' if wanted; {until}",
+    )
+
+
+def check_files(config: NodeConfig) -> Finding:
+    """Every indexed instance's file against the size and SHA-256 acknowledged at receipt.
+
+    Read-only, beside a running node: a file that retention removes meanwhile (its row is
+    gone when looked at again) is not a fault.
+    """
+    from node.commands.status import ReadOnlyIndex
+    from node.spool import Spool
+
+    if not config.index_path.exists():
+        return Finding("stored files", OK, "no index yet: nothing stored")
+    spool = Spool(config.state_dir)
+    index = ReadOnlyIndex(config.index_path)
+    checked = size = 0
+    faults: list[str] = []
+    try:
+        if not index.has_table("instances"):
+            return Finding("stored files", OK, "nothing stored")
+        after = ""
+        while page := index.execute(  # pages: no read transaction held over the whole scan
+            "SELECT sop_instance_uid, series_instance_uid, path, sha256, size_bytes FROM instances"
+            " WHERE sop_instance_uid > ? ORDER BY sop_instance_uid LIMIT ?", (after, FILES_PAGE),
+        ).fetchall():
+            for sop_uid, series_uid, path, digest, n_bytes in page:
+                _, problem = spool.read_checked(path, digest, n_bytes)
+                if problem is not None and index.execute(
+                    "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)
+                ).fetchone() is not None:
+                    faults.append(f"{problem} (series {series_uid})")
+                checked += 1
+                size += n_bytes
+            after = page[-1][0]
+    finally:
+        index.close()
+    where = f"{checked} instance file(s), {size / 1e9:.2f} GB"
+    if not faults:
+        return Finding("stored files", OK, f"{where}: each as acknowledged")
+    shown = "; ".join(faults[:FAULTS_SHOWN]) + ("; ..." if len(faults) > FAULTS_SHOWN else "")
+    return Finding(
+        "stored files", FAIL,
+        f"{len(faults)} of {where} missing or changed since receipt (their series fail when analysed;"
+        f" have them sent again): {shown}",
     )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NodeProcess, free_port, free_ports, node_command, to_toml
+from conftest import NodeProcess, free_port, free_ports, node_command, to_toml, write_mr_series
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Comprehensive3DSRStorage,
@@ -125,10 +125,12 @@ def test_an_invalid_configuration_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "node.state_dir" in proc.stderr and "is not a directory" in proc.stderr
 
 
-def test_a_running_node_is_checked_by_talking_to_it(node_factory: Callable[..., NodeProcess]) -> None:
+def test_a_running_node_is_checked_by_talking_to_it(node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
     node = node_factory()
-    rc, found = run_check(node.config_path, "--no-models")
+    assert node.storescu(write_mr_series(tmp_path / "s", 4)).returncode == 0
+    rc, found = run_check(node.config_path, "--no-models", "--files")
     assert rc == 0, found
+    assert level(found, "stored files") == OK and found["stored files"][0]["detail"].startswith("4 instance file(s)")  # type: ignore[union-attr]
     assert f"pid {node.proc.pid}" in found["running node"][0]["detail"]  # type: ignore[union-attr]
     assert level(found, "DICOM port") == OK and "answers C-ECHO" in found["DICOM port"][0]["detail"]
     assert level(found, "status endpoint") == OK and "healthy" in found["status endpoint"][0]["detail"]
