@@ -92,6 +92,9 @@ ASSOCIATIONS = counter(
 )
 ACTIVE_ASSOCIATIONS = gauge("associations_active", "Associations running now")
 FREE_DISK_MB = gauge("free_disk_megabytes", "Free space on the state directory's file system (MB)")
+SET_ASIDE_FILES = gauge(
+    "set_aside_files", "Spool files without an index row set aside at start-up (node.orphans); alert above 0"
+)
 
 # -- series, routing, jobs (node.series, node.routing, node.jobs) ------------------------
 SERIES_COMPLETED = counter(

@@ -31,7 +31,7 @@ from node.export import Exporter
 from node.export import register_metrics as register_export_metrics
 from node.http import StatusServer
 from node.instances import InstanceRecord
-from node.orphans import set_aside_orphans
+from node.orphans import count_orphans, set_aside_orphans
 from node.receiver import Receiver
 from node.retention import Retention
 from node.spool import Spool
@@ -134,6 +134,8 @@ class NodeServer:
             self.status_server.start()
         receiver = self.receiver
         metrics.set_live(metrics.FREE_DISK_MB, self.spool.free_mb)
+        state_dir = self.config.state_dir
+        metrics.set_live(metrics.SET_ASIDE_FILES, lambda: float(count_orphans(state_dir).files))
         metrics.set_live(
             metrics.ACTIVE_ASSOCIATIONS, lambda: float(len(receiver.active_associations()))
         )

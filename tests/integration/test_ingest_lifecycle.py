@@ -102,6 +102,8 @@ def test_sigkill_while_storing_loses_nothing_acknowledged(node: NodeProcess) -> 
     planted.write_bytes(b"DICM never acknowledged")
     node.restart()
     assert not planted.exists() and (node.state_dir / "orphans/1.2.3/1.2.3.4/1.2.3.4.5.dcm").is_file()
+    set_aside = len(list((node.state_dir / "orphans").rglob("*.dcm")))
+    assert f"lumbar_set_aside_files {set_aside:.1f}" in node.http_get("/metrics")[1].decode()
     assert "spool files" in node.log_text() and "without index rows" in node.log_text()
     rows = index(node)
     for ds in acknowledged:
@@ -211,6 +213,7 @@ def test_healthz_and_metrics(node: NodeProcess, tmp_path: Path) -> None:
         "lumbar_received_bytes_total",
         "lumbar_series_completed_total",
         "lumbar_free_disk_megabytes",
+        "lumbar_set_aside_files 0.0",
         'lumbar_associations_total{result="accepted"}',
     ):
         assert name in text, name
