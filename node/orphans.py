@@ -17,6 +17,7 @@ row while the spool is read.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Iterator
@@ -25,7 +26,14 @@ from pathlib import Path
 
 from node.db import Database
 from node.instances import instance_exists
-from node.spool import FILE_SUFFIX, SPOOL_DIR_NAME, Spool, ensure_private_dir, is_conformant_uid
+from node.spool import (
+    FILE_SUFFIX,
+    SPOOL_DIR_NAME,
+    Spool,
+    ensure_private_dir,
+    is_conformant_uid,
+    write_durably,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +112,7 @@ def set_aside_orphans(db: Database, spool: Spool) -> OrphanFiles:
         target = target_root / rel.split("/", 1)[1]
         ensure_private_dir(target.parent)
         size += source.stat().st_size
-        os.replace(source, target)  # same file system: the bytes do not move
+        _move(source, target)
         files += 1
         if files <= LOGGED_FILES:
             logger.warning("spool file without an index row set aside: %s -> %s", rel, target)
@@ -120,6 +128,18 @@ def set_aside_orphans(db: Database, spool: Spool) -> OrphanFiles:
             target_root,
         )
     return OrphanFiles(files, size)
+
+
+def _move(source: Path, target: Path) -> None:
+    """Rename (the bytes do not move); a spool on another file system (a symlink) is copied
+    durably first, then unlinked."""
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        write_durably(target, source.read_bytes())
+        source.unlink()
 
 
 def count_orphans(state_dir: Path) -> OrphanFiles:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from series_samples import STUDY, record
 
 from node.commands import status
@@ -109,3 +111,22 @@ def test_check_and_status_report_set_aside_files(tmp_path: Path) -> None:
     shown = status.collect(config)
     assert shown["storage"]["set_aside_files"] == 1
     assert "set aside: 1 spool files without index rows" in status.render_text(shown)
+
+
+def test_a_spool_on_another_file_system_is_copied_then_unlinked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = State(tmp_path)
+    orphan = state.receive(f"{SERIES}.9", indexed=False)
+    data = state.spool.absolute(orphan).read_bytes()
+
+    def cross_device(src: object, dst: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "replace", cross_device)
+    monkeypatch.setattr("node.orphans.write_durably", _plain_write)  # its own rename would fail too
+    assert set_aside_orphans(state.db, state.spool).files == 1
+    assert not state.spool.absolute(orphan).exists()
+    assert (orphans_dir(state.state_dir) / orphan.removeprefix("spool/")).read_bytes() == data
+
+
+def _plain_write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
