@@ -56,20 +56,24 @@ def orphans_dir(state_dir: Path) -> Path:
 
 
 def _spool_files(spool: Spool) -> Iterator[str]:
-    """Relative paths (``spool/<study>/<series>/<sop>.dcm``) of every instance file."""
-    if not spool.root.is_dir():
-        return
-    for study in os.scandir(spool.root):
-        if not study.is_dir(follow_symlinks=False):
-            continue
-        for series in os.scandir(study.path):
-            if not series.is_dir(follow_symlinks=False):
-                continue
-            for entry in os.scandir(series.path):
-                if entry.name.endswith(FILE_SUFFIX) and not entry.name.startswith(".") and entry.is_file(
-                    follow_symlinks=False
-                ):
-                    yield f"{SPOOL_DIR_NAME}/{study.name}/{series.name}/{entry.name}"
+    """Relative paths (``spool/<study>/<series>/<sop>.dcm``) of every instance file.
+
+    Each folder is listed whole before the caller moves anything out of it.
+    """
+    for study in _entries(spool.root, directories=True):
+        for series in _entries(spool.root / study, directories=True):
+            for name in _entries(spool.root / study / series, directories=False):
+                if name.endswith(FILE_SUFFIX) and not name.startswith("."):
+                    yield f"{SPOOL_DIR_NAME}/{study}/{series}/{name}"
+
+
+def _entries(folder: Path, *, directories: bool) -> list[str]:
+    """Names of the sub-folders (or plain files) of ``folder``; none when it is gone."""
+    try:
+        with os.scandir(folder) as it:
+            return [e.name for e in it if (e.is_dir if directories else e.is_file)(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
 
 
 class _IndexedPaths:
