@@ -215,6 +215,7 @@ def check_index(config: NodeConfig) -> Finding:
 
 def check_orphans(config: NodeConfig) -> Finding:
     """Spool files a crash left without an index row, set aside at start-up (:mod:`node.orphans`)."""
+    from node.commands.status import human_size
     from node.orphans import count_orphans, orphans_dir
 
     found = count_orphans(config.state_dir)
@@ -225,7 +226,7 @@ def check_orphans(config: NodeConfig) -> Finding:
              if keep > 0 else "retention is off")
     return Finding(
         "set-aside files", WARN,
-        f"{found.files} file(s), {found.bytes / 1e6:.1f} MB in {orphans_dir(config.state_dir)} (received but never"
+        f"{found.files} file(s), {human_size(found.bytes)} in {orphans_dir(config.state_dir)} (received but never"
         f" acknowledged, or left by an interrupted retention run): send them again with 'lumbar-node push"
         f" {orphans_dir(config.state_dir)} --to AE@host:port' if wanted; {until}",
     )
@@ -237,7 +238,7 @@ def check_files(config: NodeConfig) -> Finding:
     Read-only, beside a running node: a file that retention removes meanwhile (its row is
     gone when looked at again) is not a fault.
     """
-    from node.commands.status import ReadOnlyIndex
+    from node.commands.status import ReadOnlyIndex, human_size
     from node.spool import Spool
 
     if not config.index_path.exists():
@@ -265,7 +266,7 @@ def check_files(config: NodeConfig) -> Finding:
             after = page[-1][0]
     finally:
         index.close()
-    where = f"{checked} instance file(s), {size / 1e9:.2f} GB"
+    where = f"{checked} instance file(s), {human_size(size)}"
     if not faults:
         return Finding("stored files", OK, f"{where}: each as acknowledged")
     shown = "; ".join(faults[:FAULTS_SHOWN]) + ("; ..." if len(faults) > FAULTS_SHOWN else "")

@@ -243,7 +243,8 @@ def _when(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(epoch)))
 
 
-def _size(n_bytes: float) -> str:
+def human_size(n_bytes: float) -> str:
+    """Bytes as "1.2 GB" or "3.4 MB"."""
     return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
 
 
@@ -267,15 +268,15 @@ def render_text(data: dict[str, Any]) -> str:
     oldest = store["oldest_received_at"]
     age = f", oldest {(time.time() - oldest) / 86400:.1f} days old" if oldest is not None else ""
     lines.append(
-        f"storage: {store['instances']} instances, {_size(store['received_bytes'])} received{age};"
-        f" {_size(store['free_mb'] * BYTES_PER_MB)} free"
-        f" (refusing below {_size(store['free_disk_floor_mb'] * BYTES_PER_MB)});"
+        f"storage: {store['instances']} instances, {human_size(store['received_bytes'])} received{age};"
+        f" {human_size(store['free_mb'] * BYTES_PER_MB)} free"
+        f" (refusing below {human_size(store['free_disk_floor_mb'] * BYTES_PER_MB)});"
         f" {retention}"
     )
     if store["set_aside_files"]:
         lines.append(
             f"set aside: {store['set_aside_files']} spool files without index rows,"
-            f" {_size(store['set_aside_bytes'])}, in {store['set_aside_dir']} (see lumbar-node check)"
+            f" {human_size(store['set_aside_bytes'])}, in {store['set_aside_dir']} (see lumbar-node check)"
         )
     jobs_ = data["jobs"]
     lines.append(f"jobs: {_counts(jobs_['by_state'])}")
