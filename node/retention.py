@@ -52,7 +52,7 @@ from node.instances import instance_exists
 from node.orphans import remove_old_orphans
 from node.outbox import State
 from node.series import COMPLETE, INCOHERENT, SKIPPED
-from node.spool import Spool
+from node.spool import Spool, safe_component
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,15 @@ def forget_series(
             path.unlink()
             removed.outbox_files += 1
         _remove_empty_parent(path.parent, config.outbox_dir)
+    # results no destination wanted (none configured, or not of its kinds) have files but
+    # no delivery rows: the series' outbox folder goes with the series all the same
+    series_outbox = config.outbox_dir / safe_component(series_uid)
+    if series_outbox.is_dir():
+        for path in series_outbox.iterdir():
+            if path.is_file():
+                path.unlink()
+                removed.outbox_files += 1
+        _remove_empty_parent(series_outbox, config.outbox_dir)
     return removed
 
 

@@ -106,6 +106,20 @@ def test_only_finished_series_older_than_keep_days_go(tmp_path: Path) -> None:
     assert remove_expired(world.db, world.config, world.spool, world.lock).series == 0  # idempotent
 
 
+def test_results_no_destination_wanted_go_with_their_series(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.add_series("1.2.30", age_days=31, delivery=None)  # no destinations: files, no rows
+    world.add_series("1.2.31", age_days=29, delivery=None)
+    for uid in ("1.2.30", "1.2.31"):
+        undelivered = world.config.outbox_dir / uid / f"{uid}.8.dcm"
+        undelivered.parent.mkdir(parents=True)
+        undelivered.write_bytes(b"SR")
+    removed = remove_expired(world.db, world.config, world.spool, world.lock)
+    assert (removed.series, removed.outbox_files) == (1, 1)
+    assert world.kept("1.2.30") == ALL_GONE
+    assert (world.config.outbox_dir / "1.2.31" / "1.2.31.8.dcm").is_file()
+
+
 def test_a_late_instance_keeps_itself_and_its_series(tmp_path: Path) -> None:
     world = World(tmp_path)
     world.add_series("1.2.30", age_days=40)
