@@ -77,7 +77,7 @@ INSTANCES_REJECTED = counter(
 RECEIVED_BYTES = counter("received_bytes_total", "Bytes of newly stored instances")
 RETENTION_REMOVED = counter(
     "retention_removed_total",
-    "Finished series and their received instances removed by retention ([retention] keep_days)",
+    "Finished series, their received instances, and set-aside spool files removed by retention ([retention] keep_days)",
     ["what"],
 )
 STORE_SECONDS = histogram(

@@ -217,6 +217,7 @@ def remove_expired(
         )
     metrics.RETENTION_REMOVED.labels(what="series").inc(total.series)
     metrics.RETENTION_REMOVED.labels(what="instances").inc(total.instances)
+    metrics.RETENTION_REMOVED.labels(what="set_aside_files").inc(total.orphans)
     return total
 
 
