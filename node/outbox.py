@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -173,6 +174,11 @@ class OutboxItem:
     held: tuple[str, ...]
 
 
+def series_folder(config: NodeConfig, series_uid: str) -> Path:
+    """The folder holding every result file of the analysed series ``series_uid``."""
+    return config.outbox_dir / safe_component(series_uid)
+
+
 def encode_file(ds: Dataset) -> bytes:
     """``ds`` as a DICOM Part 10 file (preamble + file meta), explicit VR LE unless set."""
     meta = getattr(ds, "file_meta", None)
@@ -215,10 +221,8 @@ class Outbox:
 
     def relative_path(self, series_uid: str, sop_instance_uid: str) -> str:
         """Where an instance's file lives, relative to the state directory."""
-        root = self.config.outbox_dir.relative_to(self.config.state_dir)
-        return (
-            f"{root.as_posix()}/{safe_component(series_uid)}/{safe_component(sop_instance_uid)}.dcm"
-        )
+        path = series_folder(self.config, series_uid) / f"{safe_component(sop_instance_uid)}.dcm"
+        return path.relative_to(self.config.state_dir).as_posix()
 
     def add(self, series_uid: str, datasets: Iterable[Dataset]) -> list[OutboxItem]:
         """Store ``datasets`` (results of the analysed series ``series_uid``) for export.

@@ -45,14 +45,14 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from node import jobs, metrics
+from node import jobs, metrics, outbox
 from node.config import NodeConfig
 from node.db import Database
 from node.instances import instance_exists
 from node.orphans import remove_old_orphans
 from node.outbox import State
 from node.series import COMPLETE, INCOHERENT, SKIPPED
-from node.spool import Spool, safe_component
+from node.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -148,12 +148,6 @@ def forget_series(
                 (series_uid,),
             ).fetchall()
         ]
-        outbox = [
-            str(r[0])
-            for r in conn.execute(
-                "SELECT DISTINCT path FROM deliveries WHERE series_uid = ?", (series_uid,)
-            ).fetchall()
-        ]
         conn.execute("DELETE FROM deliveries WHERE series_uid = ?", (series_uid,))
         conn.execute("DELETE FROM jobs WHERE series_instance_uid = ?", (series_uid,))
         conn.execute("DELETE FROM series WHERE series_instance_uid = ?", (series_uid,))
@@ -164,21 +158,15 @@ def forget_series(
         if folder != results_root and folder.is_relative_to(results_root) and folder.is_dir():
             shutil.rmtree(folder)
             removed.results_folders += 1
-    for rel in outbox:
-        path = config.state_dir / rel
-        if path.is_file():
-            path.unlink()
-            removed.outbox_files += 1
-        _remove_empty_parent(path.parent, config.outbox_dir)
-    # results no destination wanted (none configured, or not of its kinds) have files but
-    # no delivery rows: the series' outbox folder goes with the series all the same
-    series_outbox = config.outbox_dir / safe_component(series_uid)
-    if series_outbox.is_dir():
-        for path in series_outbox.iterdir():
+    # every result file of the series, delivered or held, and those no destination wanted
+    # (none configured, or not of its kinds), which have no delivery row
+    results = outbox.series_folder(config, series_uid)
+    if results.is_dir():
+        for path in results.iterdir():
             if path.is_file():
                 path.unlink()
                 removed.outbox_files += 1
-        _remove_empty_parent(series_outbox, config.outbox_dir)
+        _remove_empty_parent(results, config.outbox_dir)
     return removed
 
 

@@ -81,13 +81,8 @@ def run_retry(args: argparse.Namespace) -> int:
         status = 0
         if args.job_ids or args.all_failed:
             ids = jobs.retry_jobs(db, args.job_ids, all_failed=args.all_failed)
-            print(f"re-queued {len(ids)} job(s){': ' + ', '.join(map(str, ids)) if ids else ''}")
             missing = sorted(set(args.job_ids) - set(ids))
-            if missing:
-                print(
-                    f"not failed or unknown, left alone: {', '.join(map(str, missing))}",
-                    file=sys.stderr,
-                )
+            if _report_requeued(ids, "", [str(i) for i in missing], "not failed"):
                 status = EXIT_USAGE
         if args.dead_letters:
             from node.outbox import requeue_dead_letters
@@ -140,11 +135,16 @@ def run_reanalyze(args: argparse.Namespace) -> int:
         )
     finally:
         db.close()
-    print(f"re-queued {len(ids)} job(s) for analysis{': ' + ', '.join(map(str, ids)) if ids else ''}")
-    if missing_ids or missing_series:
-        left = [str(i) for i in missing_ids] + missing_series
-        print(f"not done or unknown, left alone: {', '.join(left)}", file=sys.stderr)
-    return 0 if ids and not (missing_ids or missing_series) else EXIT_USAGE
+    left_alone = _report_requeued(ids, " for analysis", [str(i) for i in missing_ids] + missing_series, "not done")
+    return 0 if ids and not left_alone else EXIT_USAGE
+
+
+def _report_requeued(ids: list[int], purpose: str, left_alone: list[str], why: str) -> bool:
+    """Print what was re-queued and, on stderr, what was asked for but left alone; whether any was."""
+    print(f"re-queued {len(ids)} job(s){purpose}{': ' + ', '.join(map(str, ids)) if ids else ''}")
+    if left_alone:
+        print(f"{why} or unknown, left alone: {', '.join(left_alone)}", file=sys.stderr)
+    return bool(left_alone)
 
 
 def add_purge_arguments(parser: argparse.ArgumentParser) -> None:
